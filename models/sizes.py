@@ -1,0 +1,137 @@
+"""Model shapes, the size ladder, and parameter and FLOP counts.
+
+`ModelShape` is the one description of a model's size. It owns every
+derived count (exact parameters, Kaplan's non-embedding N, training FLOPs
+per token), so no other module recomputes them.
+
+Conventions (Kaplan et al. 2020, section 2.1):
+- non-embedding parameters N ~= 12 * n_layer * d_model**2 when d_ff = 4 d_model
+  (attention 4 d^2, MLP 2 d d_ff per layer; biases and norms left out);
+- forward FLOPs per token ~= 2 N + 2 n_layer n_ctx d_model; training
+  (forward + backward) is three times that: 6 N + 6 n_layer n_ctx d_model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The hyper-parameters that fix a decoder-only transformer's size."""
+
+    n_layer: int
+    d_model: int
+    n_heads: int
+    n_ctx: int  # context length in tokens
+    vocab_size: int
+    d_ff: int = 0  # 0 means 4 * d_model
+
+    def __post_init__(self):
+        for name in ("n_layer", "d_model", "n_heads", "n_ctx", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        if self.d_ff < 0:
+            raise ValueError(f"model.d_ff={self.d_ff} must be >= 0 (0 means 4 * d_model)")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "choose n_heads that divides d_model"
+            )
+        if self.d_ff == 0:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    # -- parameter counts -------------------------------------------------
+
+    @property
+    def params_per_layer(self) -> int:
+        """Exact parameters of one block: 2 LayerNorms, QKV, output, MLP (with biases)."""
+        d, f = self.d_model, self.d_ff
+        norms = 2 * (2 * d)
+        attention = (d * 3 * d + 3 * d) + (d * d + d)
+        mlp = (d * f + f) + (f * d + d)
+        return norms + attention + mlp
+
+    @property
+    def embedding_params(self) -> int:
+        """Token embedding (tied with the output head) plus learned positions."""
+        return self.vocab_size * self.d_model + self.n_ctx * self.d_model
+
+    @property
+    def n_params(self) -> int:
+        """Exact count of the initialised parameter tree."""
+        final_norm = 2 * self.d_model
+        return self.n_layer * self.params_per_layer + final_norm + self.embedding_params
+
+    @property
+    def n_params_nonembedding(self) -> int:
+        """Exact parameters outside the vocabulary and position embeddings."""
+        return self.n_params - self.embedding_params
+
+    @property
+    def n_params_kaplan(self) -> int:
+        """Kaplan's non-embedding N: 2 d (2 d_attn + d_ff) per layer, biases left out."""
+        return kaplan_nonembedding_params(self.n_layer, self.d_model, self.d_ff)
+
+    # -- FLOPs --------------------------------------------------------------
+
+    @property
+    def train_flops_per_token(self) -> int:
+        """Kaplan's training FLOPs per token, 6 N + 6 n_layer n_ctx d_model."""
+        return train_flops_per_token(self.n_params_kaplan, self.n_layer, self.n_ctx, self.d_model)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def kaplan_nonembedding_params(n_layer: int, d_model: int, d_ff: int | None = None) -> int:
+    """N = 2 n_layer d_model (2 d_attn + d_ff), which is 12 n_layer d_model^2 at d_ff = 4d."""
+    d_ff = 4 * d_model if d_ff is None else d_ff
+    return 2 * n_layer * d_model * (2 * d_model + d_ff)
+
+
+def train_flops_per_token(n_params: int, n_layer: int, n_ctx: int, d_model: int) -> int:
+    """Training FLOPs per token: 6 N for the weights plus 6 n_layer n_ctx d_model for attention."""
+    return 6 * n_params + 6 * n_layer * n_ctx * d_model
+
+
+def shape_for_params(
+    target_params: float,
+    *,
+    aspect_ratio: float,
+    n_ctx: int,
+    vocab_size: int,
+    head_dim: int = 32,
+) -> ModelShape:
+    """The shape whose Kaplan N is closest to `target_params` at d_model/n_layer ~= aspect_ratio.
+
+    From N = 12 L d^2 and d = r L: L = (N / (12 r^2))^(1/3). Depth is rounded to
+    an integer and width to a multiple of `head_dim`; of the neighbouring
+    depths the one whose N lands closest (in log) to the target wins.
+    """
+    if target_params <= 0 or aspect_ratio <= 0:
+        raise ValueError(
+            f"target_params={target_params} and aspect_ratio={aspect_ratio} must be positive"
+        )
+    ideal_layers = (target_params / (12 * aspect_ratio**2)) ** (1 / 3)
+    best = None
+    for n_layer in {max(1, math.floor(ideal_layers)), max(1, math.ceil(ideal_layers))}:
+        width = math.sqrt(target_params / (12 * n_layer))
+        d_model = max(head_dim, head_dim * round(width / head_dim))
+        shape = ModelShape(
+            n_layer=n_layer,
+            d_model=d_model,
+            n_heads=d_model // head_dim,
+            n_ctx=n_ctx,
+            vocab_size=vocab_size,
+        )
+        miss = abs(math.log(shape.n_params_kaplan / target_params))
+        if best is None or miss < best[0]:
+            best = (miss, shape)
+    return best[1]

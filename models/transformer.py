@@ -1,0 +1,164 @@
+"""The decoder-only transformer family (Flax Linen).
+
+Pre-LayerNorm blocks (causal self-attention through
+`jax.nn.dot_product_attention`, GELU MLP), learned positions, and an output
+head tied to the token embedding, as in GPT-2 and Kaplan et al. 2020.
+
+Every parameter carries logical axis names (`embed`, `heads`, `mlp`, ...);
+`models/sharding.py` maps them onto mesh axes. The blocks run under
+`nn.scan`, so compile time does not grow with depth, and the stacked
+parameters get the extra logical axis `layers`.
+
+Tensor names carry their shape: B batch, L length, D d_model, N heads,
+H head_dim, F d_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.sizes import ModelShape
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation: fastest, most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs only
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A shape plus how to compute it: dtypes, rematerialisation, attention kernel."""
+
+    shape: ModelShape
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("param_dtype", DTYPES),
+            ("compute_dtype", DTYPES),
+            ("remat", REMAT_POLICIES),
+            ("attention_impl", ATTENTION_IMPLS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} is not one of {sorted(allowed)}"
+                )
+
+
+def _param(module, name, init, names, shape, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype, for stability."""
+
+    param_dtype: jnp.dtype = jnp.float32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        d = x_BxLxD.shape[-1]
+        scale = _param(self, "scale", nn.initializers.ones, ("norm",), (d,), self.param_dtype)
+        bias = _param(self, "bias", nn.initializers.zeros, ("norm",), (d,), self.param_dtype)
+        x = x_BxLxD.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(x_BxLxD.dtype)
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block; scan-shaped: (x, None) -> (x, None)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, _):
+        s = self.config.shape
+        pdt, cdt = DTYPES[self.config.param_dtype], DTYPES[self.config.compute_dtype]
+        d, n, h, f = s.d_model, s.n_heads, s.head_dim, s.d_ff
+        w_init = nn.initializers.normal(0.02)
+        # GPT-2: residual-branch outputs start smaller so the stream's variance
+        # does not grow with depth.
+        out_init = nn.initializers.normal(0.02 / (2 * s.n_layer) ** 0.5)
+        zeros = nn.initializers.zeros
+
+        # Attention.
+        y_BxLxD = LayerNorm(pdt, name="ln_attn")(x_BxLxD)
+        w_qkv = _param(self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"),
+                       (d, 3, n, h), pdt)
+        b_qkv = _param(self, "qkv_bias", zeros, ("qkv", "heads", "head_dim"), (3, n, h), pdt)
+        qkv_BxLx3xNxH = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt)) + b_qkv.astype(
+            cdt
+        )
+        q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        attn_BxLxNxH = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=ATTENTION_IMPLS[self.config.attention_impl]
+        )
+        w_out = _param(self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"),
+                       (n, h, d), pdt)
+        b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)
+        x_BxLxD = x_BxLxD + jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, w_out.astype(cdt)) + (
+            b_out.astype(cdt)
+        )
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
+
+        # MLP.
+        y_BxLxD = LayerNorm(pdt, name="ln_mlp")(x_BxLxD)
+        w_in = _param(self, "mlp_in_kernel", w_init, ("embed", "mlp"), (d, f), pdt)
+        b_in = _param(self, "mlp_in_bias", zeros, ("mlp",), (f,), pdt)
+        w_mlp_out = _param(self, "mlp_out_kernel", out_init, ("mlp", "embed"), (f, d), pdt)
+        b_mlp_out = _param(self, "mlp_out_bias", zeros, ("embed",), (d,), pdt)
+        h_BxLxF = jax.nn.gelu(y_BxLxD @ w_in.astype(cdt) + b_in.astype(cdt))
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        x_BxLxD = x_BxLxD + h_BxLxF @ w_mlp_out.astype(cdt) + b_mlp_out.astype(cdt)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
+        return x_BxLxD, None
+
+
+class Transformer(nn.Module):
+    """tokens [B, L] int -> logits [B, L, V] float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL):
+        s = self.config.shape
+        pdt, cdt = DTYPES[self.config.param_dtype], DTYPES[self.config.compute_dtype]
+        length = tokens_BxL.shape[1]
+        embed_VxD = _param(self, "token_embed", nn.initializers.normal(0.02),
+                           ("vocab", "embed"), (s.vocab_size, s.d_model), pdt)
+        pos_LxD = _param(self, "pos_embed", nn.initializers.normal(0.01),
+                         ("position", "embed"), (s.n_ctx, s.d_model), pdt)
+        x_BxLxD = (jnp.take(embed_VxD, tokens_BxL, axis=0) + pos_LxD[:length]).astype(cdt)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
+
+        block = Block
+        if self.config.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.config.remat])
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=s.n_layer,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x_BxLxD, _ = stack(self.config, name="blocks")(x_BxLxD, None)
+        x_BxLxD = LayerNorm(pdt, name="ln_final")(x_BxLxD)
+        # Tied output head; logits in float32 so the loss is accurate under bf16.
+        logits_BxLxV = jnp.einsum(
+            "bld,vd->blv", x_BxLxD.astype(jnp.float32), embed_VxD.astype(jnp.float32)
+        )
+        return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))

@@ -1,0 +1,365 @@
+"""The results store: one SQLite file, the contract between training and analysis.
+
+Training (`launch/`) writes runs, scalar metrics and per-token loss vectors
+here; analysis (`scaling/`) reads them back as numpy arrays and writes fits.
+The records that cross it are the frozen dataclasses below.
+
+- WAL mode, so readers (`scaling status`) never block the writer.
+- A `schema_version` table; a store from a newer version is refused, untouched.
+- Every write is idempotent (INSERT OR REPLACE on natural keys), so a run
+  resumed from a checkpoint rewrites the steps it repeats instead of
+  duplicating them.
+- Parameterized SQL only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scaling.errors import UserError
+
+SCHEMA_VERSION = 1
+STATUSES = ("pending", "running", "finished", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    n_params INTEGER NOT NULL,          -- Kaplan non-embedding parameters N
+    n_params_total INTEGER NOT NULL,    -- every parameter of the tree
+    n_layer INTEGER NOT NULL,
+    d_model INTEGER NOT NULL,
+    n_heads INTEGER NOT NULL,
+    n_ctx INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,            -- token budget D
+    flops REAL NOT NULL,                -- training FLOP budget C
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'finished', 'failed')),
+    step INTEGER NOT NULL DEFAULT 0,
+    reason TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sweep_runs (
+    sweep TEXT NOT NULL REFERENCES sweeps(name),
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    PRIMARY KEY (sweep, run_id)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    step INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (run_id, step, name)
+);
+CREATE TABLE IF NOT EXISTS per_token (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    step INTEGER NOT NULL,
+    losses BLOB NOT NULL,               -- float32 little-endian, n_ctx entries
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS fits (
+    fit_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sweep TEXT NOT NULL,
+    law TEXT NOT NULL,
+    what TEXT NOT NULL,                 -- final | per-token | learning-curve | csv
+    curve TEXT NOT NULL,                -- which curve: a run id, 'all', ...
+    params_json TEXT NOT NULL,
+    intervals_json TEXT NOT NULL,
+    objective REAL NOT NULL,
+    converged INTEGER NOT NULL,
+    n_points INTEGER NOT NULL,
+    selection_json TEXT NOT NULL,       -- the data the fit used
+    settings_json TEXT NOT NULL,        -- objective, bootstrap, optimizer settings
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    config: dict
+    n_params: int
+    n_params_total: int
+    n_layer: int
+    d_model: int
+    n_heads: int
+    n_ctx: int
+    tokens: int
+    flops: float
+    status: str = "pending"
+    step: int = 0
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitRecord:
+    sweep: str
+    law: str
+    what: str
+    curve: str
+    params: dict
+    intervals: dict
+    objective: float
+    converged: bool
+    n_points: int
+    selection: dict
+    settings: dict
+    fit_id: int | None = None
+    created: float | None = None
+
+
+class Store:
+    """A handle on one store file; creates it (and its folder) on first use."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"store path {str(self.path)!r} is not writable ({e.strerror}); "
+                "give a writable path with --config.store=PATH"
+            ) from None
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise UserError(
+                f"store file {str(self.path)!r} is not writable; "
+                "give a writable path with --config.store=PATH"
+            )
+        try:
+            # The busy timeout makes concurrent writers wait for the lock
+            # (bounded) instead of failing with "database is locked".
+            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._check_or_create_schema()
+        except sqlite3.DatabaseError as e:
+            raise UserError(
+                f"{str(self.path)!r} is not a results store ({e}); it was left untouched: "
+                "give another path with --config.store=PATH"
+            ) from None
+        except sqlite3.OperationalError as e:
+            raise UserError(
+                f"cannot open store {str(self.path)!r} ({e}); "
+                "give a writable path with --config.store=PATH"
+            ) from None
+
+    def _check_or_create_schema(self):
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}
+        if "schema_version" in tables:
+            row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] or 0
+            if version > SCHEMA_VERSION:
+                raise UserError(
+                    f"store {str(self.path)!r} has schema version {version}, newer than this "
+                    f"version of the suite understands ({SCHEMA_VERSION}); upgrade the suite"
+                )
+        elif tables - {"sqlite_sequence"}:
+            raise UserError(
+                f"{str(self.path)!r} is an SQLite file but not a results store (tables: "
+                f"{sorted(tables)}); it was left untouched: give another path"
+            )
+        with self._transaction():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._conn.execute(statement)
+            if not self._conn.execute("SELECT 1 FROM schema_version").fetchone():
+                self._conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+    def _transaction(self):
+        return _Transaction(self._conn)
+
+    def close(self):
+        self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- writes -----------------------------------------------------------
+
+    def add_sweep(self, name: str, config: dict, run_ids: list[str]):
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO sweeps (name, config_json, created) VALUES (?, ?, ?)",
+                (name, json.dumps(config, sort_keys=True), time.time()),
+            )
+            for run_id in run_ids:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO sweep_runs (sweep, run_id) VALUES (?, ?)",
+                    (name, run_id),
+                )
+
+    def register_run(self, run: RunRecord, sweep: str | None = None):
+        """Insert the run if it is new; an existing run keeps its status and step."""
+        now = time.time()
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR IGNORE INTO runs (run_id, config_json, n_params, n_params_total, "
+                "n_layer, d_model, n_heads, n_ctx, tokens, flops, status, step, reason, "
+                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, json.dumps(run.config, sort_keys=True), run.n_params,
+                 run.n_params_total, run.n_layer, run.d_model, run.n_heads, run.n_ctx,
+                 run.tokens, run.flops, run.status, run.step, run.reason, now, now),
+            )
+            if sweep is not None:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO sweeps (name, config_json, created) VALUES (?, ?, ?)",
+                    (sweep, "{}", now),
+                )
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO sweep_runs (sweep, run_id) VALUES (?, ?)",
+                    (sweep, run.run_id),
+                )
+
+    def set_status(self, run_id: str, status: str, step: int | None = None,
+                   reason: str | None = None):
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        with self._transaction():
+            self._conn.execute(
+                "UPDATE runs SET status = ?, step = COALESCE(?, step), reason = ?, updated = ? "
+                "WHERE run_id = ?",
+                (status, step, reason, time.time(), run_id),
+            )
+
+    def log_eval(self, run_id: str, step: int, scalars: dict[str, float],
+                 per_token: np.ndarray | None = None):
+        """Scalars (and optionally the per-token loss vector) of one step, in one transaction."""
+        with self._transaction():
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
+                [(run_id, int(step), name, float(v)) for name, v in scalars.items()],
+            )
+            if per_token is not None:
+                blob = np.asarray(per_token, dtype="<f4").tobytes()
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO per_token (run_id, step, losses) VALUES (?, ?, ?)",
+                    (run_id, int(step), blob),
+                )
+            self._conn.execute(
+                "UPDATE runs SET step = MAX(step, ?), updated = ? WHERE run_id = ?",
+                (int(step), time.time(), run_id),
+            )
+
+    def save_fit(self, fit: FitRecord) -> int:
+        with self._transaction():
+            cursor = self._conn.execute(
+                "INSERT INTO fits (sweep, law, what, curve, params_json, intervals_json, "
+                "objective, converged, n_points, selection_json, settings_json, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (fit.sweep, fit.law, fit.what, fit.curve, json.dumps(fit.params),
+                 json.dumps(fit.intervals), float(fit.objective), int(bool(fit.converged)),
+                 int(fit.n_points), json.dumps(fit.selection), json.dumps(fit.settings),
+                 time.time()),
+            )
+            return cursor.lastrowid
+
+    # -- reads ------------------------------------------------------------
+
+    def sweeps(self) -> list[str]:
+        return [r[0] for r in self._conn.execute("SELECT name FROM sweeps ORDER BY name")]
+
+    def runs(self, sweep: str | None = None) -> list[RunRecord]:
+        """Runs (of one sweep, or all), smallest N first."""
+        columns = ", ".join(f"r.{f.name}" if f.name != "config" else "r.config_json"
+                            for f in dataclasses.fields(RunRecord))
+        if sweep is None:
+            rows = self._conn.execute(f"SELECT {columns} FROM runs r ORDER BY n_params, run_id")
+        else:
+            rows = self._conn.execute(
+                f"SELECT {columns} FROM runs r JOIN sweep_runs s ON s.run_id = r.run_id "
+                "WHERE s.sweep = ? ORDER BY r.n_params, r.run_id",
+                (sweep,),
+            )
+        return [_run_from_row(row) for row in rows]
+
+    def run(self, run_id: str) -> RunRecord | None:
+        runs = [r for r in self.runs() if r.run_id == run_id]
+        return runs[0] if runs else None
+
+    def scalars(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one metric, by step."""
+        rows = self._conn.execute(
+            "SELECT step, value FROM metrics WHERE run_id = ? AND name = ? ORDER BY step",
+            (run_id, name),
+        ).fetchall()
+        steps = np.array([r[0] for r in rows], dtype=np.int64)
+        return steps, np.array([r[1] for r in rows], dtype=np.float64)
+
+    def metric_names(self, run_id: str) -> list[str]:
+        return [r[0] for r in self._conn.execute(
+            "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", (run_id,))]
+
+    def per_token(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps [S], losses [S, n_ctx]): the per-token eval loss at each eval step."""
+        rows = self._conn.execute(
+            "SELECT step, losses FROM per_token WHERE run_id = ? ORDER BY step", (run_id,)
+        ).fetchall()
+        steps = np.array([r[0] for r in rows], dtype=np.int64)
+        if not rows:
+            return steps, np.zeros((0, 0), dtype=np.float32)
+        return steps, np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows])
+
+    def last_eval(self, run_id: str) -> tuple[int, float] | None:
+        row = self._conn.execute(
+            "SELECT step, value FROM metrics WHERE run_id = ? AND name = 'eval_loss' "
+            "ORDER BY step DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def fits(self, sweep: str | None = None, law: str | None = None) -> list[FitRecord]:
+        """Stored fits, newest first."""
+        rows = self._conn.execute(
+            "SELECT fit_id, sweep, law, what, curve, params_json, intervals_json, objective, "
+            "converged, n_points, selection_json, settings_json, created FROM fits "
+            "WHERE (? IS NULL OR sweep = ?) AND (? IS NULL OR law = ?) ORDER BY fit_id DESC",
+            (sweep, sweep, law, law),
+        ).fetchall()
+        return [
+            FitRecord(fit_id=r[0], sweep=r[1], law=r[2], what=r[3], curve=r[4],
+                      params=json.loads(r[5]), intervals=json.loads(r[6]), objective=r[7],
+                      converged=bool(r[8]), n_points=r[9], selection=json.loads(r[10]),
+                      settings=json.loads(r[11]), created=r[12])
+            for r in rows
+        ]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error.
+
+    IMMEDIATE takes the write lock up front, so two writers queue on the
+    busy timeout instead of deadlocking on a lock upgrade.
+    """
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def __enter__(self):
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *_):
+        self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _run_from_row(row) -> RunRecord:
+    names = [f.name for f in dataclasses.fields(RunRecord)]
+    values = dict(zip(names, row, strict=True))
+    values["config"] = json.loads(values["config"])
+    return RunRecord(**values)
