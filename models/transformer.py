@@ -75,7 +75,7 @@ class LayerNorm(nn.Module):
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale + bias).astype(x_BxLxD.dtype)
+        return (y * scale[None, None] + bias[None, None]).astype(x_BxLxD.dtype)
 
 
 class Block(nn.Module):
@@ -99,9 +99,8 @@ class Block(nn.Module):
         w_qkv = _param(self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"),
                        (d, 3, n, h), pdt)
         b_qkv = _param(self, "qkv_bias", zeros, ("qkv", "heads", "head_dim"), (3, n, h), pdt)
-        qkv_BxLx3xNxH = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt)) + b_qkv.astype(
-            cdt
-        )
+        qkv_BxLx3xNxH = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt))
+        qkv_BxLx3xNxH = qkv_BxLx3xNxH + b_qkv.astype(cdt)[None, None]
         q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         attn_BxLxNxH = jax.nn.dot_product_attention(
@@ -110,9 +109,8 @@ class Block(nn.Module):
         w_out = _param(self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"),
                        (n, h, d), pdt)
         b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)
-        x_BxLxD = x_BxLxD + jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, w_out.astype(cdt)) + (
-            b_out.astype(cdt)
-        )
+        attn_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, w_out.astype(cdt))
+        x_BxLxD = x_BxLxD + attn_BxLxD + b_out.astype(cdt)[None, None]
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
         # MLP.
@@ -121,9 +119,9 @@ class Block(nn.Module):
         b_in = _param(self, "mlp_in_bias", zeros, ("mlp",), (f,), pdt)
         w_mlp_out = _param(self, "mlp_out_kernel", out_init, ("mlp", "embed"), (f, d), pdt)
         b_mlp_out = _param(self, "mlp_out_bias", zeros, ("embed",), (d,), pdt)
-        h_BxLxF = jax.nn.gelu(y_BxLxD @ w_in.astype(cdt) + b_in.astype(cdt))
+        h_BxLxF = jax.nn.gelu(y_BxLxD @ w_in.astype(cdt) + b_in.astype(cdt)[None, None])
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
-        x_BxLxD = x_BxLxD + h_BxLxF @ w_mlp_out.astype(cdt) + b_mlp_out.astype(cdt)
+        x_BxLxD = x_BxLxD + h_BxLxF @ w_mlp_out.astype(cdt) + b_mlp_out.astype(cdt)[None, None]
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         return x_BxLxD, None
 
@@ -142,7 +140,7 @@ class Transformer(nn.Module):
                            ("vocab", "embed"), (s.vocab_size, s.d_model), pdt)
         pos_LxD = _param(self, "pos_embed", nn.initializers.normal(0.01),
                          ("position", "embed"), (s.n_ctx, s.d_model), pdt)
-        x_BxLxD = (jnp.take(embed_VxD, tokens_BxL, axis=0) + pos_LxD[:length]).astype(cdt)
+        x_BxLxD = (jnp.take(embed_VxD, tokens_BxL, axis=0) + pos_LxD[None, :length]).astype(cdt)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
         block = Block

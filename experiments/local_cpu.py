@@ -1,0 +1,56 @@
+"""The local study: five byte-level models on Shakespeare, trained on this CPU.
+
+Six sizes from ~6k to ~400k non-embedding parameters (Kaplan N; 66x), the
+same token budget for each (500 steps x 16 sequences x 128 tokens = 1.0M
+tokens, about a fifth of an epoch of the 42 plays), the same optimizer
+recipe. The whole sweep takes about ten minutes on a 2-core CPU and ends
+with L(N) and, per size, the per-token law L(T) = a + b T^-c.
+
+    scaling sweep experiments/local_cpu.py
+    scaling sweep experiments/local_cpu.py:tiny     # a 1-minute smoke version
+"""
+
+from launch.config import base_config
+
+# (n_layer, d_model, n_heads): aspect ratio d_model / n_layer between 16
+# and 32, head size 16, as small Kaplan-style models.
+SIZES = (
+    (1, 16, 1),
+    (2, 32, 2),
+    (2, 48, 3),
+    (3, 64, 4),
+    (4, 96, 6),
+    (4, 128, 8),
+)
+
+
+def get_config(arg=None):
+    config = base_config()
+    config.sweep_name = "local_cpu"
+    config.model.n_ctx = 128
+    config.model.vocab_size = 256  # bytes
+    config.train.steps = 500
+    config.train.batch_size = 16
+    config.train.learning_rate = 3e-3
+    config.train.warmup_steps = 25
+    config.eval.batches = 4
+    config.eval.points = 16
+    config.checkpoint.every = 250
+    if arg == "tiny":
+        config.sweep_name = "local_cpu_tiny"
+        config.train.steps = 60
+        config.train.warmup_steps = 5
+        config.eval.points = 6
+        config.eval.batches = 2
+        config.checkpoint.every = 30
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown variant {arg!r} of local_cpu; use local_cpu.py or :tiny")
+    return config
+
+
+def get_sweep(arg=None):
+    sizes = SIZES[:3] if arg == "tiny" else SIZES
+    return [
+        {"model.n_layer": n_layer, "model.d_model": d_model, "model.n_heads": n_heads}
+        for n_layer, d_model, n_heads in sizes
+    ]

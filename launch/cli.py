@@ -1,0 +1,203 @@
+"""The `scaling` command line: parse arguments, call one function per command.
+
+    scaling run CONFIG [--config.key=value ...]       train one run
+    scaling sweep CONFIG [--config.key=value ...]     train a study's family
+    scaling prepare CONFIG                            fetch and tokenise its corpus
+    scaling status [CONFIG] [--store PATH] [--json]   runs, states, last eval loss
+    scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
+    scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
+    scaling query --sweep NAME [--law LAW] [--json]   the stored fits
+
+User errors print one line (`error: ...`) and exit with code 2. Each command
+imports what it needs when it runs, so `scaling status` answers without
+loading JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from scaling.errors import UserError
+
+DEFAULT_STORE = "results/scaling.sqlite"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = _config_overrides(extra)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return args.handler(args, overrides) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; relaunch the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="scaling", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="train one run (get_config of CONFIG)")
+    run.add_argument("config", help="study file, e.g. experiments/local_cpu.py[:arg]")
+    run.set_defaults(handler=_run)
+
+    sweep = sub.add_parser("sweep", help="train every member of get_sweep() of CONFIG")
+    sweep.add_argument("config")
+    sweep.add_argument("--retry-failed", action="store_true",
+                       help="train runs that failed earlier again")
+    sweep.set_defaults(handler=_sweep)
+
+    prepare = sub.add_parser("prepare", help="download and tokenise the corpus of CONFIG")
+    prepare.add_argument("config")
+    prepare.set_defaults(handler=_prepare)
+
+    status = sub.add_parser("status", help="each run's state, step and last eval loss")
+    status.add_argument("config", nargs="?", help="study file (its config.store is read)")
+    status.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    status.add_argument("--sweep", help="only this sweep's runs")
+    status.add_argument("--json", action="store_true", help="print a JSON list")
+    status.set_defaults(handler=_status)
+
+    fit = sub.add_parser("fit", help="fit a law to a sweep's results or to a CSV")
+    fit.add_argument("--law", required=True)
+    fit.add_argument("--sweep", help="fit this sweep's results from the store")
+    fit.add_argument("--what", default="final", choices=["final", "per-token", "learning-curve"],
+                     help="final: L(N) over runs; per-token: L(T) per run; "
+                          "learning-curve: L(step) per run")
+    fit.add_argument("--csv", help="fit this CSV file instead of the store")
+    fit.add_argument("--x", help="CSV column(s) of the inputs, comma-separated")
+    fit.add_argument("--y", help="CSV column of the loss")
+    fit.add_argument("--bootstrap", type=int, default=200, help="resamples for intervals (0: none)")
+    fit.add_argument("--objective", default="huber", choices=["huber", "lsq"])
+    fit.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    fit.add_argument("--json", action="store_true")
+    fit.set_defaults(handler=_fit)
+
+    query = sub.add_parser("query", help="the fitted laws of a sweep")
+    query.add_argument("--sweep", required=True)
+    query.add_argument("--law")
+    query.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(handler=_query)
+    return parser
+
+
+def _config_overrides(extra: list[str]) -> dict[str, str]:
+    """`--config.a.b=v` or `--config.a.b v` pairs; anything else is an error."""
+    overrides, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--config."):
+            raise UserError(f"unrecognised argument {arg!r}; overrides look like "
+                            "--config.train.steps=100")
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(extra):
+                raise UserError(f"{arg} needs a value: {arg}=VALUE")
+            value, i = extra[i + 1], i + 1
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def _store_path(args, overrides) -> str:
+    if args.store:
+        return args.store
+    if "store" in overrides:
+        return overrides["store"]
+    if getattr(args, "config", None):
+        from launch import config as config_lib
+
+        return config_lib.study_config(args.config, overrides).store
+    return DEFAULT_STORE
+
+
+def _open_store(path: str, must_exist: bool = True):
+    from pathlib import Path
+
+    from scaling.store import Store
+
+    if must_exist and not Path(path).exists():
+        raise UserError(f"no results store at {path!r}; run a sweep first or pass --store PATH")
+    return Store(path)
+
+
+def _run(args, overrides):
+    from launch import config as config_lib
+    from launch import train
+
+    config = config_lib.study_config(args.config, overrides)
+    run_id = train.train_and_evaluate(config)
+    print(f"finished run {run_id}; results in {config.store}")
+
+
+def _sweep(args, overrides):
+    from launch import sweep
+
+    outcome = sweep.run_sweep(args.config, overrides, retry_failed=args.retry_failed)
+    counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
+    print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0 if set(outcome.values()) <= {"finished"} else 1
+
+
+def _prepare(args, overrides):
+    from launch import config as config_lib
+    from launch import data
+
+    config = config_lib.study_config(args.config, overrides)
+    corpus = data.prepare_corpus(config.data, config.model.vocab_size, progress=True)
+    print(data.describe(corpus))
+
+
+def _status(args, overrides):
+    from scaling import report
+
+    with _open_store(_store_path(args, overrides)) as store:
+        rows = report.status_rows(store, args.sweep)
+    print(json.dumps(rows, indent=1) if args.json else report.status_table(rows))
+
+
+def _fit(args, overrides):
+    from scaling import analysis
+
+    if args.csv:
+        if args.sweep or not (args.x and args.y):
+            raise UserError("fit --csv needs --x COL[,COL] and --y COL, and no --sweep")
+        from scaling.csvfit import fit_csv
+
+        result = fit_csv(args.csv, args.law, args.x.split(","), args.y,
+                         bootstrap=args.bootstrap, objective=args.objective)
+        print(json.dumps(result, indent=None if args.json else 1))
+        return
+    if not args.sweep:
+        raise UserError("fit needs --sweep NAME (a sweep in the store) or --csv PATH")
+    with _open_store(_store_path(args, overrides)) as store:
+        records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
+                                     bootstrap=args.bootstrap, objective=args.objective)
+    if args.json:
+        print(json.dumps([analysis.fit_as_dict(r) for r in records]))
+    else:
+        print(analysis.fits_table(records))
+
+
+def _query(args, overrides):
+    from scaling import analysis
+
+    with _open_store(_store_path(args, overrides)) as store:
+        records = analysis.latest_fits(store, args.sweep, args.law)
+    if args.json:
+        print(json.dumps([analysis.fit_as_dict(r) for r in records]))
+    else:
+        print(analysis.fits_table(records))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

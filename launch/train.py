@@ -1,0 +1,184 @@
+"""One training run, from a validated config to finished rows in the store.
+
+`train_and_evaluate(config)` prepares the data, builds the mesh and the
+sharded state, resumes from the run's last checkpoint if there is one, and
+runs the loop: train steps, evals at log-spaced steps (mean eval loss and
+the per-token loss vector), checkpoints every `checkpoint.every` steps.
+The loop only schedules, logs and checkpoints; the math is in
+`launch/steps.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from launch import checkpoints, data, steps
+from launch import config as config_lib
+from launch.corpus import resolve_cache_dir
+from launch.peak import matmul_peak_flops
+from models import sharding
+from scaling.errors import UserError
+from scaling.store import RunRecord, Store
+
+
+class DivergedError(Exception):
+    """The loss became NaN or inf; the run is marked failed, the sweep goes on."""
+
+
+def eval_schedule(total_steps: int, points: int) -> list[int]:
+    """About `points` log-spaced steps in [1, total_steps], always ending with the last."""
+    raw = np.logspace(0, math.log10(total_steps), points)
+    return sorted({int(round(s)) for s in raw} | {total_steps})
+
+
+def run_record(config, run_id: str) -> RunRecord:
+    shape = config_lib.model_config(config).shape
+    tokens = config.train.steps * config.train.batch_size * shape.n_ctx
+    return RunRecord(
+        run_id=run_id,
+        config=config.to_dict(),
+        n_params=shape.n_params_kaplan,
+        n_params_total=shape.n_params,
+        n_layer=shape.n_layer,
+        d_model=shape.d_model,
+        n_heads=shape.n_heads,
+        n_ctx=shape.n_ctx,
+        tokens=tokens,
+        flops=float(shape.train_flops_per_token) * tokens,
+    )
+
+
+def train_and_evaluate(config, store: Store | None = None) -> str:
+    """Train one run to `train.steps` (resuming if it was interrupted); returns its run id."""
+    run_id = config_lib.run_id(config)
+    is_writer = jax.process_index() == 0  # only process 0 writes the store and prints
+    own_store = store is None
+    if own_store:
+        store = Store(config.store)
+    try:
+        if is_writer:
+            store.register_run(run_record(config, run_id), sweep=config.sweep_name)
+            store.set_status(run_id, "running")
+        try:
+            _train(config, run_id, store, is_writer)
+        except DivergedError as e:
+            if is_writer:
+                store.set_status(run_id, "failed", reason=str(e))
+            raise
+        except (KeyboardInterrupt, UserError) as e:
+            # Not the run's fault: it stays pending and trains on the next launch.
+            if is_writer:
+                store.set_status(run_id, "pending", reason=str(e) or "interrupted")
+            raise
+        if is_writer:
+            store.set_status(run_id, "finished", step=config.train.steps, reason=None)
+    finally:
+        if own_store:
+            store.close()
+    return run_id
+
+
+def _use_compilation_cache(cache_dir: str):
+    # Relaunching a sweep, or a sweep of same-shaped runs, then reuses XLA
+    # programs instead of compiling them again.
+    path = resolve_cache_dir(cache_dir) / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _train(config, run_id: str, store: Store, is_writer: bool):
+    _use_compilation_cache(config.data.cache_dir)
+    model_cfg = config_lib.model_config(config)
+    shape = model_cfg.shape
+    corpus = data.prepare_corpus(config.data, shape.vocab_size, progress=config.progress)
+    eval_set = data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size,
+                                 shape.n_ctx)
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        rules = sharding.rules_with_overrides(json.loads(config.mesh.rules or "{}"))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise UserError(str(e)) from None
+
+    tx = steps.make_optimizer(config.train)
+    state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
+    train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    run_dir = Path(config.workdir) / run_id
+    ckpt = checkpoints.Checkpointer(run_dir / "checkpoints", config.checkpoint.max_to_keep)
+    state, start_step = ckpt.restore_latest(state, state_shardings, corpus.fingerprint)
+    if is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    total = config.train.steps
+    schedule = steps.learning_rate_schedule(config.train)
+    eval_at = set(eval_schedule(total, config.eval.points))
+    tokens_per_step = config.train.batch_size * shape.n_ctx
+    peak = matmul_peak_flops(model_cfg.compute_dtype) if is_writer else float("nan")
+
+    def put(batch_np):
+        return jax.make_array_from_process_local_data(batch_sharding, batch_np)
+
+    rows = config.train.batch_size // jax.process_count()
+    first_row = jax.process_index() * rows
+
+    def evaluate(params):
+        # Each process feeds its own rows of every global eval batch.
+        summed_L = sum(eval_step(params, put(b[first_row:first_row + rows])) for b in eval_set)
+        return np.asarray(summed_L) / (len(eval_set) * eval_set.shape[1])
+
+    bar = tqdm(total=total, initial=start_step, desc=f"{run_id} N={shape.n_params_kaplan:,}",
+               disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
+    pending_metrics = []  # device scalars since the last eval: fetched only when logging
+    window_start, window_steps = time.perf_counter(), 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.closing(bar):
+        for step in range(start_step, total):
+            local = data.train_batch(corpus.train, step, config.train.batch_size, shape.n_ctx,
+                                     config.seed, jax.process_index(), jax.process_count())
+            state, metrics = train_step(state, put(local))
+            pending_metrics.append(metrics)
+            window_steps += 1
+            done = step + 1
+            bar.update(1)
+            if done in eval_at:
+                train_loss = float(np.mean([m["train_loss"] for m in pending_metrics]))
+                grad_norm = float(pending_metrics[-1]["grad_norm"])
+                pending_metrics.clear()
+                if not math.isfinite(train_loss):
+                    raise DivergedError(f"train loss became {train_loss} by step {done}; "
+                                        "lower train.learning_rate")
+                elapsed = time.perf_counter() - window_start  # includes compile on the first
+                per_token_L = evaluate(state.params)
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                row = {
+                    "eval_loss": float(per_token_L.mean()),
+                    "train_loss": train_loss,
+                    "grad_norm": grad_norm,
+                    "learning_rate": float(schedule(done - 1)),
+                    "tokens": done * tokens_per_step,
+                    "flops": float(done * tokens_per_step * shape.train_flops_per_token),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": tokens_per_s * shape.train_flops_per_token / peak,
+                    "wall_time": time.time(),
+                }
+                if not math.isfinite(row["eval_loss"]):
+                    raise DivergedError(f"eval loss became {row['eval_loss']} at step {done}; "
+                                        "lower train.learning_rate")
+                if is_writer:
+                    store.log_eval(run_id, done, row, per_token_L)
+                bar.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", mfu=f"{row['mfu']:.0%}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % config.checkpoint.every == 0 or done == total:
+                ckpt.save(done, state, corpus.fingerprint)
+    ckpt.close()

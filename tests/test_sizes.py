@@ -1,0 +1,55 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from models.sizes import ModelShape, kaplan_nonembedding_params, shape_for_params
+from models.transformer import ModelConfig, Transformer
+
+
+def _tree_size(shape: ModelShape) -> int:
+    model = Transformer(ModelConfig(shape))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, shape.n_ctx), int))
+    return sum(x.size for x in jax.tree.leaves(nn.unbox(abstract)))
+
+
+@pytest.mark.parametrize(
+    "n_layer,d_model,n_heads,n_ctx,vocab,d_ff",
+    [(1, 16, 1, 8, 256, 0), (3, 64, 4, 32, 300, 0), (2, 48, 3, 16, 256, 100)],
+)
+def test_exact_count_equals_initialised_tree(n_layer, d_model, n_heads, n_ctx, vocab, d_ff):
+    shape = ModelShape(n_layer, d_model, n_heads, n_ctx, vocab, d_ff)
+    assert shape.n_params == _tree_size(shape)
+    assert shape.n_params_nonembedding == shape.n_params - (vocab + n_ctx) * d_model
+
+
+def test_kaplan_count_is_twelve_layer_d_squared():
+    assert kaplan_nonembedding_params(4, 128) == 12 * 4 * 128**2
+    shape = ModelShape(4, 128, 8, 128, 256)
+    assert shape.n_params_kaplan == 12 * 4 * 128**2
+    # Kaplan's N leaves out biases and norms: within a few percent of the exact count.
+    assert 0.95 < shape.n_params_kaplan / shape.n_params_nonembedding < 1.0
+
+
+def test_training_flops_per_token():
+    shape = ModelShape(4, 128, 8, 128, 256)
+    assert shape.train_flops_per_token == 6 * shape.n_params_kaplan + 6 * 4 * 128 * 128
+
+
+@pytest.mark.parametrize(
+    "target,aspect,head_dim", [(1e4, 16, 16), (3e5, 32, 16), (1e7, 64, 64), (1e9, 64, 64)]
+)
+def test_ladder_lands_near_target_at_the_aspect_ratio(target, aspect, head_dim):
+    shape = shape_for_params(target, aspect_ratio=aspect, n_ctx=1024, vocab_size=50257,
+                             head_dim=head_dim)
+    assert 0.5 < shape.n_params_kaplan / target < 2.0
+    assert shape.d_model % shape.n_heads == 0
+    if target >= 1e7:
+        assert 0.5 < (shape.d_model / shape.n_layer) / aspect < 2.0
+
+
+def test_bad_shapes_are_refused_with_the_key():
+    with pytest.raises(ValueError, match=r"model.d_model=100 is not divisible by model.n_heads=3"):
+        ModelShape(2, 100, 3, 16, 256)
+    with pytest.raises(ValueError, match=r"model.n_layer=0"):
+        ModelShape(0, 64, 2, 16, 256)

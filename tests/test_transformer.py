@@ -1,0 +1,66 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import sharding
+from models.sizes import ModelShape
+from models.transformer import REMAT_POLICIES, ModelConfig, Transformer
+
+SHAPE = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=256)
+
+
+def _init(config):
+    model = Transformer(config)
+    tokens = jax.random.randint(jax.random.key(1), (2, SHAPE.n_ctx), 0, 256)
+    return model, model.init(jax.random.key(0), tokens), tokens
+
+
+def test_attention_is_causal():
+    model, variables, tokens = _init(ModelConfig(SHAPE))
+    changed = tokens.at[:, 10:].set((tokens[:, 10:] + 1) % 256)
+    a, b = model.apply(variables, tokens), model.apply(variables, changed)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-5)
+    assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_every_parameter_has_logical_names_the_rules_know():
+    _, variables, _ = _init(ModelConfig(SHAPE))
+    known = {name for name, _ in sharding.RULES}
+    leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim
+        assert set(leaf.names) <= known
+    # Scanned blocks are stacked along the layer axis.
+    qkv = variables["params"]["blocks"]["qkv_kernel"]
+    assert qkv.names[0] == "layers" and qkv.value.shape[0] == SHAPE.n_layer
+
+
+@pytest.fixture(scope="module")
+def reference_gradients():
+    model, variables, tokens = _init(ModelConfig(SHAPE))
+    params = nn.unbox(variables)["params"]
+    return params, tokens, jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+
+
+@pytest.mark.parametrize("remat", sorted(set(REMAT_POLICIES) - {"none"}))
+def test_remat_policies_give_the_same_finite_gradients(remat, reference_gradients):
+    params, tokens, reference = reference_gradients
+    model = Transformer(ModelConfig(SHAPE, remat=remat))
+    grads = jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_gives_finite_float32_logits():
+    model, variables, tokens = _init(ModelConfig(SHAPE, compute_dtype="bfloat16"))
+    logits = model.apply(variables, tokens)
+    assert logits.dtype == jnp.float32 and np.isfinite(logits).all()
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="model.compute_dtype='fp8'"):
+        ModelConfig(SHAPE, compute_dtype="fp8")
