@@ -97,7 +97,7 @@ def train_step(state: TrainState, tokens_BxL1):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     state = state.apply_gradients(grads=grads)
-    return state, {"train_loss": loss, "grad_norm": optax.global_norm(grads)}
+    return state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(params, tokens_BxL1, apply_fn):

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from launch import checkpoints, data, steps
+from launch import checkpoints, data, distributed, steps
 from launch import config as config_lib
 from launch.corpus import resolve_cache_dir
 from launch.peak import matmul_peak_flops
@@ -62,7 +62,7 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
     """Train one run to `train.steps` (resuming if it was interrupted); returns its run id."""
     run_id = config_lib.run_id(config)
     is_writer = jax.process_index() == 0  # only process 0 writes the store and prints
-    own_store = store is None
+    own_store = store is None and is_writer  # the other processes never open the store
     if own_store:
         store = Store(config.store)
     try:
@@ -100,19 +100,23 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
     _use_compilation_cache(config.data.cache_dir)
     model_cfg = config_lib.model_config(config)
     shape = model_cfg.shape
-    corpus = data.prepare_corpus(config.data, shape.vocab_size, progress=config.progress)
-    eval_set = data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size,
-                                 shape.n_ctx)
+    # The mesh first: a layout that cannot work fails before any data is prepared.
     try:
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         rules = sharding.rules_with_overrides(json.loads(config.mesh.rules or "{}"))
-    except (ValueError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
+        raise UserError(f"config.mesh.rules={config.mesh.rules!r} is not JSON ({e})") from None
+    except ValueError as e:
         raise UserError(str(e)) from None
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    distributed.check_batch_layout(batch_sharding, (config.train.batch_size, shape.n_ctx + 1))
+    corpus = data.prepare_corpus(config.data, shape.vocab_size, progress=config.progress)
+    eval_set = data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size,
+                                 shape.n_ctx)
 
     tx = steps.make_optimizer(config.train)
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
     train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
 
     run_dir = Path(config.workdir) / run_id
     ckpt = checkpoints.Checkpointer(run_dir / "checkpoints", config.checkpoint.max_to_keep)
@@ -142,7 +146,10 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
     pending_metrics = []  # device scalars since the last eval: fetched only when logging
     window_start, window_steps = time.perf_counter(), 0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.closing(bar):
+    # Closing the checkpointer waits for an async save in flight, also when
+    # the loop stops early (interrupt, divergence), so no save is cut short.
+    with (jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.closing(bar),
+          contextlib.closing(ckpt)):
         for step in range(start_step, total):
             local = data.train_batch(corpus.train, step, config.train.batch_size, shape.n_ctx,
                                      config.seed, jax.process_index(), jax.process_count())
@@ -181,4 +188,3 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                 window_start, window_steps = time.perf_counter(), 0
             if done % config.checkpoint.every == 0 or done == total:
                 ckpt.save(done, state, corpus.fingerprint)
-    ckpt.close()

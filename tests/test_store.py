@@ -1,0 +1,97 @@
+import multiprocessing
+import sqlite3
+
+import numpy as np
+import pytest
+
+from scaling.errors import UserError
+from scaling.store import SCHEMA_VERSION, FitRecord, RunRecord, Store
+
+
+def _run(run_id="r1", n=1000):
+    return RunRecord(run_id=run_id, config={"seed": 0}, n_params=n, n_params_total=2 * n,
+                     n_layer=1, d_model=8, n_heads=1, n_ctx=4, tokens=10_000, flops=6e7)
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        store.register_run(_run("b", 2000), sweep="sw")
+        store.register_run(_run("a", 1000), sweep="sw")
+        store.log_eval("a", 5, {"eval_loss": 3.0, "tokens": 50}, np.array([4, 3, 2, 1.5]))
+        store.log_eval("a", 10, {"eval_loss": 2.5}, np.array([3, 2.5, 2, 1.25]))
+        store.set_status("a", "finished", step=10)
+        fit_id = store.save_fit(FitRecord("sw", "power", "final", "all", {"alpha": 0.1},
+                                          {"alpha": [0.05, 0.15]}, 1e-3, True, 2,
+                                          {"runs": ["a", "b"]}, {"objective": "huber"}))
+    with Store(path) as store:  # reopened: everything came from the file
+        assert [r.run_id for r in store.runs("sw")] == ["a", "b"]  # smallest N first
+        run = store.run("a")
+        assert run.status == "finished" and run.step == 10 and run.config == {"seed": 0}
+        steps, values = store.scalars("a", "eval_loss")
+        assert steps.tolist() == [5, 10] and values.tolist() == [3.0, 2.5]
+        steps, matrix = store.per_token("a")
+        assert matrix.shape == (2, 4) and matrix[1].tolist() == [3, 2.5, 2, 1.25]
+        assert store.last_eval("a") == (10, 2.5)
+        (fit,) = store.fits("sw")
+        assert fit.fit_id == fit_id and fit.intervals == {"alpha": [0.05, 0.15]}
+        assert store.sweeps() == ["sw"]
+
+
+def test_writes_are_idempotent(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        store.register_run(_run())
+        store.set_status("r1", "running", step=3)
+        store.register_run(_run())  # a relaunch registers again: state is kept
+        assert store.run("r1").status == "running"
+        for _ in range(3):
+            store.log_eval("r1", 7, {"eval_loss": 1.0}, np.ones(4))
+        assert len(store.scalars("r1", "eval_loss")[0]) == 1
+        assert len(store.per_token("r1")[0]) == 1
+
+
+def test_not_a_database_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "notes.sqlite"
+    path.write_bytes(b"these are my notes, not a database" * 100)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="not a results store"):
+        Store(path)
+    assert path.read_bytes() == before
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "s.sqlite"
+    Store(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(UserError, match="newer"):
+        Store(path)
+
+
+def test_unwritable_path_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="not writable"):
+        Store(blocker / "sub" / "s.sqlite")
+
+
+def _writer(path, worker):
+    with Store(path) as store:
+        for step in range(50):
+            store.log_eval("r1", step, {f"w{worker}": float(step)}, np.ones(4))
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    path = str(tmp_path / "s.sqlite")
+    with Store(path) as store:
+        store.register_run(_run())
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_writer, args=(path, w)) for w in range(2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    with Store(path) as store:
+        for w in range(2):
+            assert store.scalars("r1", f"w{w}")[1].tolist() == [float(s) for s in range(50)]

@@ -1,0 +1,161 @@
+"""End to end on the real corpus: training lowers the loss, evals are consistent,
+runs resume, sweeps skip finished work, bad input is refused cleanly."""
+
+import numpy as np
+import pytest
+
+from launch import config as config_lib
+from launch import data, train
+from launch.cli import main
+from scaling.store import Store
+
+
+def test_training_lowers_eval_loss_on_real_text(tiny_config):
+    tiny_config.train.steps = 200
+    tiny_config.train.warmup_steps = 10
+    tiny_config.checkpoint.every = 200
+    run_id = train.train_and_evaluate(tiny_config)
+    with Store(tiny_config.store) as store:
+        steps, losses = store.scalars(run_id, "eval_loss")
+        assert store.run(run_id).status == "finished"
+        assert steps[0] == 1 and steps[-1] == 200
+        # Bytes start at ln(256) = 5.55 nats; a few hundred steps learn far more than unigrams.
+        assert losses[0] > 5.0 and losses[-1] < 3.0
+        per_step, per_token = store.per_token(run_id)
+        assert per_step.tolist() == steps.tolist()
+        assert per_token.shape == (len(steps), tiny_config.model.n_ctx)
+        # The mean eval loss is the mean of the per-token vector.
+        np.testing.assert_allclose(per_token.mean(axis=1), losses, rtol=1e-6)
+        for name in ("tokens", "flops", "tokens_per_s", "mfu", "wall_time", "train_loss"):
+            assert len(store.scalars(run_id, name)[0]) == len(steps), name
+        tokens = store.scalars(run_id, "tokens")[1][-1]
+        assert tokens == 200 * tiny_config.train.batch_size * tiny_config.model.n_ctx
+
+
+def test_interrupted_run_resumes_at_its_checkpoint_and_matches(tiny_config, monkeypatch,
+                                                               tmp_path):
+    real_batch = data.train_batch
+    requested, crashed = [], []
+
+    def crash_at_15(tokens, step, *args, **kwargs):
+        requested.append(step)
+        if step == 15 and not crashed:
+            crashed.append(step)
+            raise RuntimeError("simulated crash")
+        return real_batch(tokens, step, *args, **kwargs)
+
+    monkeypatch.setattr(data, "train_batch", crash_at_15)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_and_evaluate(tiny_config)
+    run_id = config_lib.run_id(tiny_config)
+    with Store(tiny_config.store) as store:
+        assert store.run(run_id).status == "running"  # as a killed process leaves it
+    requested.clear()
+    train.train_and_evaluate(tiny_config)
+    assert requested[0] == 10  # checkpoint.every = 10: steps 10..19 are trained again
+
+    # The same run without interruption, elsewhere, ends at the same loss.
+    monkeypatch.setattr(data, "train_batch", real_batch)
+    tiny_config.store = str(tmp_path / "other.sqlite")
+    tiny_config.workdir = str(tmp_path / "other_runs")
+    assert train.train_and_evaluate(tiny_config) == run_id
+    with Store(tiny_config.store) as a, Store(str(tmp_path / "store.sqlite")) as b:
+        np.testing.assert_allclose(a.scalars(run_id, "eval_loss")[1],
+                                   b.scalars(run_id, "eval_loss")[1], rtol=1e-6)
+
+
+def _study(tmp_path, tiny_config):
+    study = tmp_path / "two_sizes.py"
+    study.write_text(
+        "import ml_collections\n"
+        f"BASE = {tiny_config.to_dict()!r}\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict(BASE)\n"
+        "def get_sweep(arg=None):\n"
+        "    return [{'model.d_model': 16, 'model.n_heads': 1}, {'model.d_model': 32}]\n"
+    )
+    return str(study)
+
+
+def test_sweep_twice_trains_nothing_the_second_time(tiny_config, tmp_path, monkeypatch, capsys):
+    study = _study(tmp_path, tiny_config)
+    assert main(["sweep", study]) == 0
+    with Store(tiny_config.store) as store:
+        first = {r.run_id: r.status for r in store.runs("test")}
+    assert list(first.values()) == ["finished", "finished"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    assert main(["sweep", study]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "sweep done: 2 finished"
+    with Store(tiny_config.store) as store:
+        assert {r.run_id: r.status for r in store.runs("test")} == first
+
+
+def test_status_json_lists_every_run(tiny_config, tmp_path, capsys):
+    import json
+
+    train.train_and_evaluate(tiny_config)
+    capsys.readouterr()
+    assert main(["status", "--store", tiny_config.store, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1
+    assert rows[0]["status"] == "finished" and rows[0]["step"] == tiny_config.train.steps
+    assert rows[0]["eval_loss"] > 0 and rows[0]["run_id"] == config_lib.run_id(tiny_config)
+
+
+def test_cli_overrides_reach_the_run(tmp_path, data_cache):
+    store = tmp_path / "s.sqlite"
+    args = ["run", "experiments/local_cpu.py:tiny", f"--config.store={store}",
+            f"--config.workdir={tmp_path / 'runs'}", f"--config.data.cache_dir={data_cache}",
+            "--config.progress=false", "--config.model.n_layer=1", "--config.model.d_model=16",
+            "--config.model.n_heads=1", "--config.model.n_ctx=16", "--config.train.steps=7",
+            "--config.train.warmup_steps", "1", "--config.eval.points=2"]
+    assert main(args) == 0
+    with Store(store) as s:
+        (run,) = s.runs()
+        assert run.d_model == 16 and run.n_ctx == 16 and run.step == 7
+        assert s.scalars(run.run_id, "eval_loss")[0].tolist() == [1, 7]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.model.n_heads=3", "error: model.d_model=64 is not divisible by model.n_heads=3"),
+        ("--config.train.stepz=3", "error: command line: unknown config key 'train.stepz'"),
+        ("--config.data.corpus=text", "error: data.corpus=text needs data.paths"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(override, message, tmp_path, capsys,
+                                                  data_cache):
+    store = tmp_path / "s.sqlite"
+    code = main(["run", "experiments/local_cpu.py:tiny", f"--config.store={store}",
+                 f"--config.workdir={tmp_path / 'runs'}", f"--config.data.cache_dir={data_cache}",
+                 "--config.model.d_model=64", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(message) and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+    if store.exists():  # a missing data file is found after the run is registered
+        with Store(store) as s:
+            assert all(r.status == "pending" for r in s.runs())
+            assert all(not s.metric_names(r.run_id) for r in s.runs())
+
+
+def test_missing_data_file_is_one_line(tmp_path, capsys):
+    code = main(["run", "experiments/local_cpu.py:tiny", f"--config.store={tmp_path / 's.db'}",
+                 f"--config.workdir={tmp_path / 'runs'}", "--config.data.corpus=text",
+                 f"--config.data.paths={tmp_path / 'missing.txt'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "missing.txt" in err
+
+
+def test_unwritable_store_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["run", "experiments/local_cpu.py:tiny", f"--config.store={blocker}/s.sqlite"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not writable" in err and "\n" not in err, err
