@@ -8,6 +8,9 @@
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
     scaling query --sweep NAME [--law LAW] [--json]   the stored fits
 
+`run` and `sweep` also train as one of several processes (hosts): see
+`launch/distributed.py`.
+
 User errors print one line (`error: ...`) and exit with code 2. Each command
 imports what it needs when it runs, so `scaling status` answers without
 loading JAX.
@@ -47,12 +50,14 @@ def _parser():
 
     run = sub.add_parser("run", help="train one run (get_config of CONFIG)")
     run.add_argument("config", help="study file, e.g. experiments/local_cpu.py[:arg]")
+    _distributed_flags(run)
     run.set_defaults(handler=_run)
 
     sweep = sub.add_parser("sweep", help="train every member of get_sweep() of CONFIG")
     sweep.add_argument("config")
     sweep.add_argument("--retry-failed", action="store_true",
                        help="train runs that failed earlier again")
+    _distributed_flags(sweep)
     sweep.set_defaults(handler=_sweep)
 
     prepare = sub.add_parser("prepare", help="download and tokenise the corpus of CONFIG")
@@ -88,6 +93,28 @@ def _parser():
     query.add_argument("--json", action="store_true")
     query.set_defaults(handler=_query)
     return parser
+
+
+def _distributed_flags(parser):
+    group = parser.add_argument_group(
+        "multi-process runs", "one process per host; see launch/distributed.py (the "
+        "SCALING_COORDINATOR, SCALING_NUM_PROCESSES, SCALING_PROCESS_ID variables do the same)")
+    group.add_argument("--coordinator", help="host:port of process 0's coordinator service")
+    group.add_argument("--num-processes", type=int, help="how many processes take part")
+    group.add_argument("--process-id", type=int, help="this process's id, 0..N-1")
+
+
+def _join_processes(args):
+    # Before anything starts a JAX backend.
+    from launch import distributed
+
+    distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def _is_process_zero() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _config_overrides(extra: list[str]) -> dict[str, str]:
@@ -131,20 +158,24 @@ def _open_store(path: str, must_exist: bool = True):
 
 
 def _run(args, overrides):
+    _join_processes(args)
     from launch import config as config_lib
     from launch import train
 
     config = config_lib.study_config(args.config, overrides)
     run_id = train.train_and_evaluate(config)
-    print(f"finished run {run_id}; results in {config.store}")
+    if _is_process_zero():
+        print(f"finished run {run_id}; results in {config.store}")
 
 
 def _sweep(args, overrides):
+    _join_processes(args)
     from launch import sweep
 
     outcome = sweep.run_sweep(args.config, overrides, retry_failed=args.retry_failed)
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
-    print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if _is_process_zero():
+        print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0 if set(outcome.values()) <= {"finished"} else 1
 
 
