@@ -1,0 +1,197 @@
+"""Runs made of several processes: the settings that start one, and a real two-process run.
+
+The settings tests replace `jax.distributed.initialize` with a recorder, so
+they never start a coordinator. The end-to-end test starts two `scaling run`
+processes on this machine, each with 2 simulated CPU devices, joined through
+a coordinator on 127.0.0.1 (cross-process collectives on CPU go through
+gloo), and checks that they write one set of results: the store's rows from
+process 0 only, one checkpoint folder, and losses equal to the same run
+trained by one process over 4 devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from launch import distributed
+from scaling.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+            distributed.ENV_PROCESS_ID, distributed.ENV_MODE, distributed.ENV_TIMEOUT,
+            "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_NUM_SLICES")
+# Compile faster (the runs are tiny; these change code generation, not what is computed).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The keyword arguments of every jax.distributed.initialize call, none of them real."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    made = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: made.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    return made
+
+
+def test_a_single_process_initialises_nothing(calls, monkeypatch):
+    assert distributed.maybe_initialize() is False
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "1")
+    assert distributed.maybe_initialize() is False
+    assert calls == []
+
+
+def test_explicit_settings_from_env_and_arguments(calls, monkeypatch):
+    monkeypatch.setenv(distributed.ENV_COORDINATOR, "10.0.0.1:1234")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "4")
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "3")
+    assert distributed.maybe_initialize() is True
+    # Arguments (the CLI flags) win over the environment.
+    assert distributed.maybe_initialize(process_id=2) is True
+    assert [(c["coordinator_address"], c["num_processes"], c["process_id"]) for c in calls] == [
+        ("10.0.0.1:1234", 4, 3), ("10.0.0.1:1234", 4, 2)]
+    assert calls[0]["initialization_timeout"] == 300
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "0"}, "coordinator not given"),
+    ({"SCALING_COORDINATOR": "h:1", "SCALING_NUM_PROCESSES": "2"}, "process id not given"),
+    ({"SCALING_COORDINATOR": "h:1", "SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "2"},
+     "must be in [0, 2)"),
+    ({"SCALING_COORDINATOR": "nohost", "SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "1"},
+     "must be host:port"),
+    ({"SCALING_NUM_PROCESSES": "two"}, "must be an integer"),
+    ({"SCALING_DISTRIBUTED": "yes"}, "must be 'auto' or 'off'"),
+])
+def test_unusable_settings_are_user_errors(calls, monkeypatch, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError) as error:
+        distributed.maybe_initialize()
+    assert message in str(error.value)
+    assert calls == []
+
+
+def test_multihost_tpu_and_auto_use_jax_detection(calls, monkeypatch):
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0")  # one host: a single process
+    assert distributed.maybe_initialize() is False
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1,t1v-2,t1v-3")
+    monkeypatch.setenv(distributed.ENV_MODE, "off")
+    assert distributed.maybe_initialize() is False
+    monkeypatch.setenv(distributed.ENV_MODE, "")
+    assert distributed.maybe_initialize() is True
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv(distributed.ENV_MODE, "auto")
+    assert distributed.maybe_initialize() is True
+    # JAX's own cluster detection fills in the coordinator and the ids.
+    assert [sorted(c) for c in calls] == [["initialization_timeout"]] * 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _corpus(folder: Path) -> str:
+    """Ten small text files, a few KB each: documents for data.corpus=text."""
+    folder.mkdir()
+    words = ("the of and to in that is was he for it with as his on be at by had not but "
+             "what all were when we there can an your which their said if do will each").split()
+    for d in range(10):
+        lines = [" ".join(words[(d * 7 + i * j) % len(words)] for j in range(12))
+                 for i in range(40)]
+        (folder / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
+    return str(folder / "*.txt")
+
+
+def _run_args(tmp: Path, store: Path, workdir: Path, paths: str) -> list[str]:
+    settings = {
+        "model.n_layer": 1, "model.d_model": 32, "model.n_heads": 2, "model.n_ctx": 16,
+        "train.steps": 4, "train.warmup_steps": 1, "train.batch_size": 8,
+        "eval.batches": 2, "eval.points": 2, "checkpoint.every": 2,
+        "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
+        "data.corpus": "text", "data.paths": paths, "data.val_fraction": 0.2,
+        "data.cache_dir": str(tmp / "cache"), "store": str(store), "workdir": str(workdir),
+        "progress": False,
+    }
+    return [sys.executable, "-m", "launch.cli", "run", "experiments/local_cpu.py",
+            *(f"--config.{k}={v}" for k, v in settings.items())]
+
+
+def _env(devices: int, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(JAX_PLATFORMS="cpu", TQDM_DISABLE="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+    env.update(extra)
+    return env
+
+
+def _eval_rows(store: Path) -> tuple[list, dict]:
+    with sqlite3.connect(store) as db:
+        runs = db.execute("SELECT run_id, status, step FROM runs").fetchall()
+        metrics = db.execute("SELECT run_id, step, name, value FROM metrics "
+                             "WHERE name IN ('eval_loss', 'train_loss')").fetchall()
+    return runs, {(step, name): value for _, step, name, value in metrics}
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_run(tmp_path):
+    paths = _corpus(tmp_path / "corpus")
+    store, workdir = tmp_path / "store.sqlite", tmp_path / "runs"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _run_args(tmp_path, store, workdir, paths), cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=_env(2, SCALING_COORDINATOR=f"127.0.0.1:{port}", SCALING_NUM_PROCESSES="2",
+                     SCALING_PROCESS_ID=str(i), SCALING_INIT_TIMEOUT="120"))
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for i, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"process {i} failed:\n{out}\n{err[-4000:]}"
+    # Only process 0 reports (gloo itself prints its connections on stdout).
+    own_lines = [[line for line in out.splitlines() if not line.startswith("[Gloo]")]
+                 for out, _ in outputs]
+    assert len(own_lines[0]) == 1 and own_lines[0][0].startswith("finished run")
+    assert own_lines[1] == []
+
+    runs, rows = _eval_rows(store)
+    assert len(runs) == 1 and runs[0][1:] == ("finished", 4)
+    run_id = runs[0][0]
+    assert sorted({step for step, _ in rows}) == [1, 4]
+    assert [p.name for p in workdir.iterdir()] == [run_id]
+    saved = sorted(p.name for p in (workdir / run_id / "checkpoints").iterdir())
+    assert saved == ["2", "4"]
+    config = json.loads((workdir / run_id / "config.json").read_text())
+    assert config["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2, "rules": ""}
+
+    # The same run by one process over 4 devices: the same losses (float32
+    # reductions in another order: a few ulps).
+    single_store = tmp_path / "single.sqlite"
+    one = subprocess.run(_run_args(tmp_path, single_store, tmp_path / "single_runs", paths),
+                         cwd=REPO, text=True, capture_output=True, env=_env(4), timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+    single_runs, single_rows = _eval_rows(single_store)
+    assert single_runs[0][0] == run_id  # the mesh is not part of the run's identity
+    assert single_rows.keys() == rows.keys()
+    for key, value in rows.items():
+        assert value == pytest.approx(single_rows[key], rel=1e-5, abs=1e-5), key
