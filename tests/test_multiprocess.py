@@ -6,13 +6,16 @@ processes on this machine, each with 2 simulated CPU devices, joined through
 a coordinator on 127.0.0.1 (cross-process collectives on CPU go through
 gloo), and checks that they write one set of results: the store's rows from
 process 0 only, one checkpoint folder, and losses equal to the same run
-trained by one process over 4 devices.
+trained by one process over 4 devices. Then, its last checkpoint deleted,
+both processes restore the one before and finish the run again, on another
+mesh, to the same eval loss.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -115,18 +118,42 @@ def _corpus(folder: Path) -> str:
     return str(folder / "*.txt")
 
 
-def _run_args(tmp: Path, store: Path, workdir: Path, paths: str) -> list[str]:
+def _run_args(tmp: Path, store: Path, workdir: Path, paths: str,
+              mesh: tuple[int, int, int] = (1, 2, 2)) -> list[str]:
     settings = {
         "model.n_layer": 1, "model.d_model": 32, "model.n_heads": 2, "model.n_ctx": 16,
         "train.steps": 4, "train.warmup_steps": 1, "train.batch_size": 8,
         "eval.batches": 2, "eval.points": 2, "checkpoint.every": 2,
-        "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2,
+        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
         "data.corpus": "text", "data.paths": paths, "data.val_fraction": 0.2,
         "data.cache_dir": str(tmp / "cache"), "store": str(store), "workdir": str(workdir),
         "progress": False,
     }
     return [sys.executable, "-m", "launch.cli", "run", "experiments/local_cpu.py",
             *(f"--config.{k}={v}" for k, v in settings.items())]
+
+
+def _two_processes(args: list[str]) -> list[tuple[str, str]]:
+    """Run `args` as processes 0 and 1 of one run; their (stdout, stderr), both succeeded."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            args, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=_env(2, SCALING_COORDINATOR=f"127.0.0.1:{port}", SCALING_NUM_PROCESSES="2",
+                     SCALING_PROCESS_ID=str(i), SCALING_INIT_TIMEOUT="120"))
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=300))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for i, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"process {i} failed:\n{out}\n{err[-4000:]}"
+    return outputs
 
 
 def _env(devices: int, **extra) -> dict[str, str]:
@@ -149,27 +176,11 @@ def _eval_rows(store: Path) -> tuple[list, dict]:
 def test_two_processes_train_one_run(tmp_path):
     paths = _corpus(tmp_path / "corpus")
     store, workdir = tmp_path / "store.sqlite", tmp_path / "runs"
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _run_args(tmp_path, store, workdir, paths), cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_env(2, SCALING_COORDINATOR=f"127.0.0.1:{port}", SCALING_NUM_PROCESSES="2",
-                     SCALING_PROCESS_ID=str(i), SCALING_INIT_TIMEOUT="120"))
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=300))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for i, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"process {i} failed:\n{out}\n{err[-4000:]}"
-    # Only process 0 reports (gloo itself prints its connections on stdout).
-    own_lines = [[line for line in out.splitlines() if not line.startswith("[Gloo]")]
+    outputs = _two_processes(_run_args(tmp_path, store, workdir, paths))
+    # Only process 0 reports. (Gloo prints its connections on stdout, from
+    # several threads, so its lines can come in pieces.)
+    own_lines = [[line for line in out.splitlines()
+                  if line.strip() and "[Gloo]" not in line and "peer ranks" not in line]
                  for out, _ in outputs]
     assert len(own_lines[0]) == 1 and own_lines[0][0].startswith("finished run")
     assert own_lines[1] == []
@@ -179,8 +190,8 @@ def test_two_processes_train_one_run(tmp_path):
     run_id = runs[0][0]
     assert sorted({step for step, _ in rows}) == [1, 4]
     assert [p.name for p in workdir.iterdir()] == [run_id]
-    saved = sorted(p.name for p in (workdir / run_id / "checkpoints").iterdir())
-    assert saved == ["2", "4"]
+    checkpoints = workdir / run_id / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]
     config = json.loads((workdir / run_id / "config.json").read_text())
     assert config["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2, "rules": ""}
 
@@ -195,3 +206,15 @@ def test_two_processes_train_one_run(tmp_path):
     assert single_rows.keys() == rows.keys()
     for key, value in rows.items():
         assert value == pytest.approx(single_rows[key], rel=1e-5, abs=1e-5), key
+
+    # Both processes restore together: without the last checkpoint the run
+    # resumes from step 2, here on a mesh whose data axis spans the two
+    # processes, and ends where it ended before.
+    shutil.rmtree(checkpoints / "4")
+    _two_processes(_run_args(tmp_path, store, workdir, paths, mesh=(2, 1, 2)))
+    runs, resumed = _eval_rows(store)
+    assert len(runs) == 1 and runs[0][1:] == ("finished", 4)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]
+    # (train_loss is the mean since the previous eval, which the resumed run
+    # saw only part of, so only the eval loss is compared.)
+    assert resumed[4, "eval_loss"] == pytest.approx(rows[4, "eval_loss"], rel=1e-5, abs=1e-5)
