@@ -7,6 +7,8 @@
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
     scaling query --sweep NAME [--law LAW] [--json]   the stored fits
+    scaling plot SWEEP --kind KIND [--out DIR]        figures of a sweep (PNG + SVG)
+    scaling report SWEEP [--out FILE]                 one self-contained HTML page
 
 `run` and `sweep` also train as one of several processes (hosts): see
 `launch/distributed.py`.
@@ -92,6 +94,24 @@ def _parser():
     query.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     query.add_argument("--json", action="store_true")
     query.set_defaults(handler=_query)
+
+    plot = sub.add_parser("plot", help="figures of a sweep, PNG and SVG (or PDF)")
+    plot.add_argument("sweep")
+    plot.add_argument("--kind", required=True,
+                      help="per-token, per-token-steps, learning-curves, size, compute, "
+                           "isoflop, or all")
+    plot.add_argument("--run", help="per-token-steps: this run (default the largest)")
+    plot.add_argument("--out", help="folder for the files (default results/plots/SWEEP)")
+    plot.add_argument("--vector", default="svg", choices=["svg", "pdf"],
+                      help="vector format written next to each PNG")
+    plot.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    plot.set_defaults(handler=_plot)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of a sweep")
+    report.add_argument("sweep")
+    report.add_argument("--out", help="HTML file (default results/reports/SWEEP.html)")
+    report.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -228,6 +248,32 @@ def _query(args, overrides):
         print(json.dumps([analysis.fit_as_dict(r) for r in records]))
     else:
         print(analysis.fits_table(records))
+
+
+def _plot(args, overrides):
+    from scaling import plots
+
+    with _open_store(_store_path(args, overrides)) as store:
+        drawn = plots.plot_sweep(store, args.sweep, args.kind, args.out, run=args.run,
+                                 vector=args.vector)
+    for plot in drawn:
+        for note in plot.notes:
+            print(note)
+        if plot.skipped:
+            print(f"skipped {plot.kind}: {plot.skipped}")
+        else:
+            print(f"wrote {', '.join(str(p) for p in plot.paths)}")
+
+
+def _report(args, overrides):
+    from scaling import html_report
+
+    with _open_store(_store_path(args, overrides)) as store:
+        path, drawn = html_report.write_report(store, args.sweep, args.out)
+    for plot in drawn:
+        for note in plot.notes:
+            print(note)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
