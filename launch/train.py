@@ -96,6 +96,14 @@ def _use_compilation_cache(cache_dir: str):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _tensorboard_writer(run_dir: Path, start_step: int):
+    """Event files in <run_dir>/tensorboard with every eval row's scalars (tags as in the
+    store). A resumed run purges the events past its checkpoint, which it logs again."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+
+
 def _train(config, run_id: str, store: Store, is_writer: bool):
     _use_compilation_cache(config.data.cache_dir)
     model_cfg = config_lib.model_config(config)
@@ -146,10 +154,12 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
     pending_metrics = []  # device scalars since the last eval: fetched only when logging
     window_start, window_steps = time.perf_counter(), 0
+    tensorboard = _tensorboard_writer(run_dir, start_step) if is_writer else None
     # Closing the checkpointer waits for an async save in flight, also when
     # the loop stops early (interrupt, divergence), so no save is cut short.
     with (jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.closing(bar),
-          contextlib.closing(ckpt)):
+          contextlib.closing(ckpt),
+          contextlib.closing(tensorboard) if tensorboard else contextlib.nullcontext()):
         for step in range(start_step, total):
             local = data.train_batch(corpus.train, step, config.train.batch_size, shape.n_ctx,
                                      config.seed, jax.process_index(), jax.process_count())
@@ -184,6 +194,9 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                                         "lower train.learning_rate")
                 if is_writer:
                     store.log_eval(run_id, done, row, per_token_L)
+                    for name, value in row.items():
+                        tensorboard.add_scalar(name, value, done, walltime=row["wall_time"])
+                    tensorboard.flush()
                 bar.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", mfu=f"{row['mfu']:.0%}")
                 window_start, window_steps = time.perf_counter(), 0
             if done % config.checkpoint.every == 0 or done == total:
