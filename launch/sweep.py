@@ -5,53 +5,88 @@ interrupted ones resume from their last checkpoint (the run id is a hash of
 the resolved config, so the same member always finds its own folder and
 rows). A run that diverges is marked failed with its reason and the sweep
 goes on; failed runs are not retried unless asked (`retry_failed`).
+
+When the sweep runs as several processes (hosts), process 0 alone reads the
+store and decides what to train; the others follow its plan, so every
+process enters the same runs in the same order.
 """
 
 from __future__ import annotations
 
 import sys
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from launch import config as config_lib
 from launch import train
 from scaling.store import Store
 
+SKIP, TRAIN = 0, 1
+
 
 def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[str, str]:
-    """Train every unfinished member of the study at `path`; returns {run_id: status}."""
+    """Train every unfinished member of the study at `path`.
+
+    Returns {run_id: status} as the store has it afterwards (process 0), or
+    {run_id: "followed"} on the other processes, which never read the store.
+    """
     members = config_lib.study_sweep(path, overrides)
     ids = [config_lib.run_id(c) for c in members]
-    sweep_name = members[0].sweep_name
-    outcome = {}
+    is_writer = jax.process_index() == 0
     stores: dict[str, Store] = {}
     try:
-        for config, run_id in zip(members, ids, strict=True):
-            store = stores.get(config.store) or stores.setdefault(config.store,
-                                                                   Store(config.store))
-            store.register_run(train.run_record(config, run_id), sweep=sweep_name)
-        for store in stores.values():
-            store.add_sweep(sweep_name, {"study": str(path), "overrides": overrides}, ids)
+        if is_writer:
+            stores = _open_stores(members, ids, overrides, str(path))
+            plan = [_decide(members[i], ids[i], stores[members[i].store], retry_failed,
+                            f"[{i + 1}/{len(members)}]") for i in range(len(members))]
+        else:
+            plan = [SKIP] * len(members)
+        if jax.process_count() > 1:
+            plan = multihost_utils.broadcast_one_to_all(np.array(plan, np.int32)).tolist()
 
-        for i, (config, run_id) in enumerate(zip(members, ids, strict=True), 1):
-            store = stores[config.store]
-            record = store.run(run_id)
-            label = f"[{i}/{len(members)}] {run_id} (N={record.n_params:,})"
-            if record.status == "finished":
-                _say(config, f"{label}: finished earlier, skipped")
-            elif record.status == "failed" and not retry_failed:
-                _say(config, f"{label}: failed earlier ({record.reason}), skipped; "
-                             "--retry-failed trains it again")
-            else:
-                verb = f"resuming at step {record.step}" if record.step else "training"
-                _say(config, f"{label}: {verb}")
+        outcome = {}
+        for config, run_id, action in zip(members, ids, plan, strict=True):
+            store = stores.get(config.store)
+            if action == TRAIN:
                 try:
                     train.train_and_evaluate(config, store)
                 except train.DivergedError as e:
-                    _say(config, f"{label}: failed: {e}")
-            outcome[run_id] = store.run(run_id).status
+                    _say(config, f"{run_id}: failed: {e}")
+            outcome[run_id] = store.run(run_id).status if is_writer else "followed"
+        return outcome
     finally:
         for store in stores.values():
             store.close()
-    return outcome
+
+
+def _open_stores(members, ids, overrides, study: str) -> dict[str, Store]:
+    """Open each member's store and register the sweep's runs, so `status` lists them all."""
+    sweep_name = members[0].sweep_name
+    stores: dict[str, Store] = {}
+    for config, run_id in zip(members, ids, strict=True):
+        if config.store not in stores:
+            stores[config.store] = Store(config.store)
+        stores[config.store].register_run(train.run_record(config, run_id), sweep=sweep_name)
+    for store in stores.values():
+        store.add_sweep(sweep_name, {"study": study, "overrides": overrides}, ids)
+    return stores
+
+
+def _decide(config, run_id: str, store: Store, retry_failed: bool, position: str) -> int:
+    record = store.run(run_id)
+    label = f"{position} {run_id} (N={record.n_params:,})"
+    if record.status == "finished":
+        _say(config, f"{label}: finished earlier, skipped")
+        return SKIP
+    if record.status == "failed" and not retry_failed:
+        _say(config, f"{label}: failed earlier ({record.reason}), skipped; "
+                     "--retry-failed trains it again")
+        return SKIP
+    _say(config, f"{label}: " + (f"resuming after step {record.step}" if record.step
+                                 else "training"))
+    return TRAIN
 
 
 def _say(config, line: str):
