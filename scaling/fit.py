@@ -1,0 +1,336 @@
+"""Fit a scaling law to a batch of curves, with bootstrap confidence intervals.
+
+`fit(law, x, y, mask)` fits every curve of the batch independently, in one
+jitted float64 program:
+
+- Objective (Hoffmann et al. 2022; Epoch's replication): the sum over a
+  curve's valid points of Huber_delta(log y - log L_predicted), delta = 1e-3,
+  or with objective="lsq" the sum of (log y - log L_predicted)^2 / 2.
+- Search: BFGS (`scaling.minimize`) from every point of the law's init grid
+  (or `init_grid`), vmapped over starts and curves; the start with the lowest
+  objective wins.  Parameters in `law.positive` are searched as logarithms.
+- Bootstrap: each resample draws a curve's valid points with replacement
+  (multinomial counts used as weights, so padding never enters), is refitted
+  in the same program, and percentiles of the refits give the intervals.
+
+Inputs: `x` holds the law's inputs in natural units, [n_curves, n_points,
+n_inputs]; for one-input laws also [n_points] or [n_curves, n_points], and
+any law accepts [n_points, n_inputs] shared by all curves.  `y` is the loss,
+[n_curves, n_points] or [n_points].  `mask` (bool, y's shape) marks valid
+points, so ragged curves are padded; padded entries may hold anything.
+
+The program runs under `jax.enable_x64`, so float64 is on only for the fit
+and the rest of the process (a float32 trainer) is unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling.errors import UserError
+from scaling.inputs import as_curves, check_fixed, check_settings, merged_grid
+from scaling.laws import Law, get_law
+from scaling.minimize import Solution, minimize_tasks
+
+# Bootstrap resamples of a curve start from its full-data best and from up to
+# this many - 1 other local minima within NEAR_TIE of it (see `_refit_starts`).
+BOOTSTRAP_STARTS = 4
+NEAR_TIE = 0.25
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Per-curve answers; every array's first axis (after the resample axis) is the curve.
+
+    `params` holds all parameters in natural units, pinned ones included.
+    `intervals` holds [low, high] percentile-bootstrap intervals at
+    `confidence` for the fitted (not pinned) parameters, and is empty when
+    bootstrap=0 (an interval is absent rather than NaN, so JSON stays valid).
+    `derived`/`derived_intervals`: the law's derived quantities (chinchilla:
+    a = beta/(alpha+beta), b = alpha/(alpha+beta)), likewise.
+    `converged`: the winning start met the gradient tolerance.
+    """
+
+    law: Law
+    params: dict[str, np.ndarray]  # name -> [n_curves]
+    intervals: dict[str, np.ndarray]  # name -> [n_curves, 2]
+    objective: np.ndarray  # [n_curves]
+    converged: np.ndarray  # [n_curves] bool
+    n_points: np.ndarray  # [n_curves] valid points
+    n_starts: int
+    n_starts_converged: np.ndarray  # [n_curves] starts that met the gradient tolerance
+    fixed: tuple[str, ...]
+    confidence: float
+    bootstrap_params: dict[str, np.ndarray]  # fitted name -> [n_resamples, n_curves]
+    bootstrap_objective: np.ndarray  # [n_resamples, n_curves]; [0, n_curves] without bootstrap
+    derived: dict[str, np.ndarray]  # name -> [n_curves]
+    derived_intervals: dict[str, np.ndarray]  # name -> [n_curves, 2]
+
+    @property
+    def n_curves(self) -> int:
+        return len(self.objective)
+
+    def curve(self, i: int = 0) -> dict:
+        """Curve i as plain JSON-ready Python values."""
+        out = {
+            "law": self.law.name,
+            "params": {k: float(v[i]) for k, v in self.params.items()},
+            "intervals": {k: [float(v[i, 0]), float(v[i, 1])] for k, v in self.intervals.items()},
+            "objective": float(self.objective[i]),
+            "converged": bool(self.converged[i]),
+            "n_points": int(self.n_points[i]),
+        }
+        if self.law.derived is not None:
+            out["derived"] = {k: float(v[i]) for k, v in self.derived.items()}
+            out["derived_intervals"] = {k: [float(v[i, 0]), float(v[i, 1])]
+                                        for k, v in self.derived_intervals.items()}
+        return out
+
+
+def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: float = 1e-3,
+        bootstrap: int = 0, seed: int = 0, max_iter: int = 500, tol: float = 1e-9,
+        init_grid: Mapping | None = None, fixed: Mapping | None = None,
+        confidence: float = 0.95) -> FitResult:
+    """Fit `law` to each curve of (x, y) where `mask` is true; see the module docstring.
+
+    objective: "huber" (with `delta`, on log residuals) or "lsq".
+    bootstrap: number of resamples for the intervals (0: no intervals).
+    max_iter: objective evaluations allowed per start.
+    tol: a start has converged when the gradient norm of its objective is at
+        most tol x (number of valid points): the objective is a sum over points.
+    init_grid: name -> starting values in the fitted space (log for positive
+        parameters), replacing the law's grid for those names.
+    fixed: name -> value (scalar or one per curve), natural units: pinned, not fitted.
+    """
+    law = get_law(law)
+    x, y, mask = as_curves(law, x, y, mask)
+    check_settings(objective, delta, bootstrap, max_iter, tol, confidence)
+    fixed_values = check_fixed(law, fixed, len(y))
+    free = tuple(k for k in law.param_names if k not in fixed_values)
+    starts = law.grid_points(free, merged_grid(law, init_grid))
+    n_points = mask.sum(axis=1)
+    short = np.flatnonzero(n_points < len(free))
+    if short.size:
+        c = int(short[0])
+        raise UserError(f"curve {c} has {n_points[c]} valid points but law {law.name!r} has "
+                        f"{len(free)} free parameters; give it more points, pin some with "
+                        "fixed=, or drop the curve")
+
+    spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), int(bootstrap),
+                 _chunk_size(y.shape[1]))
+    fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
+        else np.zeros((len(y), 0))
+    with jax.enable_x64(True):
+        out = _fit_program(spec, np.log(x), np.log(y), mask, fixed_array, starts,
+                           float(tol), float(delta), jax.random.key(seed))
+        out = jax.tree.map(np.asarray, out)
+    return _result(spec, out, fixed_values, n_points, confidence, len(starts))
+
+
+class _Spec(NamedTuple):
+    """What the compiled program depends on beyond array shapes."""
+
+    law: Law
+    free: tuple[str, ...]
+    fixed: tuple[str, ...]
+    objective: str
+    max_iter: int
+    n_boot: int
+    chunk: int
+
+
+class _Data(NamedTuple):
+    """One curve as a task sees it (leading axes added by batching)."""
+
+    log_x: jnp.ndarray  # [n_points, n_inputs]
+    log_y: jnp.ndarray  # [n_points]
+    weight: jnp.ndarray  # [n_points] 0 for padding; multiplicities in a resample
+    fixed: jnp.ndarray  # [n_fixed] pinned values, natural units
+
+
+def _chunk_size(n_points: int) -> int:
+    # About 2^17 point-evaluations per batched step: enough to amortise the
+    # loop's fixed cost per step, few enough that finished tasks idle briefly.
+    return int(np.clip(2**17 // max(n_points, 1), 16, 1024))
+
+
+def _natural(spec: _Spec, theta, fixed) -> dict:
+    params = {}
+    for name in spec.law.param_names:
+        if name in spec.free:
+            value = theta[..., spec.free.index(name)]
+            params[name] = jnp.exp(value) if name in spec.law.positive else value
+        else:
+            params[name] = fixed[..., spec.fixed.index(name)]
+    return params
+
+
+def _objective(spec: _Spec, delta, theta, data: _Data):
+    r = data.log_y - spec.law.predict_log(_natural(spec, theta, data.fixed), data.log_x)
+    if spec.objective == "huber":
+        # r^2/2 for |r| <= delta, delta (|r| - delta/2) beyond, written without a
+        # select, which XLA compiles to a loop that runs about twice as fast.
+        a = jnp.abs(r)
+        clipped = jnp.minimum(a, delta)
+        loss = clipped * (a - 0.5 * clipped)
+    else:
+        loss = 0.5 * r * r
+    return jnp.sum(data.weight * loss)
+
+
+@partial(jax.jit, static_argnames=("spec",))
+def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key):
+    """Phase 0 fits every curve from every start; phase 1 refits the resamples.
+
+    Both phases run the same traced solver inside a fori_loop (tasks padded to
+    the larger phase; padding is inactive and costs nothing), because each
+    traced copy of the solver adds many seconds of XLA compile time.
+    """
+    n_curves, n_points = log_y.shape
+    n_starts, n_free = starts.shape
+    n_refit = BOOTSTRAP_STARTS if spec.n_boot else 0
+    n_fit_tasks, n_boot_tasks = n_curves * n_starts, spec.n_boot * n_curves * n_refit
+    n_tasks = max(n_fit_tasks, n_boot_tasks)
+    task = jnp.arange(n_tasks)
+    weight = mask.astype(log_y.dtype)
+    n_valid = weight.sum(axis=1)
+    value_and_grad = jax.value_and_grad(partial(_objective, spec, delta))
+    draw = jax.vmap(partial(_resample, key, mask))
+
+    def pad(a):
+        return jnp.concatenate([a, jnp.zeros((n_tasks - len(a),) + a.shape[1:], a.dtype)])
+
+    def solve(phase, x0, refit_ok):
+        # Phase 0: task t is start t % n_starts of curve t // n_starts.  Phase 1:
+        # task t is refit start t % K of resample pair t // K, and pair p is
+        # resample p // n_curves of curve p % n_curves.
+        # Padding tasks (never evaluated) get some valid curve index by the final modulo.
+        pair = task // max(n_refit, 1)
+        curve = jnp.where(phase == 0, task // n_starts, pair % n_curves) % n_curves
+
+        def load(ids):
+            w = weight[curve[ids]]
+            if spec.n_boot:
+                w = jax.lax.cond(phase == 0, lambda: w, lambda: draw(pair[ids]))
+            return _Data(log_x[curve[ids]], log_y[curve[ids]], w, fixed[curve[ids]])
+
+        active = task < n_fit_tasks
+        if refit_ok is not None:
+            used = (task < n_boot_tasks) & refit_ok[task % (n_curves * n_refit)]
+            active = jnp.where(phase == 0, active, used)
+        return minimize_tasks(value_and_grad, load, x0, tol * n_valid[curve], active,
+                              max_evals=spec.max_iter, chunk=spec.chunk)
+
+    def best_of(sol, n_groups, n_members):
+        f = sol.f[: n_groups * n_members].reshape(n_groups, n_members)
+        x = sol.x[: n_groups * n_members].reshape(n_groups, n_members, n_free)
+        converged = sol.converged[: n_groups * n_members].reshape(n_groups, n_members)
+        return x, f, converged, jnp.arange(n_groups), jnp.argmin(f, axis=1)
+
+    fit_x0 = pad(jnp.tile(starts, (n_curves, 1)))
+    if not spec.n_boot:
+        x, f, converged, rows, best = best_of(solve(0, fit_x0, None), n_curves, n_starts)
+        return {"theta": x[rows, best], "objective": f[rows, best],
+                "converged": converged[rows, best], "n_starts_converged": converged.sum(axis=1)}
+
+    def phase_body(phase, carry):
+        fit_sol, boot_sol = carry
+        x, f, converged, *_ = best_of(fit_sol, n_curves, n_starts)
+        refit_x0, refit_ok = jax.vmap(_refit_starts)(x, f, converged)
+        refit_x0 = jnp.tile(refit_x0.reshape(-1, n_free), (spec.n_boot, 1))
+        sol = solve(phase, jnp.where(phase == 0, fit_x0, pad(refit_x0)), refit_ok.reshape(-1))
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(phase == 0, new, old))
+        return keep(sol, fit_sol), keep(boot_sol, sol)
+
+    empty = Solution(fit_x0, jnp.zeros(n_tasks), jnp.zeros(n_tasks, bool))
+    fit_sol, boot_sol = jax.lax.fori_loop(0, 2, phase_body, (empty, empty))
+    x, f, converged, rows, best = best_of(fit_sol, n_curves, n_starts)
+    boot_x, boot_f, _, pairs, boot_best = best_of(boot_sol, spec.n_boot * n_curves, n_refit)
+    return {"theta": x[rows, best], "objective": f[rows, best],
+            "converged": converged[rows, best], "n_starts_converged": converged.sum(axis=1),
+            "boot_theta": boot_x[pairs, boot_best].reshape(spec.n_boot, n_curves, n_free),
+            "boot_objective": boot_f[pairs, boot_best].reshape(spec.n_boot, n_curves)}
+
+
+def _resample(key, mask, pair_id):
+    """Multiplicities [n_points] of resample pair_id // n_curves of curve pair_id % n_curves.
+
+    Draws n_valid of the curve's valid points uniformly with replacement; a
+    pure function of (key, pair_id), so the weights need no memory between rounds.
+    """
+    n_curves, n_points = mask.shape
+    c = pair_id % n_curves
+    n_valid = mask[c].sum()
+    valid_first = jnp.argsort(~mask[c], stable=True)
+    picks = jax.random.randint(jax.random.fold_in(key, pair_id), (n_points,), 0, n_valid)
+    counted = jnp.arange(n_points) < n_valid
+    return jnp.zeros(n_points).at[valid_first[picks]].add(counted)
+
+
+def bootstrap_weights(mask, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """The multiplicities `fit(..., bootstrap=n_resamples, seed=seed)` uses: [B, C, n_points]."""
+    mask = np.asarray(mask, bool).reshape(-1, np.shape(mask)[-1])
+    with jax.enable_x64(True):
+        draw = jax.jit(jax.vmap(_resample, in_axes=(None, None, 0)))
+        weights = draw(jax.random.key(seed), mask, jnp.arange(n_resamples * mask.shape[0]))
+        return np.asarray(weights).reshape(n_resamples, *mask.shape)
+
+
+def _refit_starts(x, f, converged):
+    """Starts for one curve's bootstrap refits: x [K, n_free] and which are used [K].
+
+    A resample moves the optimum only a little, so its refit starts from the
+    full-data best rather than the whole grid (the grid is there to find the
+    basin, which is known by now): ~65 evaluations instead of 4,500 starts'
+    worth for Chinchilla.  A resample reweights points by ~1/sqrt(n), which can
+    reorder local minima whose objectives are close, so other minima (converged
+    starts whose objectives are 1e-6 relative apart) within NEAR_TIE of the best
+    start refits too.
+    """
+    order = jnp.argsort(f)
+    fs = f[order]
+    distinct = jnp.concatenate([jnp.array([True]), fs[1:] > fs[:-1] * (1 + 1e-6) + 1e-300])
+    candidate = distinct & (fs <= fs[0] * (1 + NEAR_TIE)) & jnp.isfinite(fs)
+    candidate = candidate & (converged[order] | (jnp.arange(len(f)) == 0))
+    (picked,) = jnp.nonzero(candidate, size=BOOTSTRAP_STARTS, fill_value=len(f))
+    used = picked < len(f)
+    return x[order[jnp.where(used, picked, 0)]], used
+
+
+def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResult:
+    law = spec.law
+    params = _to_natural(spec, out["theta"], fixed_values)
+    params = {k: params[k] for k in law.param_names}
+    intervals, boot, derived, derived_intervals = {}, {}, {}, {}
+    boot_objective = out.get("boot_objective", np.zeros((0, len(out["objective"]))))
+    if law.derived is not None:
+        derived = {k: np.asarray(v, float) for k, v in law.derived(params).items()}
+    if spec.n_boot:
+        tail = 100 * (1 - confidence) / 2
+        samples = _to_natural(spec, out["boot_theta"], fixed_values)
+        boot = {k: samples[k] for k in spec.free}
+        intervals = {k: np.nanpercentile(v, [tail, 100 - tail], axis=0).T for k, v in boot.items()}
+        if law.derived is not None:
+            derived_intervals = {
+                k: np.nanpercentile(np.asarray(v, float), [tail, 100 - tail], axis=0).T
+                for k, v in law.derived(samples).items()}
+    return FitResult(law, params, intervals, out["objective"], out["converged"],
+                     n_points.astype(int), n_starts, out["n_starts_converged"].astype(int),
+                     spec.fixed, confidence, boot, boot_objective, derived, derived_intervals)
+
+
+def _to_natural(spec, theta, fixed_values) -> dict[str, np.ndarray]:
+    """Fitted-space theta [..., n_curves, n_free] -> name -> natural values [..., n_curves]."""
+    params = {}
+    for j, name in enumerate(spec.free):
+        params[name] = np.exp(theta[..., j]) if name in spec.law.positive else theta[..., j]
+    for name, value in fixed_values.items():
+        params[name] = np.broadcast_to(value, theta.shape[:-1]).copy()
+    return params

@@ -1,0 +1,119 @@
+"""Checks and normalises what `scaling.fit.fit` is given; every mistake is a UserError.
+
+Each message names the problem, the curve (and point) where there is one,
+and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from scaling.errors import UserError
+from scaling.laws import Law
+
+OBJECTIVES = ("huber", "lsq")
+
+
+def as_curves(law: Law, x, y, mask):
+    """Normalise to x [C, n, n_inputs], y [C, n], mask [C, n] bool; check the valid points."""
+    y = np.asarray(y, float)
+    if y.ndim not in (1, 2) or y.size == 0:
+        raise UserError(f"y has shape {y.shape}; give [n_points] or [n_curves, n_points]")
+    y = y.reshape(-1, y.shape[-1])
+    n_curves, n_points = y.shape
+    k = law.n_inputs
+    x = np.asarray(x, float)
+    if x.ndim == 1 and k == 1 and x.shape == (n_points,):
+        x = x[None, :, None]
+    elif x.ndim == 2 and k == 1 and x.shape == (n_curves, n_points):
+        x = x[..., None]
+    elif x.ndim == 2 and x.shape == (n_points, k):
+        x = x[None]
+    elif x.ndim == 3 and x.shape[:2] == (n_curves, n_points):
+        if x.shape[2] != k:
+            raise UserError(f"x has {x.shape[2]} input columns but law {law.name!r} "
+                            f"({law.formula}) takes {k}; pass one column per input")
+    elif x.ndim >= 2 and x.shape[-1] != k and x.shape[-2] == n_points:
+        raise UserError(f"x has {x.shape[-1]} input columns but law {law.name!r} "
+                        f"({law.formula}) takes {k}; pass one column per input")
+    else:
+        raise UserError(f"x has shape {x.shape} but y has shape {y.shape}; give x as "
+                        f"[n_curves, n_points, n_inputs] = [{n_curves}, {n_points}, {k}]")
+    x = np.broadcast_to(x, (n_curves, n_points, k))
+
+    if mask is None:
+        mask = np.ones(y.shape, bool)
+    else:
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.size != y.size:
+            raise UserError(f"mask must be booleans shaped like y {y.shape}, got {mask.dtype} "
+                            f"{mask.shape}")
+        mask = mask.reshape(y.shape)
+    for name, values in (("x", x), ("y", y[..., None])):
+        bad = mask[..., None] & ~(np.isfinite(values) & (values > 0))
+        if bad.any():
+            c, p, j = (int(i) for i in np.argwhere(bad)[0])
+            column = f" (input {j})" if values.shape[-1] > 1 else ""
+            raise UserError(f"curve {c}, point {p}: {name}{column} = {values[c, p, j]} is not a "
+                            f"positive finite number; fix it or mask it out (mask[{c}, {p}] = "
+                            "False)")
+    # Padding takes the values of the curve's first valid point, so it stays
+    # finite through every law (its weight is zero either way).
+    first = np.argmax(mask, axis=1)
+    rows = np.arange(n_curves)
+    x = np.where(mask[..., None], x, x[rows, first][:, None])
+    y = np.where(mask, y, y[rows, first][:, None])
+    return x, y, mask
+
+
+def check_settings(objective, delta, bootstrap, max_iter, tol, confidence):
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if not (math.isfinite(delta) and delta > 0):
+        raise UserError(f"delta = {delta} must be a positive number (Chinchilla uses 1e-3)")
+    if int(bootstrap) != bootstrap or bootstrap < 0:
+        raise UserError(f"bootstrap = {bootstrap} must be a whole number >= 0")
+    if int(max_iter) != max_iter or max_iter < 1:
+        raise UserError(f"max_iter = {max_iter} must be a whole number >= 1")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise UserError(f"tol = {tol} must be a number >= 0")
+    if not 0 < confidence < 1:
+        raise UserError(f"confidence = {confidence} must lie strictly between 0 and 1, e.g. 0.95")
+
+
+def check_fixed(law: Law, fixed, n_curves) -> dict[str, np.ndarray]:
+    values = {}
+    for name, value in (fixed or {}).items():
+        if name not in law.param_names:
+            raise UserError(f"fixed parameter {name!r} is not one of law {law.name!r}'s "
+                            f"parameters {law.param_names}")
+        v = np.asarray(value, float)
+        if v.ndim > 1 or v.size not in (1, n_curves):
+            raise UserError(f"fixed {name} must be one number or one per curve ({n_curves}), "
+                            f"got shape {v.shape}")
+        v = np.broadcast_to(v.reshape(-1), (n_curves,))
+        ok = np.isfinite(v) & ((v > 0) if name in law.positive else True)
+        if not ok.all():
+            c = int(np.flatnonzero(~ok)[0])
+            raise UserError(f"curve {c}: fixed {name} = {v[c]} must be finite"
+                            + (" and positive" if name in law.positive else ""))
+        values[name] = v.copy()
+    if len(values) == len(law.param_names):
+        raise UserError(f"every parameter of law {law.name!r} is fixed; leave one free to fit")
+    return values
+
+
+def merged_grid(law: Law, init_grid) -> dict[str, tuple[float, ...]]:
+    grid = dict(law.init_grid)
+    for name, values in (init_grid or {}).items():
+        if name not in law.param_names:
+            raise UserError(f"init_grid names {name!r}, not a parameter of law {law.name!r} "
+                            f"{law.param_names}")
+        values = tuple(float(v) for v in np.atleast_1d(values))
+        if not values or not all(math.isfinite(v) for v in values):
+            raise UserError(f"init_grid[{name!r}] must hold finite starting values (log for "
+                            "positive parameters)")
+        grid[name] = values
+    return grid
