@@ -196,7 +196,7 @@ def _sweep(args, overrides):
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
     if _is_process_zero():
         print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 0 if set(outcome.values()) <= {"finished"} else 1
+    return 0 if set(outcome.values()) <= {"finished", "followed"} else 1
 
 
 def _prepare(args, overrides):

@@ -1,0 +1,170 @@
+"""From the store to fitted laws and back: what `scaling fit` and `scaling query` do.
+
+Three selections of a sweep's data, each a batch of curves fitted at once:
+- `final`: one curve over the sweep's finished runs, the last eval loss
+  against N (and D or S for two-input laws);
+- `per-token`: one curve per run, the last per-token eval loss against the
+  token position T = 1..n_ctx (Kaplan et al. 2020, Fig. 20);
+- `learning-curve`: one curve per run, eval loss against step.
+Failed runs are left out, and the fit's selection says which and why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from scaling.errors import UserError
+from scaling.fit import fit
+from scaling.laws import get_law
+from scaling.store import FitRecord, Store
+
+
+def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
+              bootstrap: int = 200, objective: str = "huber", seed: int = 0) -> list[FitRecord]:
+    """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve."""
+    law = get_law(law_name)
+    runs = store.runs(sweep)
+    if not runs:
+        known = ", ".join(store.sweeps()) or "none"
+        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
+    finished = [r for r in runs if r.status == "finished"]
+    left_out = {r.run_id: f"{r.status}: {r.reason}" if r.reason else r.status
+                for r in runs if r.status != "finished"}
+    if not finished:
+        raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
+
+    labels, xs, ys = _select(store, finished, law, what)
+    size = {r.run_id: r.n_params for r in finished}
+    x, y, mask = _pad(xs, ys)
+    result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed)
+    settings = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
+                "n_params": "kaplan_nonembedding"}
+    records = []
+    for i, label in enumerate(labels):
+        record = FitRecord(
+            sweep=sweep, law=law.name, what=what, curve=label,
+            params={k: float(v[i]) for k, v in result.params.items()},
+            intervals={k: [float(v[i][0]), float(v[i][1])] for k, v in result.intervals.items()},
+            objective=float(result.objective[i]),
+            converged=bool(result.converged[i]),
+            n_points=int(result.n_points[i]),
+            selection={"runs": [r.run_id for r in finished] if what == "final" else [label],
+                       "n_params": size.get(label), "left_out": left_out},
+            settings=settings,
+        )
+        fit_id = store.save_fit(record)
+        records.append(_with_id(record, fit_id))
+    return records
+
+
+def _select(store, runs, law, what):
+    """(labels, xs, ys): per curve, inputs [n, n_inputs] and losses [n]."""
+    if what == "final":
+        columns = {"power": ["N"], "saturating": ["N"], "kaplan_ns": ["N", "S"]}.get(
+            law.name, ["N", "D"] if law.n_inputs == 2 else ["N"])
+        rows, losses = [], []
+        for run in runs:
+            last = store.last_eval(run.run_id)
+            if last is None:
+                continue
+            values = {"N": run.n_params, "D": run.tokens, "S": last[0]}
+            rows.append([values[c] for c in columns])
+            losses.append(last[1])
+        return ["all"], [np.array(rows, float)], [np.array(losses, float)]
+    if law.n_inputs != 1:
+        raise UserError(f"--what {what} fits one input per curve; law {law.name!r} takes "
+                        f"{law.n_inputs}: use power or saturating")
+    labels, xs, ys = [], [], []
+    for run in runs:
+        if what == "per-token":
+            steps, losses = store.per_token(run.run_id)
+            if not len(steps):
+                continue
+            y = losses[-1].astype(float)
+            x = np.arange(1, len(y) + 1, dtype=float)
+        elif what == "learning-curve":
+            x, y = store.scalars(run.run_id, "eval_loss")
+            x = x.astype(float)
+        else:
+            raise UserError(f"--what {what!r} is not one of final, per-token, learning-curve")
+        labels.append(run.run_id)
+        xs.append(x[:, None])
+        ys.append(y)
+    if not labels:
+        raise UserError(f"no {what} data in the store for these runs")
+    return labels, xs, ys
+
+
+def _pad(xs, ys):
+    """Stack ragged curves: x [C, P, I], y [C, P], mask [C, P] (padding repeats a valid point)."""
+    longest = max(len(y) for y in ys)
+    n_inputs = xs[0].shape[1]
+    x = np.ones((len(ys), longest, n_inputs))
+    y = np.ones((len(ys), longest))
+    mask = np.zeros((len(ys), longest), bool)
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        x[i, : len(yi)], y[i, : len(yi)], mask[i, : len(yi)] = xi, yi, True
+    return x, y, mask
+
+
+def _with_id(record: FitRecord, fit_id: int) -> FitRecord:
+    import dataclasses
+
+    return dataclasses.replace(record, fit_id=fit_id)
+
+
+def latest_fits(store: Store, sweep: str, law: str | None = None) -> list[FitRecord]:
+    """The newest fit of each (law, selection, curve) of a sweep."""
+    seen, latest = set(), []
+    for record in store.fits(sweep, law):
+        key = (record.law, record.what, record.curve)
+        if key not in seen:
+            seen.add(key)
+            latest.append(record)
+    if not latest:
+        raise UserError(f"no fits stored for sweep {sweep!r}"
+                        + (f" and law {law!r}" if law else "")
+                        + "; run `scaling fit --sweep NAME --law LAW` first")
+    return sorted(latest, key=lambda r: (r.law, r.what, r.selection.get("n_params") or 0))
+
+
+def fit_as_dict(record: FitRecord) -> dict:
+    return {"sweep": record.sweep, "law": record.law, "what": record.what,
+            "curve": record.curve, "params": record.params, "intervals": record.intervals,
+            "objective": record.objective, "converged": record.converged,
+            "n_points": record.n_points, "selection": record.selection,
+            "settings": record.settings}
+
+
+def fits_table(records: list[FitRecord]) -> str:
+    """A text table: one row per curve, each parameter with its interval."""
+    lines = []
+    for (law, what), group in _group(records).items():
+        lines.append(f"{law} fitted to {what}:")
+        for r in group:
+            cells = [f"{k}={_fmt(v)}" + (f" [{_fmt(r.intervals[k][0])}, {_fmt(r.intervals[k][1])}]"
+                                         if k in r.intervals else "")
+                     for k, v in r.params.items()]
+            flag = "" if r.converged else "  (not converged)"
+            size = r.selection.get("n_params")
+            label = f"{r.curve} N={size:,}" if size else r.curve
+            lines.append(f"  {label:<24} " + "  ".join(cells) + f"  n={r.n_points}{flag}")
+        left_out = group[0].selection.get("left_out") or {}
+        if left_out:
+            lines.append(f"  left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}")
+    return "\n".join(lines)
+
+
+def _group(records):
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r.law, r.what), []).append(r)
+    return groups
+
+
+def _fmt(v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return "nan"
+    return f"{v:.4g}"
