@@ -147,7 +147,7 @@ def _runs_table(store, runs) -> str:
             f"<td>{r.d_model}</td><td>{r.n_heads}</td><td>{r.n_ctx}</td><td>{r.tokens:,}</td>"
             f"<td>{r.flops:.3g}</td><td>{'-' if last is None else f'{last[1]:.4f}'}</td>"
             f'<td class="l">{_e(r.reason or "")}</td></tr>')
-    return _table(head, rows)
+    return _table(head, rows, left={0, 1, 12})
 
 
 def _fits_table(fits) -> str:
@@ -171,7 +171,7 @@ def _fits_table(fits) -> str:
             f'<td class="l">{_e(f.curve)}</td><td class="l">{"<br>".join(cells)}</td>'
             f"<td>{f.n_points}</td><td>{'yes' if f.converged else 'no'}</td>"
             f"<td>{f.objective:.3g}</td><td>{f.fit_id}</td></tr>")
-    return _table(head, rows)
+    return _table(head, rows, left={0, 1, 2, 3})
 
 
 def _configs(runs) -> str:
@@ -190,7 +190,7 @@ def _configs(runs) -> str:
     parts.append("<p>Shared by every run:</p>")
     parts.append(_table(["key", "value"], [
         f'<tr><td class="l">{_e(k)}</td><td class="l">{_e(_value(v))}</td></tr>'
-        for k, v in shared.items()]))
+        for k, v in shared.items()], left={0, 1}))
     for r in runs:
         parts.append(f"<details><summary>full config of {_e(r.run_id)}</summary>"
                      f"<pre>{_e(json.dumps(r.config, indent=2, sort_keys=True))}</pre>"
@@ -208,14 +208,15 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def _table(head, rows) -> str:
-    cells = "".join(f'<th{" class=l" if i == 0 else ""}>{_e(h)}</th>'
+def _table(head, rows, left=frozenset({0})) -> str:
+    """A table; the columns in `left` hold text and align left, the rest numbers."""
+    cells = "".join(f'<th{" class=l" if i in left else ""}>{_e(h)}</th>'
                     for i, h in enumerate(head))
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _value(v) -> str:
-    return json.dumps(v) if not isinstance(v, str) else v
+    return v if isinstance(v, str) and v else json.dumps(v)
 
 
 def _num(v) -> str:

@@ -66,16 +66,19 @@ _NICE = ((1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9), (1, 1.5, 2, 3, 4, 5, 6, 8),
 
 
 def plain_log_axis(axis):
-    """Log-scale ticks as plain numbers (2, 3, 5) where the range is under ~two decades."""
+    """Log-scale ticks as plain numbers (2, 3, 5; or 2.2, 2.4 on a narrow range) where the
+    range is under two decades."""
     lo, hi = sorted(axis.get_view_interval())
     if not (lo > 0 and hi / lo < 100):
         return
     decades = 10.0 ** np.arange(np.floor(np.log10(lo)), np.ceil(np.log10(hi)) + 1)
     choices = [[d * s for d in decades for s in subs if lo <= d * s <= hi] for subs in _NICE]
     choices = [t for t in choices if len(t) >= 2]
-    if not choices:  # a range too narrow for round numbers: keep matplotlib's ticks
-        return
-    ticks = next((t for t in choices if len(t) <= 8), choices[-1])
+    if choices:
+        ticks = next((t for t in choices if len(t) <= 8), choices[-1])
+    else:  # a narrow range: evenly spaced round numbers, as on a linear axis
+        ticks = [t for t in ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10])
+                 .tick_values(lo, hi) if lo <= t <= hi]
     axis.set_major_locator(ticker.FixedLocator(ticks))
     axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     axis.set_minor_formatter(ticker.NullFormatter())
@@ -158,7 +161,8 @@ def law_formula(law: str, params: dict, var: str = "x") -> str:
     """
     p = {k: num(v) for k, v in params.items()}
     if law == "saturating":
-        body = rf"{p['E']} + {p['A']}\,{var}^{{-{p['alpha']}}}"
+        # The exponent is written as fitted: a negative alpha shows as var^{+|alpha|}.
+        body = rf"{p['E']} + {p['A']}\,{var}^{{{num(-params['alpha'])}}}"
     elif law == "power":
         body = rf"({p['x_c']}/{var})^{{{p['alpha']}}}"
     elif law == "chinchilla":
@@ -173,7 +177,6 @@ def law_formula(law: str, params: dict, var: str = "x") -> str:
     return f"$L = {body}$"
 
 
-EXPONENTS = {"power": "alpha", "saturating": "alpha"}
 GREEK = {"alpha": r"\alpha", "beta": r"\beta", "alpha_N": r"\alpha_N", "alpha_D": r"\alpha_D",
          "alpha_S": r"\alpha_S"}
 

@@ -112,8 +112,8 @@ def bin_means(y: np.ndarray, bins) -> tuple[np.ndarray, np.ndarray]:
 
 
 def lower_envelope(curves, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """The lowest y over all curves [(x, y), ...] on a log grid of x, each curve
-    interpolated in log-log between its points (and absent outside its x range)."""
+    """The lowest y reached by any curve [(x, y), ...] at or before each x of a log grid,
+    each curve interpolated in log-log between its points."""
     lo = min(x.min() for x, _ in curves)
     hi = max(x.max() for x, _ in curves)
     grid = np.geomspace(lo, hi, points)
@@ -124,7 +124,9 @@ def lower_envelope(curves, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
         values = np.exp(np.interp(np.log(grid[inside]), np.log(x[order]), np.log(y[order])))
         best[inside] = np.minimum(best[inside], values)
     finite = np.isfinite(best)
-    return grid[finite], best[finite]
+    # A run that stopped at C1 still offers its loss at any C > C1: the
+    # frontier is the best loss reachable with at most C, so it never rises.
+    return grid[finite], np.minimum.accumulate(best[finite])
 
 
 def fit_power(x, y) -> tuple[float, float]:

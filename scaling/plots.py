@@ -169,7 +169,7 @@ def _per_token(store, sweep, runs, plot, _run):
                  r"solid: mean over log-spaced bins of $T$; faint: each $T$; dashed: fitted "
                  r"$L = E + A\,T^{-\alpha}$", fontsize="small")
     colorbar(fig, ax, norm, N_LABEL)
-    add_legend(fig, ax, title="run (N): fitted law")
+    add_legend(fig, ax, max_inside=3, title="run (N): fitted law")
     return fig
 
 

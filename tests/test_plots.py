@@ -157,6 +157,9 @@ def test_compute_frontier_fit_recovers_the_exponent(single):
     *_, alpha = _numbers(fit_text)
     # Along the frontier the loss falls like a power of C with a small exponent.
     assert 0.02 < alpha < 0.3
+    (frontier,) = [line for line in plot.figure.axes[0].get_lines()
+                   if line.get_label().startswith("compute-efficient frontier")]
+    assert np.all(np.diff(frontier.get_ydata()) <= 0)  # the best loss within C never rises
 
 
 def test_per_token_steps_picks_the_largest_run_or_the_one_asked(single):
@@ -228,6 +231,9 @@ def test_number_format():
     assert [num(v) for v in (0.3, 40.0, 1.23456, 12345.0, 1e13, 2.5e-5)] == [
         "0.3", "40", "1.23", r"1.23\times10^{4}", "10^{13}", r"2.5\times10^{-5}"]
     assert _numbers(r"$L = (1.23\times10^{13}/C)^{0.05}$") == [1.23e13, 0.05]
+    # A fitted exponent of the wrong sign is written as it is, not as T^{--2.9}.
+    assert law_formula("saturating", {"E": 2.5, "A": 1.5, "alpha": -2.9}, "T") == \
+        "$L = 2.5 + 1.5\\,T^{2.9}$"
 
 
 # -- the HTML report --------------------------------------------------------------
