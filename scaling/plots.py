@@ -252,7 +252,7 @@ def _learning_curves(store, sweep, runs, plot, _run):
                                                    lambda t: t / per_step))
         top.set_xlabel(f"tokens seen ({short(per_step)} per step)")
     colorbar(fig, ax, norm, N_LABEL)
-    add_legend(fig, ax, "lower left")
+    add_legend(fig, ax, "lower left", max_inside=3)
     return fig
 
 

@@ -151,6 +151,15 @@ def test_size_legend_shows_the_exponent_and_its_interval(single):
     assert any("left out diverged (failed)" in n for n in plot.notes)
 
 
+def test_learning_curves_draw_stored_fits_and_a_token_axis(single):
+    single.save_fit(_fit("one", "saturating", "learning-curve", "run2",
+                         {"E": 2.5, "A": 4.0, "alpha": 0.4}))
+    plot = plots.make_plot(single, "one", "learning-curves")
+    assert plot.legend == ["run2: $L = 2.5 + 4\\,S^{-0.4}$", "failed run"]
+    labels = [a.get_xlabel() for ax in plot.figure.axes for a in ax.child_axes]
+    assert labels == ["tokens seen (512 per step)"]
+
+
 def test_compute_frontier_fit_recovers_the_exponent(single):
     plot = plots.make_plot(single, "one", "compute")
     (fit_text,) = [t for t in plot.legend if t.startswith("frontier fit")]
