@@ -20,6 +20,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from launch import checkpoints, data, distributed, steps
@@ -68,6 +69,16 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
     try:
         if is_writer:
             store.register_run(run_record(config, run_id), sweep=config.sweep_name)
+        # A finished run stays finished, whatever this launch would change;
+        # process 0 knows, and tells the others so all of them return.
+        finished = is_writer and store.run(run_id).status == "finished"
+        if jax.process_count() > 1:
+            finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+        if finished:
+            if is_writer:
+                print(f"run {run_id} finished earlier; nothing to train", file=sys.stderr)
+            return run_id
+        if is_writer:
             store.set_status(run_id, "running")
         try:
             _train(config, run_id, store, is_writer)
@@ -200,4 +211,9 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                 bar.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", mfu=f"{row['mfu']:.0%}")
                 window_start, window_steps = time.perf_counter(), 0
             if done % config.checkpoint.every == 0 or done == total:
+                # Never save a diverged state: the last checkpoint stays a good one.
+                last_loss = float(metrics["train_loss"])
+                if not math.isfinite(last_loss):
+                    raise DivergedError(f"train loss became {last_loss} by step {done}; "
+                                        "lower train.learning_rate")
                 ckpt.save(done, state, corpus.fingerprint)

@@ -1,6 +1,8 @@
 """End to end on the real corpus: training lowers the loss, evals are consistent,
 runs resume, sweeps skip finished work, bad input is refused cleanly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,26 @@ def test_unwritable_store_is_one_line(tmp_path, capsys):
     code = main(["run", "experiments/local_cpu.py:tiny", f"--config.store={blocker}/s.sqlite"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not writable" in err and "\n" not in err, err
+
+
+def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tiny_config):
+    tiny_config.train.learning_rate = 1e6
+    tiny_config.train.grad_clip = 0.0
+    tiny_config.train.warmup_steps = 0
+    tiny_config.eval.points = 2
+    with pytest.raises(train.DivergedError, match="lower train.learning_rate"):
+        train.train_and_evaluate(tiny_config)
+    run_id = config_lib.run_id(tiny_config)
+    with Store(tiny_config.store) as store:
+        run = store.run(run_id)
+        assert run.status == "failed" and "became nan" in run.reason.lower()
+    saved = Path(tiny_config.workdir, run_id, "checkpoints")
+    assert not saved.exists() or not [p for p in saved.iterdir() if p.name.isdigit()]
+
+
+def test_a_finished_run_is_not_touched_by_a_relaunch(tiny_config):
+    run_id = train.train_and_evaluate(tiny_config)
+    tiny_config.mesh.data = 3  # not this machine's device count: would fail if it ran
+    assert train.train_and_evaluate(tiny_config) == run_id
+    with Store(tiny_config.store) as store:
+        assert store.run(run_id).status == "finished"
