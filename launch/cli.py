@@ -82,6 +82,8 @@ def _parser():
     fit.add_argument("--csv", help="fit this CSV file instead of the store")
     fit.add_argument("--x", help="CSV column(s) of the inputs, comma-separated")
     fit.add_argument("--y", help="CSV column of the loss")
+    fit.add_argument("--exclude-top", type=int, default=0,
+                     help="CSV: leave out the K rows with the highest loss (Epoch drops 5)")
     fit.add_argument("--bootstrap", type=int, default=200, help="resamples for intervals (0: none)")
     fit.add_argument("--objective", default="huber", choices=["huber", "lsq"])
     fit.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
@@ -225,7 +227,8 @@ def _fit(args, overrides):
         from scaling.csvfit import fit_csv
 
         result = fit_csv(args.csv, args.law, args.x.split(","), args.y,
-                         bootstrap=args.bootstrap, objective=args.objective)
+                         bootstrap=args.bootstrap, objective=args.objective,
+                         exclude_top=args.exclude_top)
         print(json.dumps(result, indent=None if args.json else 1))
         return
     if not args.sweep:
