@@ -8,6 +8,11 @@
 (b) `chinchilla` on Epoch's Figure-4 data (240 runs): the 4,500-start grid,
     then 1,000 bootstrap resamples.
 
+Ours runs twice: as the recipe says (every start to the end), and with
+`keep_starts` (every start screened for 10 evaluations, then only the best
+few per curve continue).  The second is an algorithmic saving that SciPy
+could make too; the first compares like with like.
+
 The SciPy baseline runs `scipy.optimize.minimize(method="L-BFGS-B")` once
 per curve and start, on the same objective (sum of Huber(1e-3) on log
 residuals, same parameterisation, same grid), with its analytic gradient
@@ -26,13 +31,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-from scipy.optimize import minimize
+# The baseline's matrix-vector products are tiny: BLAS threads would only
+# spin against JAX's for the 2 cores and slow SciPy down (measured: 8x).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,76 +99,84 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def report(name, first, again, scipy_seconds, scipy_note, ours, theirs):
-    print(f"{name}")
-    print(f"  ours:  compile {first - again:7.2f} s   fit {again:8.2f} s "
-          f"(first call {first:.2f} s)")
-    print(f"  scipy: fit {scipy_seconds:9.1f} s   {scipy_note}")
-    print(f"  speed-up after compile: {scipy_seconds / again:7.1f}x")
-    ok = np.asarray(ours) <= np.asarray(theirs) * (1 + 1e-9)
-    print(f"  our objective <= scipy's * (1 + 1e-9) on {ok.mean():.1%} of {ok.size} compared fits")
+def ours(fit_once):
+    """(result, compile seconds, fit seconds): the fit time is the best of two calls."""
+    _, first = timed(fit_once)
+    result, again = timed(fit_once)
+    _, third = timed(fit_once)
+    return result, max(first - again, 0.0), min(again, third)
 
 
-def per_token(n_curves, n_points, n_scipy, rng):
+def report(mode, compile_s, fit_s, scipy_s, ours_objective, scipy_objective):
+    ok = np.asarray(ours_objective) <= np.asarray(scipy_objective) * (1 + 1e-9)
+    print(f"  ours, {mode}: compile {compile_s:.2f} s, fit {fit_s:.2f} s, "
+          f"speed-up after compile {scipy_s / fit_s:.1f}x; objective <= scipy's * (1 + 1e-9) "
+          f"on {ok.mean():.1%} of {ok.size} compared fits")
+
+
+def per_token(n_curves, n_points, n_scipy, keep, rng):
     law = get_law("saturating")
     t = np.arange(1, n_points + 1, dtype=float)
     a, b = rng.uniform(2.0, 3.5, n_curves), rng.uniform(3.0, 6.0, n_curves)
     c = rng.uniform(0.47, 0.62, n_curves)
     y = (a[:, None] + b[:, None] * t ** -c[:, None]) * np.exp(rng.normal(0, 0.01, (n_curves,
                                                                                 n_points)))
-    run = lambda: fit(law, t, y)  # noqa: E731
-    _, first = timed(run)
-    result, again = timed(run)
-    subset = rng.choice(n_curves, n_scipy, replace=False)
     starts = law.grid_points()
+    print(f"(a) saturating: {n_curves} curves x {n_points} points, {len(starts)} starts each")
+    subset = rng.choice(n_curves, n_scipy, replace=False)
     ones = np.ones(n_points)
     theirs, seconds = timed(lambda: [scipy_best(saturating_objective, starts,
                                                 (np.log(t), np.log(y[i]), ones), n_points)[0]
                                      for i in subset])
-    scale = n_curves / n_scipy
-    note = (f"(extrapolated x{scale:.0f} from {n_scipy} random curves x {len(starts)} starts)"
-            if scale > 1 else "")
-    report(f"(a) saturating: {n_curves} curves x {n_points} points, {len(starts)} starts each",
-           first, again, seconds * scale, note, result.objective[subset], theirs)
-    err = np.abs(result.params["alpha"] - c)
-    print(f"  exponent c recovered: median |error| {np.median(err):.2g}, max {err.max():.2g}")
+    scipy_s = seconds * n_curves / n_scipy
+    print(f"  scipy: {scipy_s:.1f} s" + (f" (extrapolated from {n_scipy} random curves)"
+                                         if n_scipy < n_curves else ""))
+    for mode, keep_starts in (("every start to the end", None), (f"keep_starts={keep}", keep)):
+        result, compile_s, fit_s = ours(lambda k=keep_starts: fit(law, t, y, keep_starts=k))
+        report(mode, compile_s, fit_s, scipy_s, result.objective[subset], theirs)
+        err = np.abs(result.params["alpha"] - c)
+        print(f"    exponent c recovered: median |error| {np.median(err):.2g}, "
+              f"max {err.max():.2g}; {result.n_evaluations} objective evaluations")
 
 
-def chinchilla(n_boot, n_scipy_starts, n_scipy_boot, rng):
+def chinchilla(n_boot, n_scipy_starts, n_scipy_boot, keep, rng):
     law = get_law("chinchilla")
     with open(DATA, newline="") as f:
         rows = list(csv.DictReader(f))
     n = np.array([float(r["Model Size"]) for r in rows])
     loss = np.array([float(r["loss"]) for r in rows])
     d = np.array([float(r["Training FLOP"]) for r in rows]) / (6 * n)
-    keep = np.argsort(loss)[:-5]  # Epoch drops the five highest-loss runs
-    x, y = np.stack([n[keep], d[keep]], axis=1), loss[keep]
-    run = lambda: fit(law, x, y, bootstrap=n_boot)  # noqa: E731
-    _, first = timed(run)
-    result, again = timed(run)
-
+    keep_rows = np.argsort(loss)[:-5]  # Epoch drops the five highest-loss runs
+    x, y = np.stack([n[keep_rows], d[keep_rows]], axis=1), loss[keep_rows]
     starts = law.grid_points()
+    print(f"(b) chinchilla on Epoch's data: {len(y)} points, {len(starts)} starts, "
+          f"{n_boot} bootstrap resamples")
+    modes = {"every start to the end": None, f"keep_starts={keep}": keep}
+    runs = {mode: ours(lambda k=k: fit(law, x, y, bootstrap=n_boot, keep_starts=k))
+            for mode, k in modes.items()}
+    reference = runs["every start to the end"][0]
+    best = np.array([np.log(reference.params[k][0]) if k in law.positive
+                     else reference.params[k][0] for k in law.param_names])
+
     args = (np.log(x), np.log(y), np.ones(len(y)))
     picked = starts[rng.choice(len(starts), n_scipy_starts, replace=False)]
     (full_f, _), full_seconds = timed(lambda: scipy_best(chinchilla_objective, picked, args,
                                                          len(y)))
-    best = np.array([np.log(result.params[k][0]) if k in law.positive else result.params[k][0]
-                     for k in law.param_names])
     weights = bootstrap_weights(np.ones((1, len(y)), bool), n_boot)[:, 0]
     resamples = rng.choice(n_boot, n_scipy_boot, replace=False)
     boot_f, boot_seconds = timed(lambda: [
         scipy_best(chinchilla_objective, [best], (args[0], args[1], weights[i]), len(y))[0]
         for i in resamples])
-    seconds = full_seconds * len(starts) / n_scipy_starts + boot_seconds * n_boot / n_scipy_boot
-    note = (f"(extrapolated: grid from {n_scipy_starts} random starts of {len(starts)}, "
-            f"bootstrap from {n_scipy_boot} of {n_boot} resamples)")
-    report(f"(b) chinchilla on Epoch's data: {len(y)} points, {len(starts)} starts, "
-           f"{n_boot} bootstrap resamples", first, again, seconds, note,
-           np.concatenate([result.objective, result.bootstrap_objective[resamples, 0]]),
-           np.concatenate([[full_f], boot_f]))
-    fitted = ", ".join(f"{k} {result.params[k][0]:.4g} [{lo:.4g}, {hi:.4g}]"
-                       for k, (lo, hi) in ((k, result.intervals[k][0]) for k in law.param_names))
-    print(f"  fit: {fitted}")
+    scipy_s = full_seconds * len(starts) / n_scipy_starts + boot_seconds * n_boot / n_scipy_boot
+    print(f"  scipy: {scipy_s:.1f} s (extrapolated: grid from {n_scipy_starts} random starts "
+          f"of {len(starts)}, bootstrap from {n_scipy_boot} of {n_boot} resamples)")
+    for mode, (result, compile_s, fit_s) in runs.items():
+        report(mode, compile_s, fit_s, scipy_s,
+               np.concatenate([result.objective, result.bootstrap_objective[resamples, 0]]),
+               np.concatenate([[full_f], boot_f]))
+        fitted = ", ".join(f"{k} {result.params[k][0]:.4g} [{lo:.4g}, {hi:.4g}]" for k, (lo, hi)
+                           in ((k, result.intervals[k][0]) for k in law.param_names))
+        print(f"    {fitted}; {result.n_evaluations} objective evaluations before the bootstrap")
 
 
 def main():
@@ -167,11 +185,11 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     if args.quick:
-        per_token(64, 256, 8, rng)
-        chinchilla(100, 90, 20, rng)
+        per_token(64, 256, 8, 4, rng)
+        chinchilla(100, 90, 20, 32, rng)
     else:
-        per_token(1024, 1024, 32, rng)
-        chinchilla(1000, 450, 100, rng)
+        per_token(1024, 1024, 32, 4, rng)
+        chinchilla(1000, 450, 100, 32, rng)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@ jitted float64 program:
   curve's valid points of Huber_delta(log y - log L_predicted), delta = 1e-3,
   or with objective="lsq" the sum of (log y - log L_predicted)^2 / 2.
 - Search: BFGS (`scaling.minimize`) from every point of the law's init grid
-  (or `init_grid`), vmapped over starts and curves; the start with the lowest
+  (or `init_grid`), batched over starts and curves; the start with the lowest
   objective wins.  Parameters in `law.positive` are searched as logarithms.
+  `keep_starts=k` screens the grid instead: a few evaluations per start,
+  then only the k best of each curve run to the end.
 - Bootstrap: each resample draws a curve's valid points with replacement
   (multinomial counts used as weights, so padding never enters), is refitted
-  in the same program, and percentiles of the refits give the intervals.
+  in the same program from the full-data best and its curvature estimate,
+  and percentiles of the refits give the intervals.
 
 Inputs: `x` holds the law's inputs in natural units, [n_curves, n_points,
 n_inputs]; for one-input laws also [n_points] or [n_curves, n_points], and
@@ -43,6 +46,8 @@ from scaling.minimize import Solution, minimize_tasks
 # this many - 1 other local minima within NEAR_TIE of it (see `_refit_starts`).
 BOOTSTRAP_STARTS = 4
 NEAR_TIE = 0.25
+# With keep_starts, every start first gets this many objective evaluations.
+SCREEN_EVALS = 10
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class FitResult:
     converged: np.ndarray  # [n_curves] bool
     n_points: np.ndarray  # [n_curves] valid points
     n_starts: int
-    n_starts_converged: np.ndarray  # [n_curves] starts that met the gradient tolerance
+    n_starts_converged: np.ndarray  # [n_curves] starts run to the end that met the tolerance
+    n_evaluations: int  # objective evaluations of the full-data fits, all curves and starts
     fixed: tuple[str, ...]
     confidence: float
     bootstrap_params: dict[str, np.ndarray]  # fitted name -> [n_resamples, n_curves]
@@ -97,21 +103,27 @@ class FitResult:
 def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: float = 1e-3,
         bootstrap: int = 0, seed: int = 0, max_iter: int = 500, tol: float = 1e-9,
         init_grid: Mapping | None = None, fixed: Mapping | None = None,
-        confidence: float = 0.95) -> FitResult:
+        confidence: float = 0.95, keep_starts: int | None = None) -> FitResult:
     """Fit `law` to each curve of (x, y) where `mask` is true; see the module docstring.
 
     objective: "huber" (with `delta`, on log residuals) or "lsq".
     bootstrap: number of resamples for the intervals (0: no intervals).
-    max_iter: objective evaluations allowed per start.
+    max_iter: objective evaluations allowed per start (kept starts get this
+        many again after screening, and so does each bootstrap refit).
     tol: a start has converged when the gradient norm of its objective is at
         most tol x (number of valid points): the objective is a sum over points.
     init_grid: name -> starting values in the fitted space (log for positive
         parameters), replacing the law's grid for those names.
     fixed: name -> value (scalar or one per curve), natural units: pinned, not fitted.
+    keep_starts: None runs every start to the end, as the Chinchilla recipe
+        does.  A number k screens instead: every start gets SCREEN_EVALS
+        evaluations, then only each curve's k lowest continue (with their
+        curvature estimates).  Much faster on big grids, and it finds the
+        recipe's optimum whenever that start is among the k after screening.
     """
     law = get_law(law)
     x, y, mask = as_curves(law, x, y, mask)
-    check_settings(objective, delta, bootstrap, max_iter, tol, confidence)
+    check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts)
     fixed_values = check_fixed(law, fixed, len(y))
     free = tuple(k for k in law.param_names if k not in fixed_values)
     starts = law.grid_points(free, merged_grid(law, init_grid))
@@ -124,7 +136,7 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
                         "fixed=, or drop the curve")
 
     spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), int(bootstrap),
-                 _chunk_size(y.shape[1]))
+                 _chunk_size(y.shape[1]), int(keep_starts or 0), min(SCREEN_EVALS, max_iter))
     fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
         else np.zeros((len(y), 0))
     with jax.enable_x64(True):
@@ -144,6 +156,8 @@ class _Spec(NamedTuple):
     max_iter: int
     n_boot: int
     chunk: int
+    keep: int  # starts per curve that FINISH continues; 0: all of them, no screening
+    screen: int  # evaluations per start before screening
 
 
 class _Data(NamedTuple):
@@ -156,9 +170,9 @@ class _Data(NamedTuple):
 
 
 def _chunk_size(n_points: int) -> int:
-    # About 2^17 point-evaluations per batched step: enough to amortise the
+    # About 2^15 point-evaluations per batched step: enough to amortise the
     # loop's fixed cost per step, few enough that finished tasks idle briefly.
-    return int(np.clip(2**17 // max(n_points, 1), 16, 1024))
+    return int(np.clip(2**15 // max(n_points, 1), 16, 1024))
 
 
 def _natural(spec: _Spec, theta, fixed) -> dict:
@@ -175,8 +189,8 @@ def _natural(spec: _Spec, theta, fixed) -> dict:
 def _objective(spec: _Spec, delta, theta, data: _Data):
     r = data.log_y - spec.law.predict_log(_natural(spec, theta, data.fixed), data.log_x)
     if spec.objective == "huber":
-        # r^2/2 for |r| <= delta, delta (|r| - delta/2) beyond, written without a
-        # select, which XLA compiles to a loop that runs about twice as fast.
+        # r^2/2 for |r| <= delta, delta (|r| - delta/2) beyond, written with min()
+        # rather than a select: XLA:CPU then computes the value in half the time.
         a = jnp.abs(r)
         clipped = jnp.minimum(a, delta)
         loss = clipped * (a - 0.5 * clipped)
@@ -185,78 +199,104 @@ def _objective(spec: _Spec, delta, theta, data: _Data):
     return jnp.sum(data.weight * loss)
 
 
+# The phases of `_fit_program`.
+GRID, FINISH, BOOT = 0, 1, 2
+
+
 @partial(jax.jit, static_argnames=("spec",))
 def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key):
-    """Phase 0 fits every curve from every start; phase 1 refits the resamples.
+    """Fit every curve from every start (GRID), optionally only the best
+    `spec.keep` starts of each to the end (FINISH), then refit the resamples (BOOT).
 
-    Both phases run the same traced solver inside a fori_loop (tasks padded to
-    the larger phase; padding is inactive and costs nothing), because each
-    traced copy of the solver adds many seconds of XLA compile time.
+    All phases run one traced solver inside a fori_loop (tasks padded to the
+    largest phase; padding is inactive and costs nothing), because each traced
+    copy of the solver adds seconds of XLA compile time.
     """
     n_curves, n_points = log_y.shape
     n_starts, n_free = starts.shape
-    n_refit = BOOTSTRAP_STARTS if spec.n_boot else 0
-    n_fit_tasks, n_boot_tasks = n_curves * n_starts, spec.n_boot * n_curves * n_refit
-    n_tasks = max(n_fit_tasks, n_boot_tasks)
+    keep = spec.keep if 0 < spec.keep < n_starts else n_starts
+    phases = [GRID] + ([FINISH] if keep < n_starts else []) + ([BOOT] if spec.n_boot else [])
+    members = {GRID: n_starts, FINISH: keep, BOOT: BOOTSTRAP_STARTS}  # tasks per group
+    groups = {GRID: n_curves, FINISH: n_curves, BOOT: spec.n_boot * n_curves}
+    n_tasks = max(groups[p] * members[p] for p in phases)
     task = jnp.arange(n_tasks)
     weight = mask.astype(log_y.dtype)
     n_valid = weight.sum(axis=1)
     value_and_grad = jax.value_and_grad(partial(_objective, spec, delta))
     draw = jax.vmap(partial(_resample, key, mask))
+    eye = jnp.broadcast_to(jnp.eye(n_free), (n_tasks, n_free, n_free))
 
     def pad(a):
         return jnp.concatenate([a, jnp.zeros((n_tasks - len(a),) + a.shape[1:], a.dtype)])
 
-    def solve(phase, x0, refit_ok):
-        # Phase 0: task t is start t % n_starts of curve t // n_starts.  Phase 1:
-        # task t is refit start t % K of resample pair t // K, and pair p is
-        # resample p // n_curves of curve p % n_curves.
-        # Padding tasks (never evaluated) get some valid curve index by the final modulo.
-        pair = task // max(n_refit, 1)
-        curve = jnp.where(phase == 0, task // n_starts, pair % n_curves) % n_curves
+    def per_group(sol: Solution, phase):
+        """The phase's results as [groups, members, ...] (task t is member t % members
+        of group t // members; a group is a curve, or in BOOT a resample of one)."""
+        size = groups[phase] * members[phase]
+        return jax.tree.map(lambda a: a[:size].reshape(groups[phase], members[phase],
+                                                       *a.shape[1:]), sol)
+
+    full_data = FINISH if FINISH in phases else GRID
+
+    # Each phase's tasks: (x0, h0, warm, active, max_evals).
+    def grid_tasks(results):
+        return (pad(jnp.tile(starts, (n_curves, 1))), eye, jnp.zeros(n_tasks, bool),
+                task < n_curves * n_starts, spec.screen if FINISH in phases else spec.max_iter)
+
+    def finish_tasks(results):
+        # Continue each curve's `keep` best screened starts, curvature estimate and all.
+        grid = per_group(results[GRID], GRID)
+        best = jnp.argsort(grid.f, axis=1)[:, :keep]
+        chosen = jax.tree.map(lambda a: jnp.take_along_axis(
+            a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1).reshape(
+            -1, *a.shape[2:]), grid)
+        return (pad(chosen.x), pad(chosen.h), pad(chosen.scaled),
+                pad(jnp.isfinite(chosen.f)), spec.max_iter)
+
+    def boot_tasks(results):
+        fits = per_group(results[full_data], full_data)
+        x0, h0, warm, used = jax.vmap(_refit_starts)(fits.x, fits.f, fits.converged, fits.h,
+                                                     fits.scaled)
+        tile = lambda a: pad(jnp.tile(a.reshape(-1, *a.shape[2:]),  # noqa: E731
+                                      (spec.n_boot,) + (1,) * (a.ndim - 2)))
+        return tile(x0), tile(h0), tile(warm), tile(used), spec.max_iter
+
+    def run_phase(i, results):
+        phase = jnp.asarray(phases)[i]
+        branches = [{GRID: grid_tasks, FINISH: finish_tasks, BOOT: boot_tasks}[p]
+                    for p in phases]
+        x0, h0, warm, active, max_evals = jax.lax.switch(i, branches, results)
+        group = task // jnp.asarray([members[p] for p in phases])[i]
+        curve = group % n_curves  # in BOOT, group is resample * n_curves + curve
 
         def load(ids):
             w = weight[curve[ids]]
             if spec.n_boot:
-                w = jax.lax.cond(phase == 0, lambda: w, lambda: draw(pair[ids]))
+                w = jax.lax.cond(phase == BOOT, lambda: draw(group[ids]), lambda: w)
             return _Data(log_x[curve[ids]], log_y[curve[ids]], w, fixed[curve[ids]])
 
-        active = task < n_fit_tasks
-        if refit_ok is not None:
-            used = (task < n_boot_tasks) & refit_ok[task % (n_curves * n_refit)]
-            active = jnp.where(phase == 0, active, used)
-        return minimize_tasks(value_and_grad, load, x0, tol * n_valid[curve], active,
-                              max_evals=spec.max_iter, chunk=spec.chunk)
+        sol = minimize_tasks(value_and_grad, load, x0, tol * n_valid[curve], active, h0, warm,
+                             max_evals=max_evals, chunk=spec.chunk)
+        return {p: jax.tree.map(partial(jnp.where, phase == p), sol, results[p]) for p in phases}
 
-    def best_of(sol, n_groups, n_members):
-        f = sol.f[: n_groups * n_members].reshape(n_groups, n_members)
-        x = sol.x[: n_groups * n_members].reshape(n_groups, n_members, n_free)
-        converged = sol.converged[: n_groups * n_members].reshape(n_groups, n_members)
-        return x, f, converged, jnp.arange(n_groups), jnp.argmin(f, axis=1)
+    empty = Solution(jnp.zeros((n_tasks, n_free)), jnp.full(n_tasks, jnp.inf),
+                     jnp.zeros(n_tasks, bool), jnp.zeros(n_tasks, jnp.int32), eye,
+                     jnp.zeros(n_tasks, bool))
+    results = jax.lax.fori_loop(0, len(phases), run_phase, {p: empty for p in phases})
 
-    fit_x0 = pad(jnp.tile(starts, (n_curves, 1)))
-    if not spec.n_boot:
-        x, f, converged, rows, best = best_of(solve(0, fit_x0, None), n_curves, n_starts)
-        return {"theta": x[rows, best], "objective": f[rows, best],
-                "converged": converged[rows, best], "n_starts_converged": converged.sum(axis=1)}
-
-    def phase_body(phase, carry):
-        fit_sol, boot_sol = carry
-        x, f, converged, *_ = best_of(fit_sol, n_curves, n_starts)
-        refit_x0, refit_ok = jax.vmap(_refit_starts)(x, f, converged)
-        refit_x0 = jnp.tile(refit_x0.reshape(-1, n_free), (spec.n_boot, 1))
-        sol = solve(phase, jnp.where(phase == 0, fit_x0, pad(refit_x0)), refit_ok.reshape(-1))
-        keep = partial(jax.tree.map, lambda new, old: jnp.where(phase == 0, new, old))
-        return keep(sol, fit_sol), keep(boot_sol, sol)
-
-    empty = Solution(fit_x0, jnp.zeros(n_tasks), jnp.zeros(n_tasks, bool))
-    fit_sol, boot_sol = jax.lax.fori_loop(0, 2, phase_body, (empty, empty))
-    x, f, converged, rows, best = best_of(fit_sol, n_curves, n_starts)
-    boot_x, boot_f, _, pairs, boot_best = best_of(boot_sol, spec.n_boot * n_curves, n_refit)
-    return {"theta": x[rows, best], "objective": f[rows, best],
-            "converged": converged[rows, best], "n_starts_converged": converged.sum(axis=1),
-            "boot_theta": boot_x[pairs, boot_best].reshape(spec.n_boot, n_curves, n_free),
-            "boot_objective": boot_f[pairs, boot_best].reshape(spec.n_boot, n_curves)}
+    fits = per_group(results[full_data], full_data)
+    rows, best = jnp.arange(n_curves), jnp.argmin(fits.f, axis=1)
+    out = {"theta": fits.x[rows, best], "objective": fits.f[rows, best],
+           "converged": fits.converged[rows, best],
+           "n_starts_converged": fits.converged.sum(axis=1),
+           "evaluations": results[GRID].evals.sum() + (results[FINISH].evals.sum()
+                                                        if FINISH in phases else 0)}
+    if spec.n_boot:
+        refits = per_group(results[BOOT], BOOT)
+        pairs, best = jnp.arange(spec.n_boot * n_curves), jnp.argmin(refits.f, axis=1)
+        out["boot_theta"] = refits.x[pairs, best].reshape(spec.n_boot, n_curves, n_free)
+        out["boot_objective"] = refits.f[pairs, best].reshape(spec.n_boot, n_curves)
+    return out
 
 
 def _resample(key, mask, pair_id):
@@ -283,16 +323,18 @@ def bootstrap_weights(mask, n_resamples: int, seed: int = 0) -> np.ndarray:
         return np.asarray(weights).reshape(n_resamples, *mask.shape)
 
 
-def _refit_starts(x, f, converged):
-    """Starts for one curve's bootstrap refits: x [K, n_free] and which are used [K].
+def _refit_starts(x, f, converged, h, scaled):
+    """Starts for one curve's bootstrap refits, from its full-data runs [members, ...]:
+    x [K, n_free], their inverse-Hessian estimates [K, n_free, n_free] and
+    whether those are estimates [K], and which of the K starts are used [K].
 
     A resample moves the optimum only a little, so its refit starts from the
-    full-data best rather than the whole grid (the grid is there to find the
-    basin, which is known by now): ~65 evaluations instead of 4,500 starts'
-    worth for Chinchilla.  A resample reweights points by ~1/sqrt(n), which can
-    reorder local minima whose objectives are close, so other minima (converged
-    starts whose objectives are 1e-6 relative apart) within NEAR_TIE of the best
-    start refits too.
+    full-data best and its curvature estimate rather than from the whole grid
+    (the grid is there to find the basin, which is known by now): for Chinchilla
+    about 20 evaluations per resample instead of 4,500 starts' worth.  A
+    resample reweights points by ~1/sqrt(n), which can reorder local minima
+    whose objectives are close, so other minima (converged starts whose
+    objectives are 1e-6 relative apart) within NEAR_TIE of the best start refits too.
     """
     order = jnp.argsort(f)
     fs = f[order]
@@ -301,7 +343,8 @@ def _refit_starts(x, f, converged):
     candidate = candidate & (converged[order] | (jnp.arange(len(f)) == 0))
     (picked,) = jnp.nonzero(candidate, size=BOOTSTRAP_STARTS, fill_value=len(f))
     used = picked < len(f)
-    return x[order[jnp.where(used, picked, 0)]], used
+    chosen = order[jnp.where(used, picked, 0)]
+    return x[chosen], h[chosen], scaled[chosen], used
 
 
 def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResult:
@@ -323,7 +366,8 @@ def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResul
                 for k, v in law.derived(samples).items()}
     return FitResult(law, params, intervals, out["objective"], out["converged"],
                      n_points.astype(int), n_starts, out["n_starts_converged"].astype(int),
-                     spec.fixed, confidence, boot, boot_objective, derived, derived_intervals)
+                     int(out["evaluations"]), spec.fixed, confidence, boot, boot_objective,
+                     derived, derived_intervals)
 
 
 def _to_natural(spec, theta, fixed_values) -> dict[str, np.ndarray]:

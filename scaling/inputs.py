@@ -68,7 +68,7 @@ def as_curves(law: Law, x, y, mask):
     return x, y, mask
 
 
-def check_settings(objective, delta, bootstrap, max_iter, tol, confidence):
+def check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts):
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if not (math.isfinite(delta) and delta > 0):
@@ -79,6 +79,9 @@ def check_settings(objective, delta, bootstrap, max_iter, tol, confidence):
         raise UserError(f"max_iter = {max_iter} must be a whole number >= 1")
     if not (math.isfinite(tol) and tol >= 0):
         raise UserError(f"tol = {tol} must be a number >= 0")
+    if keep_starts is not None and (int(keep_starts) != keep_starts or keep_starts < 1):
+        raise UserError(f"keep_starts = {keep_starts} must be a whole number >= 1, or None to "
+                        "run every start to the end")
     if not 0 < confidence < 1:
         raise UserError(f"confidence = {confidence} must lie strictly between 0 and 1, e.g. 0.95")
 

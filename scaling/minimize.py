@@ -18,14 +18,20 @@ design here costs about the sum of the work the tasks need instead:
   than L-BFGS's history and gives the exact BFGS update.  Its first update is
   scaled by y.s / y.y (Nocedal & Wright, eq. 6.20); pairs without positive
   curvature are skipped, so the estimate stays positive definite.
-- Compaction: the tasks run in rounds of `round_iters` iterations on chunks of
-  `chunk` tasks that are still running, so finished tasks stop costing compute
-  and the working set stays in cache.
+- Continuous batching: `chunk` lanes run `round_iters` iterations at a time;
+  between rounds, lanes whose task finished take the next task from a queue,
+  so finished tasks stop costing compute and no lane waits for the slowest.
+- Warm starts: a task may start from an inverse-Hessian estimate (a refit
+  near an earlier optimum, or a screened start that continues), which saves
+  most of the evaluations BFGS spends learning the curvature.
 
 A task stops when its gradient norm is at most its `gtol` (converged), when a
 rejected step has shrunk below ~1e-12 of the parameters (stalled: no finite
-step decreases the objective), when the objective or gradient is not finite
-at the start, or after `max_evals` objective evaluations.
+step decreases the objective), when `window` evaluations lowered the
+objective by less than a fraction `ftol` of it (crawling along a plateau,
+typically towards a minimum at infinity such as a vanishing term), when the
+objective or gradient is not finite at the start, or after `max_evals`
+objective evaluations.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ class Solution(NamedTuple):
     x: jnp.ndarray  # [T, P]
     f: jnp.ndarray  # [T] (inf where the start was not finite)
     converged: jnp.ndarray  # [T] bool: gradient norm <= gtol at x
+    evals: jnp.ndarray  # [T] objective evaluations spent
+    h: jnp.ndarray  # [T, P, P] inverse-Hessian estimate at x
+    scaled: jnp.ndarray  # [T] bool: h is a curvature estimate (not the identity)
 
 
 def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> TaskState:
@@ -91,9 +100,11 @@ def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> Tas
     excess = f_new - s.f - slope * s.step
     shorter = jnp.where(excess > 0, -slope * s.step**2 / (2 * excess), 0.5 * s.step)
     shorter = jnp.clip(jnp.nan_to_num(shorter, nan=0.1 * s.step), 0.1 * s.step, 0.5 * s.step)
-    # The first step is steepest descent no longer than 1 in parameter space
-    # (as optax.lbfgs does); after an accepted step, the full quasi-Newton step.
-    first_step = jnp.where(finite, jnp.minimum(1.0, 1.0 / jnp.linalg.norm(g_new)), 0.0)
+    # Without a curvature estimate the first step is steepest descent no longer
+    # than 1 in parameter space (as optax.lbfgs does); with one, and after an
+    # accepted step, the full quasi-Newton step.
+    first_step = jnp.where(s.scaled, 1.0, jnp.minimum(1.0, 1.0 / jnp.linalg.norm(g_new)))
+    first_step = jnp.where(finite, first_step, 0.0)
     step = jnp.where(first, first_step, jnp.where(accept, 1.0, shorter))
 
     x = jnp.where(accept, trial, s.x)
@@ -111,41 +122,72 @@ def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> Tas
 
 
 def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
-                   gtol: jnp.ndarray, active: jnp.ndarray, *, max_evals: int, chunk: int,
-                   round_iters: int = 16, window: int = 50, ftol: float = 1e-6) -> Solution:
+                   gtol: jnp.ndarray, active: jnp.ndarray, h0: jnp.ndarray | None = None,
+                   warm: jnp.ndarray | bool = False, *, max_evals, chunk: int,
+                   round_iters: int = 8, window: int = 50, ftol: float = 1e-6) -> Solution:
     """Minimise T independent objectives; call inside jit.
 
     value_and_grad(x [P], data) -> (f, g [P]) for one task, where `data` is one
     task's slice of what `load(ids [M] int) -> pytree of [M, ...]` returns.
     x0: [T, P] starting points; gtol: [T] gradient-norm tolerances; active: [T]
-    bool, false for padding tasks (never evaluated, f = inf).
+    bool, false for padding tasks (never evaluated, f = inf).  h0: [T, P, P]
+    inverse-Hessian estimates to start from where `warm` ([T] bool) is true,
+    e.g. from an earlier solve near the same point; identity elsewhere.
+    max_evals may be traced.
     """
-    n_tasks = x0.shape[0]
+    n_tasks, n_free = x0.shape
     chunk = min(chunk, n_tasks)
     step = jax.vmap(lambda s, d: _iterate(value_and_grad, max_evals, window, ftol, s, d))
-    n_free = x0.shape[1]
-    state = TaskState(
-        x=x0, f=jnp.full(n_tasks, jnp.inf, x0.dtype), g=jnp.zeros_like(x0),
-        h=jnp.broadcast_to(jnp.eye(n_free, dtype=x0.dtype), (n_tasks, n_free, n_free)),
-        step=jnp.zeros(n_tasks, x0.dtype), scaled=jnp.zeros(n_tasks, bool),
-        evals=jnp.zeros(n_tasks, jnp.int32), f_window=jnp.full(n_tasks, jnp.inf, x0.dtype),
-        done=~active, gtol=gtol)
+    eye = jnp.broadcast_to(jnp.eye(n_free, dtype=x0.dtype), (n_tasks, n_free, n_free))
+    warm = jnp.broadcast_to(warm, (n_tasks,))
+    h0 = eye if h0 is None else jnp.where(warm[:, None, None], h0, eye)
+    # The work is a queue of the active tasks' ids feeding `chunk` lanes: when a
+    # lane's task finishes, its result is written out and the lane takes the
+    # next task, so every round's cost is independent of T.
+    (queue,) = jnp.nonzero(active, size=n_tasks, fill_value=n_tasks)
+    n_queued = active.sum()
 
-    def run_round(state: TaskState) -> TaskState:
-        # The first `chunk` running tasks; missing slots get the out-of-range id
-        # n_tasks, read as a finished task and dropped when written back.
-        (picked,) = jnp.nonzero(~state.done, size=chunk, fill_value=n_tasks)
-        safe = jnp.minimum(picked, n_tasks - 1)
-        sub = jax.tree.map(lambda a: a[safe], state)
-        sub = sub._replace(done=sub.done | (picked == n_tasks))
-        data = load(safe)
+    def fresh(ids):
+        safe = jnp.minimum(ids, n_tasks - 1)
+        return TaskState(
+            x=x0[safe], f=jnp.full(len(ids), jnp.inf, x0.dtype), g=jnp.zeros_like(x0[safe]),
+            h=h0[safe], step=jnp.zeros(len(ids), x0.dtype), scaled=warm[safe],
+            evals=jnp.zeros(len(ids), jnp.int32), f_window=jnp.full(len(ids), jnp.inf, x0.dtype),
+            done=ids >= n_tasks, gtol=gtol[safe])
 
-        def more(carry):
-            k, s = carry
+    def write(out: Solution, ids, lanes: TaskState) -> Solution:
+        # Ids >= n_tasks (empty lanes, or lanes whose task is still running) are dropped.
+        converged = jnp.linalg.norm(lanes.g, axis=-1) <= lanes.gtol
+        new = Solution(lanes.x, lanes.f, converged, lanes.evals, lanes.h, lanes.scaled)
+        return jax.tree.map(lambda a, b: a.at[ids].set(b, mode="drop"), out, new)
+
+    def run_round(carry):
+        out, lanes, lane_task, next_in_queue = carry
+        # Finished lanes hand in their results and take the next queued tasks.
+        free = lanes.done
+        out = write(out, jnp.where(free, lane_task, n_tasks), lanes)
+        position = next_in_queue + jnp.cumsum(free) - 1
+        taken = free & (position < n_queued)
+        new_task = jnp.where(taken, queue[jnp.minimum(position, n_tasks - 1)], n_tasks)
+        lane_task = jnp.where(free, new_task, lane_task)
+        lanes = jax.tree.map(lambda a, b: jnp.where(free.reshape((-1,) + (1,) * (a.ndim - 1)),
+                                                    a, b), fresh(new_task), lanes)
+        data = load(jnp.minimum(lane_task, n_tasks - 1))
+
+        def more(c):
+            k, s = c
             return (k < round_iters) & ~jnp.all(s.done)
 
-        _, sub = jax.lax.while_loop(more, lambda c: (c[0] + 1, step(c[1], data)), (0, sub))
-        return jax.tree.map(lambda a, b: a.at[picked].set(b, mode="drop"), state, sub)
+        _, lanes = jax.lax.while_loop(more, lambda c: (c[0] + 1, step(c[1], data)), (0, lanes))
+        return out, lanes, lane_task, next_in_queue + taken.sum()
 
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), run_round, state)
-    return Solution(state.x, state.f, jnp.linalg.norm(state.g, axis=-1) <= state.gtol)
+    def unfinished(carry):
+        _, lanes, _, next_in_queue = carry
+        return (next_in_queue < n_queued) | ~jnp.all(lanes.done)
+
+    out = Solution(x0, jnp.full(n_tasks, jnp.inf, x0.dtype), jnp.zeros(n_tasks, bool),
+                   jnp.zeros(n_tasks, jnp.int32), h0, warm)
+    empty = jnp.full(chunk, n_tasks)
+    out, lanes, lane_task, _ = jax.lax.while_loop(
+        unfinished, run_round, (out, fresh(empty), empty, jnp.asarray(0, n_queued.dtype)))
+    return write(out, lane_task, lanes)
