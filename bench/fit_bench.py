@@ -9,7 +9,7 @@
     then 1,000 bootstrap resamples.
 
 Ours runs twice: as the recipe says (every start to the end), and with
-`keep_starts` (every start screened for 10 evaluations, then only the best
+`keep_starts` (every start screened for 8 evaluations, then only the best
 few per curve continue).  The second is an algorithmic saving that SciPy
 could make too; the first compares like with like.
 

@@ -46,8 +46,9 @@ from scaling.minimize import Solution, minimize_tasks
 # this many - 1 other local minima within NEAR_TIE of it (see `_refit_starts`).
 BOOTSTRAP_STARTS = 4
 NEAR_TIE = 0.25
-# With keep_starts, every start first gets this many objective evaluations.
-SCREEN_EVALS = 10
+# With keep_starts, every start first gets this many objective evaluations:
+# one round of the solver, so screened tasks leave their lanes together.
+SCREEN_EVALS = 8
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ OBJECTIVES = ("huber", "lsq")
 
 def as_curves(law: Law, x, y, mask):
     """Normalise to x [C, n, n_inputs], y [C, n], mask [C, n] bool; check the valid points."""
-    y = np.asarray(y, float)
+    y, x = _numbers("y", y), _numbers("x", x)
     if y.ndim not in (1, 2) or y.size == 0:
         raise UserError(f"y has shape {y.shape}; give [n_points] or [n_curves, n_points]")
+    given_shape = y.shape
     y = y.reshape(-1, y.shape[-1])
     n_curves, n_points = y.shape
     k = law.n_inputs
-    x = np.asarray(x, float)
     if x.ndim == 1 and k == 1 and x.shape == (n_points,):
         x = x[None, :, None]
     elif x.ndim == 2 and k == 1 and x.shape == (n_curves, n_points):
@@ -47,9 +47,9 @@ def as_curves(law: Law, x, y, mask):
         mask = np.ones(y.shape, bool)
     else:
         mask = np.asarray(mask)
-        if mask.dtype != bool or mask.size != y.size:
-            raise UserError(f"mask must be booleans shaped like y {y.shape}, got {mask.dtype} "
-                            f"{mask.shape}")
+        if mask.dtype != bool or mask.shape not in (given_shape, y.shape):
+            raise UserError(f"mask must be booleans shaped like y {given_shape}, got "
+                            f"{mask.dtype} {mask.shape}")
         mask = mask.reshape(y.shape)
     for name, values in (("x", x), ("y", y[..., None])):
         bad = mask[..., None] & ~(np.isfinite(values) & (values > 0))
@@ -66,6 +66,14 @@ def as_curves(law: Law, x, y, mask):
     x = np.where(mask[..., None], x, x[rows, first][:, None])
     y = np.where(mask, y, y[rows, first][:, None])
     return x, y, mask
+
+
+def _numbers(name, values) -> np.ndarray:
+    try:
+        return np.asarray(values, float)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be an array of numbers, got {type(values).__name__}; "
+                        "convert it first") from None
 
 
 def check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts):

@@ -218,6 +218,9 @@ Y5 = np.logspace(0.5, 0.1, 5)
     (lambda: fit("power", X5, Y5, init_grid={"beta": (1.0,)}), "init_grid names 'beta'"),
     (lambda: fit("power", X5, Y5, keep_starts=0), "keep_starts = 0"),
     (lambda: fit("power", X5, Y5[None, None]), "y has shape"),
+    (lambda: fit("power", X5, np.stack([Y5, Y5]), np.ones((5, 2), bool)),
+     r"mask must be .*\(2, 5\)"),
+    (lambda: fit("power", ["a"] * 5, Y5), "x must be an array of numbers"),
 ])
 def test_bad_input_is_a_user_error(call, message):
     with pytest.raises(UserError, match=message):
