@@ -236,10 +236,7 @@ def _fit(args, overrides):
     with _open_store(_store_path(args, overrides)) as store:
         records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
                                      bootstrap=args.bootstrap, objective=args.objective)
-    if args.json:
-        print(json.dumps([analysis.fit_as_dict(r) for r in records]))
-    else:
-        print(analysis.fits_table(records))
+    _print_fits(records, args.json)
 
 
 def _query(args, overrides):
@@ -247,7 +244,13 @@ def _query(args, overrides):
 
     with _open_store(_store_path(args, overrides)) as store:
         records = analysis.latest_fits(store, args.sweep, args.law)
-    if args.json:
+    _print_fits(records, args.json)
+
+
+def _print_fits(records, as_json: bool):
+    from scaling import analysis
+
+    if as_json:
         print(json.dumps([analysis.fit_as_dict(r) for r in records]))
     else:
         print(analysis.fits_table(records))
