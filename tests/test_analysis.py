@@ -1,0 +1,72 @@
+"""`scaling fit` and `scaling query` through the command line, on a store made here."""
+
+import json
+
+import numpy as np
+
+from launch.cli import main
+from scaling.store import RunRecord, Store
+
+
+def _synthetic_sweep(path):
+    """Five finished runs; at the last step (10) loss = 1.7 + 20 N^-0.3, per-token 2 + 3 T^-0.5."""
+    positions = np.arange(1, 65)
+    with Store(path) as store:
+        for i, n in enumerate([1e3, 4e3, 1.6e4, 6.4e4, 2.56e5]):
+            run_id = f"run{i}"
+            store.register_run(RunRecord(run_id, {"train": {"steps": 10}}, int(n), int(n) + 99,
+                                         1, 8, 1, 64, 10_000, 6e4 * n), sweep="syn")
+            for step in (1, 3, 10):
+                loss = 1.5 + 20 * n**-0.3 + 2.0 / step
+                per_token = 2.0 + 3.0 * positions**-0.5
+                store.log_eval(run_id, step, {"eval_loss": loss}, per_token)
+            store.set_status(run_id, "finished", step=10)
+        store.register_run(RunRecord("bad", {"train": {"steps": 10}}, 500, 600, 1, 8, 1, 64,
+                                     10_000, 3e7, status="failed", reason="diverged"),
+                           sweep="syn")
+
+
+def test_fit_and_query_a_sweep(tmp_path, capsys):
+    store = str(tmp_path / "s.sqlite")
+    _synthetic_sweep(store)
+    assert main(["fit", "--store", store, "--sweep", "syn", "--law", "saturating",
+                 "--what", "final", "--bootstrap", "20", "--json"]) == 0
+    (final,) = json.loads(capsys.readouterr().out)
+    assert abs(final["params"]["alpha"] - 0.3) < 0.02 and abs(final["params"]["E"] - 1.7) < 0.05
+    assert final["selection"]["left_out"] == {"bad": "failed: diverged"}
+    assert main(["fit", "--store", store, "--sweep", "syn", "--law", "saturating",
+                 "--what", "per-token", "--bootstrap", "0", "--json"]) == 0
+    per_token = json.loads(capsys.readouterr().out)
+    assert len(per_token) == 5
+    for fit in per_token:
+        assert abs(fit["params"]["alpha"] - 0.5) < 1e-3 and abs(fit["params"]["A"] - 3) < 1e-2
+    assert main(["query", "--store", store, "--sweep", "syn", "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert {(f["what"], f["curve"]) for f in stored} == (
+        {("final", "all")} | {("per-token", f"run{i}") for i in range(5)})
+    assert main(["query", "--store", store, "--sweep", "syn"]) == 0
+    table = capsys.readouterr().out
+    assert "saturating fitted to final" in table and "left out: bad (failed: diverged)" in table
+
+
+def test_fit_csv_prints_the_documented_json(tmp_path, capsys):
+    csv = tmp_path / "curve.csv"
+    x = np.geomspace(1, 1000, 30)
+    rows = "\n".join(f"{v},{1.2 + 4 * v**-0.4}" for v in x)
+    csv.write_text("tokens,loss\n" + rows + "\n")
+    assert main(["fit", "--law", "saturating", "--csv", str(csv), "--x", "tokens", "--y", "loss",
+                 "--bootstrap", "10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"law", "params", "intervals", "objective", "converged", "n_points"}
+    assert out["law"] == "saturating" and out["n_points"] == 30 and out["converged"] is True
+    assert set(out["params"]) == {"E", "A", "alpha"} and abs(out["params"]["alpha"] - 0.4) < 1e-3
+
+
+def test_fit_of_an_unknown_sweep_is_one_line(tmp_path, capsys):
+    store = str(tmp_path / "s.sqlite")
+    _synthetic_sweep(store)
+    assert main(["fit", "--store", store, "--sweep", "nope", "--law", "power"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no runs in sweep 'nope'") and "\n" not in err
+    assert main(["fit", "--store", store, "--sweep", "syn", "--law", "powr"]) == 2
+    assert "powr" in capsys.readouterr().err
