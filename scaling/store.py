@@ -194,11 +194,18 @@ class Store:
     # -- writes -----------------------------------------------------------
 
     def add_sweep(self, name: str, config: dict, run_ids: list[str]):
+        """Record a sweep as exactly these runs.
+
+        A study whose members changed since its last launch drops the old
+        members from the sweep (their rows stay in the store), so fits of
+        the sweep never mix two versions of the study.
+        """
         with self._transaction():
             self._conn.execute(
                 "INSERT OR REPLACE INTO sweeps (name, config_json, created) VALUES (?, ?, ?)",
                 (name, json.dumps(config, sort_keys=True), time.time()),
             )
+            self._conn.execute("DELETE FROM sweep_runs WHERE sweep = ?", (name,))
             for run_id in run_ids:
                 self._conn.execute(
                     "INSERT OR IGNORE INTO sweep_runs (sweep, run_id) VALUES (?, ?)",

@@ -95,3 +95,13 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     with Store(path) as store:
         for w in range(2):
             assert store.scalars("r1", f"w{w}")[1].tolist() == [float(s) for s in range(50)]
+
+
+def test_a_relaunched_sweep_is_exactly_its_current_members(tmp_path):
+    with Store(tmp_path / "s.sqlite") as store:
+        for run_id in ("old", "kept", "new"):
+            store.register_run(_run(run_id))
+        store.add_sweep("sw", {}, ["old", "kept"])
+        store.add_sweep("sw", {}, ["kept", "new"])
+        assert sorted(r.run_id for r in store.runs("sw")) == ["kept", "new"]
+        assert store.run("old") is not None  # its rows stay in the store
