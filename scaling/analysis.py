@@ -116,11 +116,13 @@ def _with_id(record: FitRecord, fit_id: int) -> FitRecord:
 
 
 def latest_fits(store: Store, sweep: str, law: str | None = None) -> list[FitRecord]:
-    """The newest fit of each (law, selection, curve) of a sweep."""
+    """The newest fit of each (law, selection, curve) of a sweep's current runs."""
+    # Fits of runs the sweep no longer has (an earlier version of the study) are history.
+    former = {r.run_id for r in store.runs()} - {r.run_id for r in store.runs(sweep)}
     seen, latest = set(), []
     for record in store.fits(sweep, law):
         key = (record.law, record.what, record.curve)
-        if key not in seen:
+        if record.curve not in former and key not in seen:
             seen.add(key)
             latest.append(record)
     if not latest:
