@@ -284,21 +284,22 @@ class Store:
 
     def runs(self, sweep: str | None = None) -> list[RunRecord]:
         """Runs (of one sweep, or all), smallest N first."""
-        columns = ", ".join(f"r.{f.name}" if f.name != "config" else "r.config_json"
-                            for f in dataclasses.fields(RunRecord))
         if sweep is None:
-            rows = self._conn.execute(f"SELECT {columns} FROM runs r ORDER BY n_params, run_id")
+            rows = self._conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs r ORDER BY n_params, run_id")
         else:
             rows = self._conn.execute(
-                f"SELECT {columns} FROM runs r JOIN sweep_runs s ON s.run_id = r.run_id "
+                f"SELECT {_RUN_COLUMNS} FROM runs r JOIN sweep_runs s ON s.run_id = r.run_id "
                 "WHERE s.sweep = ? ORDER BY r.n_params, r.run_id",
                 (sweep,),
             )
         return [_run_from_row(row) for row in rows]
 
     def run(self, run_id: str) -> RunRecord | None:
-        runs = [r for r in self.runs() if r.run_id == run_id]
-        return runs[0] if runs else None
+        row = self._conn.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs r WHERE r.run_id = ?", (run_id,)
+        ).fetchone()
+        return _run_from_row(row) if row else None
 
     def scalars(self, run_id: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one metric, by step."""
@@ -363,6 +364,10 @@ class _Transaction:
 
     def __exit__(self, exc_type, *_):
         self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+_RUN_COLUMNS = ", ".join(f"r.{f.name}" if f.name != "config" else "r.config_json"
+                        for f in dataclasses.fields(RunRecord))
 
 
 def _run_from_row(row) -> RunRecord:
