@@ -156,9 +156,12 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
     rows = config.train.batch_size // jax.process_count()
     first_row = jax.process_index() * rows
 
+    # The fixed eval set goes to the devices once; each process puts its own
+    # rows of every global eval batch.
+    eval_arrays = [put(b[first_row:first_row + rows]) for b in eval_set]
+
     def evaluate(params):
-        # Each process feeds its own rows of every global eval batch.
-        summed_L = sum(eval_step(params, put(b[first_row:first_row + rows])) for b in eval_set)
+        summed_L = sum(eval_step(params, batch) for batch in eval_arrays)
         return np.asarray(summed_L) / (len(eval_set) * eval_set.shape[1])
 
     bar = tqdm(total=total, initial=start_step, desc=f"{run_id} N={shape.n_params_kaplan:,}",
