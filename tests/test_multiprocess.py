@@ -27,6 +27,7 @@ import pytest
 
 from launch import distributed
 from scaling.errors import UserError
+from scaling.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
@@ -207,10 +208,13 @@ def test_two_processes_train_one_run(tmp_path):
     for key, value in rows.items():
         assert value == pytest.approx(single_rows[key], rel=1e-5, abs=1e-5), key
 
-    # Both processes restore together: without the last checkpoint the run
+    # Both processes restore together: as if killed after the checkpoint at
+    # step 2 (the last one gone, the store not yet told it finished), the run
     # resumes from step 2, here on a mesh whose data axis spans the two
     # processes, and ends where it ended before.
     shutil.rmtree(checkpoints / "4")
+    with Store(store) as s:
+        s.set_status(run_id, "running", step=2)
     _two_processes(_run_args(tmp_path, store, workdir, paths, mesh=(2, 1, 2)))
     runs, resumed = _eval_rows(store)
     assert len(runs) == 1 and runs[0][1:] == ("finished", 4)
