@@ -11,6 +11,7 @@ Failed runs are left out, and the fit's selection says which and why.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,10 +26,7 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
               bootstrap: int = 200, objective: str = "huber", seed: int = 0) -> list[FitRecord]:
     """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve."""
     law = get_law(law_name)
-    runs = store.runs(sweep)
-    if not runs:
-        known = ", ".join(store.sweeps()) or "none"
-        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
+    runs = sweep_runs(store, sweep)
     finished = [r for r in runs if r.status == "finished"]
     left_out = {r.run_id: f"{r.status}: {r.reason}" if r.reason else r.status
                 for r in runs if r.status != "finished"}
@@ -57,6 +55,15 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
         fit_id = store.save_fit(record)
         records.append(_with_id(record, fit_id))
     return records
+
+
+def sweep_runs(store: Store, sweep: str) -> list:
+    """The sweep's runs; UserError naming the sweeps there are when it has none."""
+    runs = store.runs(sweep)
+    if not runs:
+        known = ", ".join(store.sweeps()) or "none"
+        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
+    return runs
 
 
 def _select(store, runs, law, what):
@@ -98,7 +105,7 @@ def _select(store, runs, law, what):
 
 
 def _pad(xs, ys):
-    """Stack ragged curves: x [C, P, I], y [C, P], mask [C, P] (padding repeats a valid point)."""
+    """Stack ragged curves: x [C, P, I], y [C, P], mask [C, P] (padding is ones, masked out)."""
     longest = max(len(y) for y in ys)
     n_inputs = xs[0].shape[1]
     x = np.ones((len(ys), longest, n_inputs))
@@ -110,8 +117,6 @@ def _pad(xs, ys):
 
 
 def _with_id(record: FitRecord, fit_id: int) -> FitRecord:
-    import dataclasses
-
     return dataclasses.replace(record, fit_id=fit_id)
 
 
@@ -146,9 +151,13 @@ def fits_table(records: list[FitRecord]) -> str:
     for (law, what), group in _group(records).items():
         lines.append(f"{law} fitted to {what}:")
         for r in group:
-            cells = [f"{k}={_fmt(v)}" + (f" [{_fmt(r.intervals[k][0])}, {_fmt(r.intervals[k][1])}]"
-                                         if k in r.intervals else "")
-                     for k, v in r.params.items()]
+            cells = []
+            for k, v in r.params.items():
+                cell = f"{k}={fmt_number(v)}"
+                if k in r.intervals:
+                    low, high = r.intervals[k]
+                    cell += f" [{fmt_number(low)}, {fmt_number(high)}]"
+                cells.append(cell)
             flag = "" if r.converged else "  (not converged)"
             size = r.selection.get("n_params")
             label = f"{r.curve} N={size:,}" if size else r.curve
@@ -166,7 +175,8 @@ def _group(records):
     return groups
 
 
-def _fmt(v: float) -> str:
+def fmt_number(v: float | None) -> str:
+    """Four significant digits; 'nan' for a missing or non-finite value."""
     if v is None or not math.isfinite(v):
         return "nan"
     return f"{v:.4g}"

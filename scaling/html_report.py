@@ -11,7 +11,6 @@ import base64
 import datetime
 import html
 import json
-import math
 from pathlib import Path
 
 from scaling.errors import UserError
@@ -151,6 +150,8 @@ def _runs_table(store, runs) -> str:
 
 
 def _fits_table(fits) -> str:
+    from scaling.analysis import fmt_number
+
     if not fits:
         return "<p>No fits stored; run <code>scaling fit --sweep NAME --law LAW</code>.</p>"
     levels = {f.settings.get("confidence", 0.95) for f in fits}
@@ -161,10 +162,10 @@ def _fits_table(fits) -> str:
     for f in fits:
         cells = []
         for k, v in f.params.items():
-            cell = f"{_e(k)} = {_num(v)}"
+            cell = f"{_e(k)} = {fmt_number(v)}"
             if k in f.intervals:
                 lo, hi = f.intervals[k]
-                cell += f" [{_num(lo)}, {_num(hi)}]"
+                cell += f" [{fmt_number(lo)}, {fmt_number(hi)}]"
             cells.append(cell)
         rows.append(
             f'<tr><td class="l">{_e(f.law)}</td><td class="l">{_e(f.what)}</td>'
@@ -217,10 +218,6 @@ def _table(head, rows, left=frozenset({0})) -> str:
 
 def _value(v) -> str:
     return v if isinstance(v, str) and v else json.dumps(v)
-
-
-def _num(v) -> str:
-    return "nan" if v is None or not math.isfinite(v) else f"{v:.4g}"
 
 
 def _e(text) -> str:

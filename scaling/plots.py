@@ -84,7 +84,9 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
         _check_kind(kind)
     if vector not in VECTOR_FORMATS:
         raise UserError(f"vector format {vector!r} is not one of {', '.join(VECTOR_FORMATS)}")
-    runs = _sweep_runs(store, sweep)
+    from scaling.analysis import sweep_runs  # lazily: it loads the fitter (JAX)
+
+    runs = sweep_runs(store, sweep)
     if run is not None and run not in {r.run_id for r in runs}:
         raise UserError(f"run {run!r} is not in sweep {sweep!r}; its runs: "
                         + ", ".join(r.run_id for r in runs))
@@ -106,20 +108,14 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
 def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None) -> Plot:
     """One figure of `sweep`; raises UserError when the sweep's data does not allow it."""
     _check_kind(kind)
-    runs = _sweep_runs(store, sweep)
+    from scaling.analysis import sweep_runs  # lazily: it loads the fitter (JAX)
+
+    runs = sweep_runs(store, sweep)
     plot = Plot(kind)
     with matplotlib.rc_context(STYLE):
         plot.figure = _BUILDERS[kind](store, sweep, runs, plot, run)
     plot.legend = legend_texts(plot.figure)
     return plot
-
-
-def _sweep_runs(store, sweep):
-    runs = store.runs(sweep)
-    if not runs:
-        known = ", ".join(store.sweeps()) or "none"
-        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
-    return runs
 
 
 def _check_kind(kind):
