@@ -100,12 +100,18 @@ def _call(fn, arg):
     return fn(arg) if arg is not None else fn()
 
 
-def study_config(path: str, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
-    """get_config() of a study file with command-line overrides applied and validated."""
-    module, arg, stem = load_study(path)
+def _study_base(module, arg, stem: str):
+    """get_config(arg), its sweep named after the study file unless it names one."""
     config = _call(module.get_config, arg)
     if not config.sweep_name:
         config.sweep_name = stem
+    return config
+
+
+def study_config(path: str, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """get_config() of a study file with command-line overrides applied and validated."""
+    module, arg, stem = load_study(path)
+    config = _study_base(module, arg, stem)
     apply_overrides(config, overrides or {})
     validate(config)
     return config
@@ -121,9 +127,7 @@ def study_sweep(path: str, overrides: dict[str, str] | None = None):
         raise UserError(f"config file {path!r} has no get_sweep(); use `scaling run` for one run")
     members = []
     for i, member in enumerate(_call(module.get_sweep, arg)):
-        config = _call(module.get_config, arg)
-        if not config.sweep_name:
-            config.sweep_name = stem
+        config = _study_base(module, arg, stem)
         apply_overrides(config, member, where=f"get_sweep() member {i}")
         apply_overrides(config, overrides or {})
         validate(config)
