@@ -16,6 +16,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# How training FLOPs per token are counted. Papers differ, and a fit made
+# under one convention is not comparable with one made under another:
+#   6N                   Kaplan's C ~= 6 N B S, N non-embedding (his Table 1 drops attention)
+#   6N_total             6 N with N every parameter, embeddings included (Chinchilla's budgets)
+#   6N+attention         6 N + 6 n_layer n_ctx d_model (Kaplan 2.1, attention over the context)
+#   6N+causal_attention  the same with the attention term halved, as a causal mask does
+FLOP_CONVENTIONS = ("6N", "6N_total", "6N+attention", "6N+causal_attention")
+DEFAULT_FLOP_CONVENTION = "6N+attention"  # what runs.flops and the `flops` metric hold
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
@@ -85,6 +94,20 @@ class ModelShape:
     def train_flops_per_token(self) -> int:
         """Kaplan's training FLOPs per token, 6 N + 6 n_layer n_ctx d_model."""
         return train_flops_per_token(self.n_params_kaplan, self.n_layer, self.n_ctx, self.d_model)
+
+    def flops_per_token(self, convention: str = DEFAULT_FLOP_CONVENTION) -> int:
+        """Training FLOPs per token under one of FLOP_CONVENTIONS."""
+        n, attention = self.n_params_kaplan, 6 * self.n_layer * self.n_ctx * self.d_model
+        counts = {
+            "6N": 6 * n,
+            "6N_total": 6 * self.n_params,
+            "6N+attention": 6 * n + attention,
+            "6N+causal_attention": 6 * n + attention // 2,
+        }
+        if convention not in counts:
+            raise ValueError(f"unknown FLOP convention {convention!r}; "
+                             f"known: {', '.join(FLOP_CONVENTIONS)}")
+        return counts[convention]
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -53,3 +53,16 @@ def test_bad_shapes_are_refused_with_the_key():
         ModelShape(2, 100, 3, 16, 256)
     with pytest.raises(ValueError, match=r"model.n_layer=0"):
         ModelShape(0, 64, 2, 16, 256)
+
+
+def test_flop_conventions_by_hand():
+    shape = ModelShape(n_layer=2, d_model=64, n_heads=4, n_ctx=128, vocab_size=256)
+    n = 2 * 2 * 64 * (2 * 64 + 256)
+    attention = 6 * 2 * 128 * 64
+    assert shape.flops_per_token("6N") == 6 * n
+    assert shape.flops_per_token("6N_total") == 6 * shape.n_params
+    assert shape.flops_per_token("6N+attention") == 6 * n + attention
+    assert shape.flops_per_token() == shape.train_flops_per_token
+    assert shape.flops_per_token("6N+causal_attention") == 6 * n + attention // 2
+    with pytest.raises(ValueError, match="known: 6N"):
+        shape.flops_per_token("5N")
