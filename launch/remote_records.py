@@ -9,7 +9,7 @@ through `etils.epath` (a local folder or gs://):
 
 Files are only added, never edited or deleted (a status change is a new
 file; the newest is the run's status), and each is written whole to a
-temporary name and then renamed, so a reader sees a file complete or not
+temporary name and then moved into place, so a reader sees a file complete or not
 at all. Writing the same eval step again (a resume past the last
 checkpoint) replaces it with the same content, so everything is idempotent,
 and the store's keyed writes make ingesting it twice a no-op.
@@ -39,7 +39,7 @@ def _write(path: epath.Path, payload: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     partial.write_text(json.dumps(payload, sort_keys=True))
-    partial.rename(path)
+    partial.replace(path)  # rename refuses an existing name; a rewrite is the same content
 
 
 class RunRecords:
