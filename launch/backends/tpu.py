@@ -83,7 +83,7 @@ def acquire(plan: SweepPlan, slice_index: int) -> list[Step]:
     install = " && ".join([shlex.join(["mkdir", "-p", directory]),
                            shlex.join(["tar", "-xzf", ARCHIVE, "-C", directory]),
                            remote_shell(directory, [launch["python"], "-m", "pip", "install",
-                                                    "-q", "-e", ".", "jax[tpu]"])])
+                                                    "-q", "-e", ".", "jax[tpu]", "gcsfs"])])
     return [
         *create,
         Step(["gcloud", "compute", "tpus", "tpu-vm", "scp", local_archive(plan),

@@ -45,7 +45,9 @@ def train(plan: SweepPlan, slice_index: int, member: Member) -> list[Step]:
     where = ["--zone", launch["zone"]] + (["--project", launch["project"]]
                                           if launch["project"] else [])
     command = " && ".join([
-        shlex.join([launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]"]),
+        # gcsfs: etils (and orbax through it) reach gs:// with it.
+        shlex.join([launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]",
+                    "gcsfs"]),
         "SCALING_DISTRIBUTED=auto " + shlex.join(trainer_args(launch["python"], plan, member)),
     ])
     return [
