@@ -139,7 +139,8 @@ def _distributed_flags(parser):
 # `scaling sweep` flags that fill config.launch keys (and win over them).
 _LAUNCH_FLAGS = {"backend": str, "project": str, "zone": str, "accelerator": str,
                  "runtime_version": str, "tpu_name": str, "bucket": str, "cluster": str,
-                 "runs_per_slice": int, "max_retries": int, "retry_backoff_s": float}
+                 "runs_per_slice": int, "max_retries": int, "retry_backoff_s": float,
+                 "parallel": int}
 _LAUNCH_SWITCHES = ("spot", "best_effort", "keep_slice")
 
 
@@ -236,9 +237,18 @@ def _sweep(args, overrides):
     overrides = {**overrides, **_launch_overrides(args)}
     from launch import config as config_lib
 
-    backend_name = config_lib.study_config(args.config, overrides).launch.backend
-    if args.dry_run or backend_name != "local":
-        return _launch(args, overrides, backend_name)
+    launch = config_lib.study_config(args.config, overrides).launch
+    if args.dry_run or launch.backend != "local":
+        return _launch(args, overrides, launch.backend)
+    if launch.parallel > 1:
+        from launch.backends import local
+
+        outcome = local.train_parallel(args.config, overrides, launch.parallel,
+                                       retry_failed=args.retry_failed)
+        failed = sorted(r for r, o in outcome.items() if o != "finished")
+        print(f"sweep done: {len(outcome) - len(failed)} finished, {len(failed)} failed"
+              + (f" ({', '.join(failed)})" if failed else ""))
+        return 1 if failed else 0
     _join_processes(args)
     from launch import sweep
 

@@ -18,7 +18,12 @@ _RUN_FIELDS = {f.name for f in dataclasses.fields(RunRecord)}
 
 def remote_runs(bucket: str, sweep: str | None) -> list[dict]:
     """The records of every run in the bucket (of one sweep, if named)."""
-    runs = [remote_records.read_run(bucket, i) for i in remote_records.run_ids(bucket)]
+    try:
+        runs = [remote_records.read_run(bucket, i) for i in remote_records.run_ids(bucket)]
+    except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
+        raise UserError(f"cannot read the records in {bucket} ({type(e).__name__}: "
+                        f"{str(e)[:120]}); for gs:// `pip install gcsfs` and `gcloud auth "
+                        "application-default login`") from None
     return [r for r in runs if sweep is None or r["run"]["config"].get("sweep_name") == sweep]
 
 

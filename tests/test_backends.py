@@ -292,3 +292,58 @@ def test_real_gcloud_accepts_every_generated_command(tmp_path):
         assert "unrecognized arguments" not in output, (args, output)
         assert "Invalid choice" not in output and "invalid choice" not in output, (args, output)
         assert "active account" in output, (args, output)  # parsed, then stopped for auth
+
+
+class _FakeProcess:
+    """A process that finishes after a few polls; counts how many run at once."""
+
+    live = []
+    most = 0
+
+    def __init__(self, args):
+        self.args, self.polls, self.returncode = args, 0, None
+        _FakeProcess.live.append(self)
+        _FakeProcess.most = max(_FakeProcess.most, len(_FakeProcess.live))
+        _FakeProcess.started.append(args)
+
+    def poll(self):
+        self.polls += 1
+        if self.polls >= 3:
+            self.returncode = 1 if "--config.model.d_model=32" in self.args else 0
+            if self in _FakeProcess.live:
+                _FakeProcess.live.remove(self)
+        return self.returncode
+
+
+def test_local_parallel_runs_n_processes_at_a_time(tmp_path):
+    from launch.backends import local
+
+    _FakeProcess.live, _FakeProcess.most, _FakeProcess.started = [], 0, []
+    over = {"store": str(tmp_path / "s.sqlite"), "progress": "false"}
+    outcome = local.train_parallel(STUDY, over, 2, popen=_FakeProcess, wait_s=0)
+    assert _FakeProcess.most == 2 and len(_FakeProcess.started) == 3
+    ids = _run_ids(over)
+    assert outcome == {ids[0]: "finished", ids[1]: "failed (exit code 1)", ids[2]: "finished"}
+    for args, run_id in zip(_FakeProcess.started, ids, strict=True):
+        assert args[1:5] == ["-m", "launch.cli", "run", STUDY]
+        over_run = dict(a.removeprefix("--config.").split("=", 1) for a in args[5:])
+        assert config_lib.run_id(config_lib.study_config(STUDY, over_run)) == run_id
+
+
+@pytest.mark.slow  # three tiny trainings in subprocesses
+def test_local_parallel_sweep_trains_every_member(tmp_path, data_cache, capsys):
+    store = tmp_path / "s.sqlite"
+    small = ["--config.store", str(store), "--config.workdir", str(tmp_path / "runs"),
+             "--config.data.cache_dir", data_cache, "--config.progress=false",
+             "--config.train.steps=10", "--config.train.warmup_steps=1",
+             "--config.model.n_ctx=32", "--config.eval.points=3", "--config.checkpoint.every=10"]
+    assert main(["sweep", STUDY, "--parallel", "2", *small]) == 0
+    assert "sweep done: 3 finished, 0 failed" in capsys.readouterr().out
+    from scaling.store import Store
+
+    with Store(store) as s:
+        runs = s.runs("local_cpu_tiny")
+        assert [r.status for r in runs] == ["finished"] * 3
+    # A relaunch trains nothing.
+    assert main(["sweep", STUDY, "--parallel", "2", *small]) == 0
+    assert "sweep done: 0 finished, 0 failed" in capsys.readouterr().out
