@@ -254,6 +254,13 @@ def test_bad_launch_settings_are_one_line_errors(tmp_path, fake, capsys, flags, 
     assert fake() == []
 
 
+def test_a_study_outside_the_repository_is_refused(tmp_path, capsys):
+    study = tmp_path / "study.py"
+    shutil.copy("experiments/local_cpu.py", study)
+    assert main(["sweep", f"{study}:tiny", *_flags(tmp_path / "b"), "--dry-run"]) == 2
+    assert "is outside this repository" in capsys.readouterr().err
+
+
 def test_a_missing_zone_is_named(tmp_path, capsys):
     assert main(["sweep", STUDY, "--backend", "tpu", "--tpu-name", NAME, "--accelerator",
                  ACCEL, "--bucket", str(tmp_path), "--dry-run"]) == 2

@@ -11,7 +11,6 @@ failed on its own, and it is reported with its reason and not retried.
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -79,7 +78,7 @@ def _skip_reason(bucket: str, run_id: str, retry_failed: bool) -> str | None:
 def _repo_relative(study: str, backend: str) -> str:
     """The study file as the workers see it: relative to the repository root (here)."""
     file, colon, arg = study.partition(":")
-    if backend == "local" or not os.path.isabs(file):
+    if backend == "local":
         return study
     try:
         relative = Path(file).resolve().relative_to(Path.cwd().resolve())
