@@ -14,14 +14,18 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from scaling.errors import UserError
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, max_to_keep: int):
+    def __init__(self, directory: Path | epath.Path, max_to_keep: int):
+        # A local folder is made absolute (orbax needs it); gs://... is used as it is.
+        if not str(directory).startswith("gs://"):
+            directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
+            epath.Path(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
             item_names=("state", "data"),
         )

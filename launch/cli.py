@@ -2,8 +2,10 @@
 
     scaling run CONFIG [--config.key=value ...]       train one run
     scaling sweep CONFIG [--config.key=value ...]     train a study's family
+    scaling sweep CONFIG --backend tpu|xpk ... [--dry-run]   ... on a TPU pod or GKE
+    scaling sync SWEEP --bucket B [--store PATH]      ingest remote runs' records
     scaling prepare CONFIG                            fetch and tokenise its corpus
-    scaling status [CONFIG] [--store PATH] [--json]   runs, states, last eval loss
+    scaling status [CONFIG] [--store PATH] [--bucket B] [--json]   runs, states, last loss
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
     scaling query --sweep NAME [--law LAW] [--json]   the stored fits
@@ -60,7 +62,14 @@ def _parser():
     sweep.add_argument("--retry-failed", action="store_true",
                        help="train runs that failed earlier again")
     _distributed_flags(sweep)
+    _launch_flags(sweep)
     sweep.set_defaults(handler=_sweep)
+
+    sync = sub.add_parser("sync", help="ingest the records of a sweep's remote runs")
+    sync.add_argument("sweep", help="sweep name (config.sweep_name)")
+    sync.add_argument("--bucket", required=True, help="gs://BUCKET[/path] or a local folder")
+    sync.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    sync.set_defaults(handler=_sync)
 
     prepare = sub.add_parser("prepare", help="download and tokenise the corpus of CONFIG")
     prepare.add_argument("config")
@@ -71,6 +80,7 @@ def _parser():
     status.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     status.add_argument("--sweep", help="only this sweep's runs")
     status.add_argument("--json", action="store_true", help="print a JSON list")
+    status.add_argument("--bucket", help="read remote runs' records in this bucket instead")
     status.set_defaults(handler=_status)
 
     fit = sub.add_parser("fit", help="fit a law to a sweep's results or to a CSV")
@@ -124,6 +134,39 @@ def _distributed_flags(parser):
     group.add_argument("--coordinator", help="host:port of process 0's coordinator service")
     group.add_argument("--num-processes", type=int, help="how many processes take part")
     group.add_argument("--process-id", type=int, help="this process's id, 0..N-1")
+
+
+# `scaling sweep` flags that fill config.launch keys (and win over them).
+_LAUNCH_FLAGS = {"backend": str, "project": str, "zone": str, "accelerator": str,
+                 "runtime_version": str, "tpu_name": str, "bucket": str, "cluster": str,
+                 "runs_per_slice": int, "max_retries": int, "retry_backoff_s": float,
+                 "parallel": int}
+_LAUNCH_SWITCHES = ("spot", "best_effort", "keep_slice")
+
+
+def _launch_flags(parser):
+    group = parser.add_argument_group(
+        "launchers", "where the runs go; each flag sets config.launch.<key> (see README, "
+        "\"Running on a TPU pod\")")
+    for key, kind in _LAUNCH_FLAGS.items():
+        group.add_argument("--" + key.replace("_", "-"), type=kind, dest=f"launch_{key}")
+    for key in _LAUNCH_SWITCHES:
+        group.add_argument("--" + key.replace("_", "-"), action="store_true",
+                           dest=f"launch_{key}")
+    group.add_argument("--direct", action="store_true",
+                       help="tpu: create the slice directly, not through a queued resource")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print every command the launch would run, in order; run nothing")
+
+
+def _launch_overrides(args) -> dict[str, str]:
+    chosen = {f"launch.{key}": str(getattr(args, f"launch_{key}"))
+              for key in _LAUNCH_FLAGS if getattr(args, f"launch_{key}") is not None}
+    chosen.update({f"launch.{key}": "true" for key in _LAUNCH_SWITCHES
+                   if getattr(args, f"launch_{key}")})
+    if args.direct:
+        chosen["launch.queued"] = "false"
+    return chosen
 
 
 def _join_processes(args):
@@ -191,6 +234,21 @@ def _run(args, overrides):
 
 
 def _sweep(args, overrides):
+    overrides = {**overrides, **_launch_overrides(args)}
+    from launch import config as config_lib
+
+    launch = config_lib.study_config(args.config, overrides).launch
+    if args.dry_run or launch.backend != "local":
+        return _launch(args, overrides, launch.backend)
+    if launch.parallel > 1:
+        from launch.backends import local
+
+        outcome = local.train_parallel(args.config, overrides, launch.parallel,
+                                       retry_failed=args.retry_failed)
+        failed = sorted(r for r, o in outcome.items() if o != "finished")
+        print(f"sweep done: {len(outcome) - len(failed)} finished, {len(failed)} failed"
+              + (f" ({', '.join(failed)})" if failed else ""))
+        return 1 if failed else 0
     _join_processes(args)
     from launch import sweep
 
@@ -199,6 +257,32 @@ def _sweep(args, overrides):
     if _is_process_zero():
         print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0 if set(outcome.values()) <= {"finished", "followed"} else 1
+
+
+def _launch(args, overrides, backend_name: str):
+    from launch.backends import get_backend, runner
+
+    backend = get_backend(backend_name)
+    plan = runner.make_plan(args.config, overrides, retry_failed=args.retry_failed,
+                            strict=not args.dry_run)
+    if args.dry_run:
+        runner.dry_run(backend, plan)
+        return 0
+    outcome = runner.execute(backend, plan)
+    failed = {r: o for r, o in outcome.items() if o.startswith("failed")}
+    print(f"sweep {plan.sweep_name} done on {backend_name}: {len(outcome) - len(failed)} "
+          f"finished or skipped, {len(failed)} failed; `scaling sync {plan.sweep_name} "
+          f"--bucket {plan.launch['bucket']}` fetches the results")
+    return 1 if failed else 0
+
+
+def _sync(args, overrides):
+    from launch import sync
+
+    with _open_store(_store_path(args, overrides), must_exist=False) as store:
+        counts = sync.sync(store, args.bucket, args.sweep)
+    print(f"synced {counts['runs']} runs ({counts['evals']} evals) of {args.sweep} "
+          f"into {store.path}")
 
 
 def _prepare(args, overrides):
@@ -213,6 +297,12 @@ def _prepare(args, overrides):
 def _status(args, overrides):
     from scaling import report
 
+    if args.bucket:
+        from launch import sync
+
+        rows = sync.status_rows(args.bucket, args.sweep)
+        print(json.dumps(rows, indent=1) if args.json else report.status_table(rows))
+        return
     with _open_store(_store_path(args, overrides)) as store:
         rows = report.status_rows(store, args.sweep)
     print(json.dumps(rows, indent=1) if args.json else report.status_table(rows))

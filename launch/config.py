@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
+from launch.backends.settings import launch_defaults, validate_launch
 from launch.data import default_data_config
 from models.sizes import ModelShape
 from models.transformer import ModelConfig
@@ -27,7 +28,8 @@ from scaling.errors import UserError
 # laid over devices, not what is
 # trained: they are left out of the run id, so moving a store or turning off
 # progress bars does not make a finished run look new.
-NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh")
+NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
+                     "launch")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # parameter (ZeRO-3) sharding
     c.mesh.tensor = 1  # tensor (model) parallelism
     c.mesh.rules = ""  # JSON overrides of models/sharding.RULES, e.g. '{"embed": null}'
+
+    c.launch = launch_defaults()  # where runs go: local, Cloud TPU (gcloud), GKE (xpk)
     return c
 
 
@@ -216,6 +220,7 @@ def validate(config):
                         "the byte tokenizer; use 256 or more")
     if not config.store:
         raise UserError("config.store is empty; give the path of the SQLite results store")
+    validate_launch(config.launch)
 
 
 def model_config(config) -> ModelConfig:

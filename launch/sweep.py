@@ -61,6 +61,20 @@ def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[st
             store.close()
 
 
+def members_to_train(path: str, overrides: dict, retry_failed: bool = False) -> list[str]:
+    """Register the sweep's runs (as run_sweep does) and return the ids still to train."""
+    members = config_lib.study_sweep(path, overrides)
+    ids = [config_lib.run_id(c) for c in members]
+    stores = _open_stores(members, ids, overrides, str(path))
+    try:
+        return [run_id for i, (config, run_id) in enumerate(zip(members, ids, strict=True))
+                if _decide(config, run_id, stores[config.store], retry_failed,
+                           f"[{i + 1}/{len(members)}]") == TRAIN]
+    finally:
+        for store in stores.values():
+            store.close()
+
+
 def _open_stores(members, ids, overrides, study: str) -> dict[str, Store]:
     """Open each member's store and register the sweep's runs, so `status` lists them all."""
     sweep_name = members[0].sweep_name

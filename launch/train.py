@@ -11,6 +11,7 @@ The loop only schedules, logs and checkpoints; the math is in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from launch import checkpoints, data, distributed, steps
+from launch import checkpoints, data, distributed, remote_records, steps
 from launch import config as config_lib
 from launch.corpus import resolve_cache_dir
 from launch.peak import matmul_peak_flops
@@ -66,12 +67,23 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
     own_store = store is None and is_writer  # the other processes never open the store
     if own_store:
         store = Store(config.store)
+    # With a bucket, process 0 also writes the run's records there (launch/remote_records.py).
+    records = remote_records.for_config(config, run_id) if is_writer else None
+
+    def mark(status, step=None, reason=None):
+        store.set_status(run_id, status, step=step, reason=reason)
+        if records:
+            records.status(status, step, reason)
+
     try:
         if is_writer:
             store.register_run(run_record(config, run_id), sweep=config.sweep_name)
+            if records:
+                records.start(dataclasses.asdict(run_record(config, run_id)))
         # A finished run stays finished, whatever this launch would change;
-        # process 0 knows, and tells the others so all of them return.
-        finished = is_writer and store.run(run_id).status == "finished"
+        # process 0 knows (from its store or the bucket's records), and tells the others.
+        finished = is_writer and (store.run(run_id).status == "finished"
+                                  or bool(records and records.finished()))
         if jax.process_count() > 1:
             finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
         if finished:
@@ -79,20 +91,20 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 print(f"run {run_id} finished earlier; nothing to train", file=sys.stderr)
             return run_id
         if is_writer:
-            store.set_status(run_id, "running")
+            mark("running")
         try:
-            _train(config, run_id, store, is_writer)
+            _train(config, run_id, store, is_writer, records)
         except DivergedError as e:
             if is_writer:
-                store.set_status(run_id, "failed", reason=str(e))
+                mark("failed", reason=str(e))
             raise
         except (KeyboardInterrupt, UserError) as e:
             # Not the run's fault: it stays pending and trains on the next launch.
             if is_writer:
-                store.set_status(run_id, "pending", reason=str(e) or "interrupted")
+                mark("pending", reason=str(e) or "interrupted")
             raise
         if is_writer:
-            store.set_status(run_id, "finished", step=config.train.steps, reason=None)
+            mark("finished", step=config.train.steps)
     finally:
         if own_store:
             store.close()
@@ -108,14 +120,16 @@ def _use_compilation_cache(cache_dir: str):
 
 
 def _tensorboard_writer(run_dir: Path, start_step: int):
-    """Event files in <run_dir>/tensorboard with every eval row's scalars (tags as in the
-    store). A resumed run purges the events past its checkpoint, which it logs again."""
+    """Event files in <workdir>/<run_id>/tensorboard with every eval row's scalars (tags as
+    in the store). A resumed run purges the events past its checkpoint, which it logs again.
+    They stay on the local disk also when checkpoints go to a bucket."""
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 
 
-def _train(config, run_id: str, store: Store, is_writer: bool):
+def _train(config, run_id: str, store: Store, is_writer: bool,
+           records: remote_records.RunRecords | None):
     _use_compilation_cache(config.data.cache_dir)
     model_cfg = config_lib.model_config(config)
     shape = model_cfg.shape
@@ -137,7 +151,10 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
     train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn)
 
-    run_dir = Path(config.workdir) / run_id
+    local_dir = Path(config.workdir) / run_id
+    # With a bucket, checkpoints live there so a new slice resumes from them.
+    run_dir = (remote_records.run_dir(config.launch.bucket, run_id) if config.launch.bucket
+               else local_dir)
     ckpt = checkpoints.Checkpointer(run_dir / "checkpoints", config.checkpoint.max_to_keep)
     state, start_step = ckpt.restore_latest(state, state_shardings, corpus.fingerprint)
     if is_writer:
@@ -168,7 +185,7 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
     pending_metrics = []  # device scalars since the last eval: fetched only when logging
     window_start, window_steps = time.perf_counter(), 0
-    tensorboard = _tensorboard_writer(run_dir, start_step) if is_writer else None
+    tensorboard = _tensorboard_writer(local_dir, start_step) if is_writer else None
     # Closing the checkpointer waits for an async save in flight, also when
     # the loop stops early (interrupt, divergence), so no save is cut short.
     with (jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.closing(bar),
@@ -208,6 +225,8 @@ def _train(config, run_id: str, store: Store, is_writer: bool):
                                         "lower train.learning_rate")
                 if is_writer:
                     store.log_eval(run_id, done, row, per_token_L)
+                    if records:
+                        records.eval(done, row, per_token_L)
                     for name, value in row.items():
                         tensorboard.add_scalar(name, value, done, walltime=row["wall_time"])
                     tensorboard.flush()

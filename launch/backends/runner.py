@@ -1,0 +1,194 @@
+"""Launching a sweep through a backend: plan it, print it (--dry-run) or run it.
+
+Relaunching is safe: members whose records in the bucket say finished are
+skipped, failed ones too unless --retry-failed, and the others resume from
+their last checkpoint in the bucket. When a member's command fails the
+runner asks the backend whether the slice was preempted; if so it deletes
+what is left of the slice, waits (retry_backoff_s, doubling) and requests
+it again, at most launch.max_retries times per member; otherwise the run
+failed on its own, and it is reported with its reason and not retried.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launch import config as config_lib
+from launch import remote_records
+from launch.backends import Backend, Member, Step, SweepPlan, commands
+from scaling.errors import UserError
+
+# Wait states that will never become ready by themselves.
+_DEAD = {"FAILED", "SUSPENDING", "SUSPENDED", "PREEMPTED", "TERMINATED", "DELETING"}
+
+
+class _Unavailable(Exception):
+    """The slice could not be had or was lost: retried with backoff."""
+
+
+def make_plan(study: str, overrides: dict, retry_failed: bool = False,
+              strict: bool = True) -> SweepPlan:
+    """The sweep's members (validated) and what to skip, from the bucket's records.
+
+    A bucket that cannot be read is an error, unless not `strict` (a dry run,
+    which must work without credentials): then every member is planned and
+    the plan's `notes` say why.
+    """
+    configs = config_lib.study_sweep(study, overrides)
+    module, arg, _ = config_lib.load_study(study)
+    raw = module.get_sweep(arg) if arg is not None else module.get_sweep()
+    launch = configs[0].launch.to_dict()
+    members, skipped, notes = [], {}, []
+    for config, own in zip(configs, raw, strict=True):
+        run_id = config_lib.run_id(config)
+        try:
+            why = None if notes else _skip_reason(launch["bucket"], run_id, retry_failed)
+        except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
+            if strict:
+                raise UserError(f"cannot read the records in {launch['bucket']} ({e}); "
+                                "`pip install gcsfs` and `gcloud auth application-default "
+                                "login`, or check the bucket's name") from None
+            notes.append(f"could not read {launch['bucket']} ({type(e).__name__}: "
+                         f"{str(e)[:80]}); every member is listed")
+            why = None
+        if why:
+            skipped[run_id] = why
+        else:
+            members.append(Member(run_id, dict(own)))
+    return SweepPlan(study=_repo_relative(study, launch["backend"]), overrides=dict(overrides),
+                     launch=launch, sweep_name=configs[0].sweep_name, members=members,
+                     skipped=skipped, notes=notes)
+
+
+def _skip_reason(bucket: str, run_id: str, retry_failed: bool) -> str | None:
+    if not bucket:
+        return None
+    status = remote_records.latest_status(remote_records.records_dir(bucket, run_id))
+    if status and status["status"] == "finished":
+        return "finished earlier"
+    if status and status["status"] == "failed" and not retry_failed:
+        return f"failed earlier ({status['reason']}); --retry-failed trains it again"
+    return None
+
+
+def _repo_relative(study: str, backend: str) -> str:
+    """The study file as the workers see it: relative to the repository root (here)."""
+    file, colon, arg = study.partition(":")
+    if backend == "local":
+        return study
+    try:
+        relative = Path(file).resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        raise UserError(f"study file {file!r} is outside this repository, so the workers would "
+                        "not have it; move it under experiments/ and commit it") from None
+    return str(relative) + colon + arg
+
+
+def dry_run(backend: Backend, plan: SweepPlan, out=print):
+    """Print every command the launch would run, in order, one per line; run nothing."""
+    for note in plan.notes:
+        out(f"# {note}")
+    for run_id, why in plan.skipped.items():
+        out(f"# {run_id}: {why}, skipped")
+    for step in commands(backend, plan):
+        out(shlex.join(step.args))
+
+
+def _run(args: list[str], capture: bool) -> tuple[int, str]:
+    try:
+        done = subprocess.run(args, capture_output=capture, text=True, check=False)
+    except FileNotFoundError:
+        raise UserError(f"{args[0]!r} is not installed or not on PATH; install it "
+                        "(gcloud: https://cloud.google.com/sdk, xpk: pip install xpk)") from None
+    return done.returncode, (done.stdout or "") if capture else ""
+
+
+def execute(backend: Backend, plan: SweepPlan, run=_run, sleep=time.sleep,
+            say=lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, str]:
+    """Run the launch; returns {run_id: "finished" | "failed: reason" | "skipped: why"}."""
+    launch = plan.launch
+    outcome = {run_id: f"skipped: {why}" for run_id, why in plan.skipped.items()}
+    for step in backend.prepare(plan):
+        rc, _ = run(step.args, False)
+        if rc != 0:
+            raise UserError(f"`{shlex.join(step.args)}` failed (exit code {rc}); nothing was "
+                            "launched")
+    for i, group in enumerate(backend.groups(plan)):
+        ready = False
+        try:
+            for member in group:
+                attempts = 0
+                while member.run_id not in outcome:
+                    try:
+                        if not ready:
+                            _acquire(backend, plan, i, run, sleep)
+                            ready = True
+                        outcome[member.run_id] = _train(backend, plan, i, member, run)
+                    except _Unavailable as lost:
+                        ready = False
+                        if attempts >= launch["max_retries"]:
+                            outcome[member.run_id] = (f"failed: {lost}, {attempts} re-requests "
+                                                      "spent (launch.max_retries)")
+                            break
+                        attempts += 1
+                        wait = launch["retry_backoff_s"] * 2 ** (attempts - 1)
+                        say(f"{member.run_id}: {lost}; re-requesting the slice in {wait:.0f} s "
+                            f"({attempts}/{launch['max_retries']})")
+                        _release(backend, plan, i, run)
+                        sleep(wait)
+                say(f"{member.run_id}: {outcome[member.run_id]}")
+        finally:
+            _release(backend, plan, i, run)
+    return outcome
+
+
+def _acquire(backend, plan, i, run, sleep):
+    for step in backend.acquire(plan, i):
+        if step.wait_for is None:
+            rc, _ = run(step.args, False)
+            if rc != 0:
+                raise _Unavailable(f"`{' '.join(step.args[:6])} ...` failed (exit code {rc})")
+            continue
+        while True:
+            rc, output = run(step.args, True)
+            state = output.strip()
+            if rc == 0 and state == step.wait_for:
+                break
+            if rc != 0 or state in _DEAD:
+                raise _Unavailable(f"the slice is {state or 'gone'} before it became "
+                                   f"{step.wait_for}")
+            sleep(plan.launch["poll_s"])
+
+
+def _train(backend, plan, i, member: Member, run) -> str:
+    for step in backend.train(plan, i, member):
+        rc, _ = run(step.args, False)
+        if rc == 0:
+            continue
+        check: Step | None = backend.state(plan, i)
+        if check is not None:
+            state_rc, output = run(check.args, True)
+            if backend.preempted(output, state_rc):
+                raise _Unavailable(f"slice preempted ({output.strip() or 'gone'})")
+        return f"failed: {_reason(plan, member.run_id, rc)}"
+    return "finished"
+
+
+def _reason(plan: SweepPlan, run_id: str, returncode: int) -> str:
+    """The run's own failure reason from its records, else the exit code."""
+    if plan.launch["bucket"]:
+        status = remote_records.latest_status(
+            remote_records.records_dir(plan.launch["bucket"], run_id))
+        if status and status["status"] == "failed" and status["reason"]:
+            return status["reason"]
+    return f"the trainer exited with code {returncode}"
+
+
+def _release(backend, plan, i, run):
+    # A failed delete (already gone) is not an error: the slice is what we wanted gone.
+    for step in backend.release(plan, i):
+        run(step.args, False)

@@ -1,0 +1,106 @@
+"""The `launch` section of a config: where a sweep's runs go, and its checks.
+
+Every key can also be set by a `scaling sweep` flag (`--backend`, `--zone`,
+...), which wins over the config file. None of these keys is part of a run's
+identity (config.NON_IDENTITY_KEYS), so moving a sweep from this CPU to a pod
+keeps its run ids, and a relaunch finds the runs it already trained.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_collections
+
+from scaling.errors import UserError
+
+BACKENDS = ("local", "tpu", "xpk")
+
+# v4-32, v5litepod-16, v5p-128, v6e-8: a TPU generation, a variant, a core/chip count.
+_ACCELERATOR = re.compile(r"^v\d+[a-z]*-\d+$")
+_ZONE = re.compile(r"^[a-z]+-[a-z]+\d+-[a-z]$")  # us-central2-b, europe-west4-a
+# Google Cloud resource names (TPU nodes, queued resources, GKE clusters).
+_RESOURCE = re.compile(r"^[a-z]([-a-z0-9]{0,37}[a-z0-9])?$")
+_BUCKET = re.compile(r"^gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9](/.*)?$")
+
+
+def launch_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.backend = "local"  # local | tpu (Cloud TPU VMs via gcloud) | xpk (GKE via xpk)
+    c.project = ""  # Google Cloud project; "" = the one `gcloud config` names
+    c.zone = ""  # e.g. us-central2-b (v4), us-west4-a (v5e); needed by tpu and xpk
+    c.accelerator = ""  # TPU type, e.g. v5litepod-16, v4-32; needed by tpu and xpk
+    c.runtime_version = "tpu-ubuntu2204-base"  # TPU VM image (gcloud --version/--runtime-version)
+    c.tpu_name = ""  # tpu: the slice's name (also its queued resource's); xpk: workload prefix
+    c.queued = True  # tpu: ask through a queued resource (waits for capacity) or create directly
+    c.spot = False  # spot capacity: cheaper, can be preempted at any time
+    c.best_effort = False  # queued best-effort capacity (gcloud alpha); exclusive with spot
+    c.bucket = ""  # gs://BUCKET[/path] (or a local folder): records and checkpoints of remote runs
+    c.parallel = 1  # local: members trained at once, one process each (where cores allow)
+    c.runs_per_slice = 0  # members trained on one slice before it is deleted; 0 = all
+    c.keep_slice = False  # keep the slice after the sweep (it keeps costing until deleted)
+    c.max_retries = 3  # re-requests of a preempted slice per run, then the run is reported
+    c.retry_backoff_s = 60.0  # seconds before the first re-request; doubles each time
+    c.poll_s = 30.0  # seconds between checks that a queued resource is ACTIVE
+    c.remote_dir = "scaling-suite"  # folder of the code in each worker's home
+    c.python = "python3"  # interpreter on the workers
+    c.cluster = ""  # xpk: GKE cluster name
+    c.docker_image = "python:3.11-slim"  # xpk: base image the code folder is added to
+    return c
+
+
+def validate_launch(launch):
+    """Raise UserError naming the first launch.* key that is wrong, and the fix."""
+    if launch.backend not in BACKENDS:
+        raise UserError(f"config.launch.backend={launch.backend!r} is not one of "
+                        f"{', '.join(BACKENDS)}")
+    bucket = launch.bucket
+    if "://" in bucket and not bucket.startswith("gs://"):
+        raise UserError(f"config.launch.bucket={bucket!r} is neither gs://BUCKET[/path] "
+                        "nor a local folder")
+    if bucket.startswith("gs://") and not _BUCKET.match(bucket):
+        raise UserError(f"config.launch.bucket={bucket!r} is not a valid bucket address; "
+                        "write gs://BUCKET or gs://BUCKET/path (lower case)")
+    if launch.parallel < 1:
+        raise UserError(f"config.launch.parallel={launch.parallel} must be 1 or more")
+    for key in ("runs_per_slice", "max_retries"):
+        if launch[key] < 0:
+            raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more")
+    for key in ("retry_backoff_s", "poll_s"):
+        if launch[key] < 0:
+            raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more seconds")
+    if launch.spot and launch.best_effort:
+        raise UserError("config.launch.spot and config.launch.best_effort are exclusive; "
+                        "choose one (--spot or --best-effort)")
+    if launch.backend == "local":
+        return
+    flag = {"zone": "--zone", "accelerator": "--accelerator", "bucket": "--bucket"}
+    for key in ("zone", "accelerator", "bucket"):
+        if not launch[key]:
+            raise UserError(f"the {launch.backend} backend needs config.launch.{key} "
+                            f"(or {flag[key]}); runs on a pod write their results there"
+                            if key == "bucket" else
+                            f"the {launch.backend} backend needs config.launch.{key} "
+                            f"(or {flag[key]})")
+    if not _ZONE.match(launch.zone):
+        raise UserError(f"config.launch.zone={launch.zone!r} is not a zone like us-central2-b")
+    if not _ACCELERATOR.match(launch.accelerator):
+        raise UserError(f"config.launch.accelerator={launch.accelerator!r} is not a TPU type "
+                        "like v5litepod-16 or v4-32")
+    if launch.backend == "tpu":
+        if not _RESOURCE.match(launch.tpu_name):
+            raise UserError(f"config.launch.tpu_name={launch.tpu_name!r} must be 1-39 lower-case "
+                            "letters, digits or '-', starting with a letter (--tpu-name NAME)")
+        if launch.best_effort and not launch.queued:
+            raise UserError("config.launch.best_effort needs config.launch.queued=True: "
+                            "best-effort capacity comes only through a queued resource")
+    if launch.backend == "xpk":
+        if not _RESOURCE.match(launch.cluster):
+            raise UserError(f"config.launch.cluster={launch.cluster!r}: the xpk backend needs "
+                            "the GKE cluster's name (--cluster NAME)")
+        if launch.tpu_name and not _RESOURCE.match(launch.tpu_name):
+            raise UserError(f"config.launch.tpu_name={launch.tpu_name!r} must be lower-case "
+                            "letters, digits or '-' (it prefixes the workload names)")
+        if launch.best_effort:
+            raise UserError("config.launch.best_effort is a queued-resource option of the tpu "
+                            "backend; xpk takes --spot")

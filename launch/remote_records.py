@@ -1,0 +1,105 @@
+"""A run's records in its bucket, next to its checkpoints, for `scaling sync` to ingest.
+
+When `config.launch.bucket` is set, process 0 of the trainer also writes,
+through `etils.epath` (a local folder or gs://):
+
+    <bucket>/runs/<run_id>/records/run.json                 the run (config, N, D, C)
+    <bucket>/runs/<run_id>/records/eval/<step>.json          one eval: scalars, per-token loss
+    <bucket>/runs/<run_id>/records/status/<time_ns>.json     each status change
+
+Files are only added, never edited or deleted (a status change is a new
+file; the newest is the run's status), and each is written whole to a
+temporary name and then moved into place, so a reader sees a file complete or not
+at all. Writing the same eval step again (a resume past the last
+checkpoint) replaces it with the same content, so everything is idempotent,
+and the store's keyed writes make ingesting it twice a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from etils import epath
+
+RUN, EVAL, STATUS = "run.json", "eval", "status"
+
+
+def run_dir(bucket: str, run_id: str) -> epath.Path:
+    """The run's folder in the bucket; its checkpoints go to <run_dir>/checkpoints."""
+    return epath.Path(bucket) / "runs" / run_id
+
+
+def records_dir(bucket: str, run_id: str) -> epath.Path:
+    return run_dir(bucket, run_id) / "records"
+
+
+def _write(path: epath.Path, payload: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    partial.write_text(json.dumps(payload, sort_keys=True))
+    partial.replace(path)  # rename refuses an existing name; a rewrite is the same content
+
+
+class RunRecords:
+    """The writer of one run's records (process 0 only)."""
+
+    def __init__(self, bucket: str, run_id: str):
+        self.run_id = run_id
+        self.directory = records_dir(bucket, run_id)
+
+    def start(self, record: dict):
+        """The run's description (a RunRecord as a dict); the same every time."""
+        _write(self.directory / RUN, record)
+
+    def eval(self, step: int, scalars: dict, per_token):
+        _write(self.directory / EVAL / f"{int(step):09d}.json",
+               {"step": int(step), "scalars": scalars,
+                "per_token": [float(x) for x in per_token]})
+
+    def status(self, status: str, step: int | None = None, reason: str | None = None):
+        now = time.time_ns()
+        _write(self.directory / STATUS / f"{now:020d}.json",
+               {"status": status, "step": step, "reason": reason, "time_ns": now})
+
+    def finished(self) -> bool:
+        latest = latest_status(self.directory)
+        return latest is not None and latest["status"] == "finished"
+
+
+def for_config(config, run_id: str) -> RunRecords | None:
+    """The run's record writer when its config names a bucket, else None."""
+    return RunRecords(config.launch.bucket, run_id) if config.launch.bucket else None
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def latest_status(directory: epath.Path) -> dict | None:
+    folder = directory / STATUS
+    if not folder.exists():
+        return None
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json")
+                   and not p.name.startswith("."))
+    return json.loads((folder / names[-1]).read_text()) if names else None
+
+
+def run_ids(bucket: str) -> list[str]:
+    """Every run with records in the bucket."""
+    runs = epath.Path(bucket) / "runs"
+    if not runs.exists():
+        return []
+    return sorted(p.name for p in runs.iterdir() if (p / "records" / RUN).exists())
+
+
+def read_run(bucket: str, run_id: str) -> dict:
+    """{"run": run.json, "status": newest status or None, "evals": [eval, ...] by step}."""
+    directory = records_dir(bucket, run_id)
+    evals = []
+    if (directory / EVAL).exists():
+        for path in sorted(directory.joinpath(EVAL).iterdir(), key=lambda p: p.name):
+            if path.name.endswith(".json") and not path.name.startswith("."):
+                evals.append(json.loads(path.read_text()))
+    return {"run": json.loads((directory / RUN).read_text()),
+            "status": latest_status(directory), "evals": evals}
