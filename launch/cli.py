@@ -6,6 +6,8 @@
     scaling status [CONFIG] [--store PATH] [--json]   runs, states, last eval loss
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
+    scaling check CONFIG [--law LAW]                  warn when a sweep cannot answer its question
+    scaling backtest SWEEP --law LAW --holdout-largest K   predict the largest runs from the rest
     scaling query --sweep NAME [--law LAW] [--json]   the stored fits
     scaling plot SWEEP --kind KIND [--out DIR]        figures of a sweep (PNG + SVG)
     scaling report SWEEP [--out FILE]                 one self-contained HTML page
@@ -89,6 +91,12 @@ def _parser():
     fit.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     fit.add_argument("--json", action="store_true")
     fit.set_defaults(handler=_fit)
+
+    check = sub.add_parser("check", help="design checks of a study's sweep, before launch")
+    check.add_argument("config")
+    check.add_argument("--law", help="the law the sweep is for (default: chinchilla when D "
+                                     "varies across members, else saturating)")
+    check.set_defaults(handler=_check)
 
     query = sub.add_parser("query", help="the fitted laws of a sweep")
     query.add_argument("--sweep", required=True)
@@ -237,6 +245,17 @@ def _fit(args, overrides):
         records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
                                      bootstrap=args.bootstrap, objective=args.objective)
     _print_fits(records, args.json)
+
+
+def _check(args, overrides):
+    from launch import config as config_lib
+    from launch import sweep
+
+    warnings = sweep.design_warnings(config_lib.study_sweep(args.config, overrides), args.law)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if not warnings:
+        print("design checks passed")
 
 
 def _query(args, overrides):

@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaling import varpro as vp
 from scaling.errors import UserError
 from scaling.inputs import as_curves, check_fixed, check_settings, merged_grid
 from scaling.laws import Law, get_law
 from scaling.minimize import Solution, minimize_tasks
-from scaling import varpro as vp
 
 # Bootstrap resamples of a curve start from its full-data best and from up to
 # this many - 1 other local minima within NEAR_TIE of it (see `_refit_starts`).
@@ -139,15 +139,7 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
     x, y, mask = as_curves(law, x, y, mask)
     check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts)
     fixed_values = check_fixed(law, fixed, len(y))
-    if varpro:
-        return _fit_varpro(law, x, y, mask, fixed_values, objective=objective, delta=delta,
-                           bootstrap=bootstrap, seed=seed, max_iter=max_iter, tol=tol,
-                           init_grid=init_grid, confidence=confidence)
     free = tuple(k for k in law.param_names if k not in fixed_values)
-    if starts is None:
-        starts = law.grid_points(free, merged_grid(law, init_grid))
-    starts = np.broadcast_to(np.asarray(starts, float).reshape(-1, *np.shape(starts)[-2:]),
-                             (len(y), np.shape(starts)[-2], len(free)))
     n_points = mask.sum(axis=1)
     short = np.flatnonzero(n_points < len(free))
     if short.size:
@@ -155,7 +147,14 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         raise UserError(f"curve {c} has {n_points[c]} valid points but law {law.name!r} has "
                         f"{len(free)} free parameters; give it more points, pin some with "
                         "fixed=, or drop the curve")
-
+    if varpro:
+        return _fit_varpro(law, x, y, mask, fixed_values, objective=objective, delta=delta,
+                           bootstrap=bootstrap, seed=seed, max_iter=max_iter, tol=tol,
+                           init_grid=init_grid, confidence=confidence)
+    if starts is None:
+        starts = law.grid_points(free, merged_grid(law, init_grid))
+    starts = np.broadcast_to(np.asarray(starts, float).reshape(-1, *np.shape(starts)[-2:]),
+                             (len(y), np.shape(starts)[-2], len(free)))
     spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), int(bootstrap),
                  _chunk_size(y.shape[1]), int(keep_starts or 0), min(SCREEN_EVALS, max_iter),
                  ())
@@ -174,7 +173,6 @@ def _fit_varpro(law, x, y, mask, fixed_values, *, objective, delta, bootstrap, s
     projected = vp.check_law(law, fixed_values)
     free = tuple(k for k in law.param_names if k not in fixed_values and k not in projected)
     starts = law.grid_points(free, merged_grid(law, init_grid))
-    n_points = mask.sum(axis=1)
     spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), 0,
                  _chunk_size(y.shape[1]), 0, min(SCREEN_EVALS, max_iter), projected)
     fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
