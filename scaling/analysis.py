@@ -72,6 +72,15 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     return records
 
 
+def sweep_arrays(store: Store, sweep: str, law_name: str, what: str = "final"):
+    """(labels, x [C, P, n_inputs], y [C, P], mask [C, P]) of a sweep's finished runs."""
+    finished = [r for r in sweep_runs(store, sweep) if r.status == "finished"]
+    if not finished:
+        raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
+    labels, xs, ys, _ = _select(store, finished, get_law(law_name), what)
+    return (labels, *_pad(xs, ys))
+
+
 def sweep_runs(store: Store, sweep: str) -> list:
     """The sweep's runs; UserError naming the sweeps there are when it has none."""
     runs = store.runs(sweep)

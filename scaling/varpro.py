@@ -63,7 +63,7 @@ def nnls(a, b):
     """argmin_{c >= 0} |a c - b|^2 for a [n, k] with small k (<= 3 or 4), b [n]."""
     k = a.shape[-1]
     norms = jnp.sqrt(jnp.sum(a * a, axis=0)) + 1e-300
-    a_s = a / norms
+    a_s = a / norms[None, :]
     gram = a_s.T @ a_s
     rhs = a_s.T @ b
     best_c, best_sse = jnp.zeros(k), b @ b  # the empty support: c = 0
@@ -100,5 +100,5 @@ def coefficients(law, params: dict, projected: tuple[str, ...], log_x, log_y, we
 def predict_log(law, params: dict, log_x):
     """log L through the linear form (no log of a coefficient, which may be exactly 0)."""
     names, basis = law.linear
-    coef = jnp.stack([jnp.asarray(params[k]) for k in names], axis=-1)
-    return jnp.log(jnp.sum(basis(params, log_x) * coef, axis=-1))
+    coef = jnp.stack([jnp.asarray(params[k]) for k in names])  # [k], one curve's scalars
+    return jnp.log(basis(params, log_x) @ coef)
