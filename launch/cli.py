@@ -125,6 +125,8 @@ def _parser():
     query = sub.add_parser("query", help="the fitted laws of a sweep")
     query.add_argument("--sweep", required=True)
     query.add_argument("--law")
+    query.add_argument("--convention", help="only fits made under this FLOP convention (fits "
+                                            "under different conventions are not compared)")
     query.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     query.add_argument("--json", action="store_true")
     query.set_defaults(handler=_query)
@@ -325,16 +327,17 @@ def _query(args, overrides):
 
     with _open_store(_store_path(args, overrides)) as store:
         records = analysis.latest_fits(store, args.sweep, args.law)
-    _print_fits(records, args.json)
+    records = analysis.same_convention(records, args.convention)
+    _print_fits(records, args.json, provenance=True)
 
 
-def _print_fits(records, as_json: bool):
+def _print_fits(records, as_json: bool, provenance: bool = False):
     from scaling import analysis
 
     if as_json:
         print(json.dumps([analysis.fit_as_dict(r) for r in records]))
     else:
-        print(analysis.fits_table(records))
+        print(analysis.fits_table(records, provenance))
 
 
 def _plot(args, overrides):

@@ -162,6 +162,40 @@ def latest_fits(store: Store, sweep: str, law: str | None = None) -> list[FitRec
     return sorted(latest, key=lambda r: (r.law, r.what, r.selection.get("n_params") or 0))
 
 
+def same_convention(records: list[FitRecord], convention: str | None) -> list[FitRecord]:
+    """The fits made under `convention`; without one, all of them if they agree.
+
+    Fits whose runs count compute under different FLOP conventions are not
+    comparable, so a mix is refused rather than shown side by side.  Fits
+    stored before provenance was recorded have no convention and pass.
+    """
+    found = sorted({r.provenance.get("flop_convention") for r in records} - {None})
+    if convention is None:
+        if len(found) > 1:
+            raise UserError(f"these fits were made under different FLOP conventions "
+                            f"({', '.join(found)}) and are not comparable; pass --convention "
+                            "CONV to see the fits of one")
+        return records
+    chosen = [r for r in records if r.provenance.get("flop_convention") == convention]
+    if not chosen:
+        raise UserError(f"no fits made under FLOP convention {convention!r}; these fits use: "
+                        f"{', '.join(found) or 'none recorded'}")
+    return chosen
+
+
+def provenance_line(record: FitRecord) -> str:
+    """One line: where the fit came from."""
+    p = record.provenance
+    if not p:
+        return "  provenance: not recorded (fit stored before schema 2)"
+    starts = f"{p.get('n_starts_converged')}/{p.get('n_starts')} starts converged"
+    fixed = "".join(f", {k} pinned at {fmt_number(v)}" for k, v in (p.get("fixed") or {}).items())
+    method = "varpro + full polish" if (p.get("optimizer") or {}).get("varpro") else "bfgs"
+    return (f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
+            f"{p.get('objective')} = {fmt_number(p.get('objective_value'))}, {method}, "
+            f"{starts}{fixed}, FLOPs {p.get('flop_convention') or 'unknown'}, {p.get('version')}")
+
+
 def fit_as_dict(record: FitRecord) -> dict:
     return {"sweep": record.sweep, "law": record.law, "what": record.what,
             "curve": record.curve, "params": record.params, "intervals": record.intervals,
@@ -170,8 +204,8 @@ def fit_as_dict(record: FitRecord) -> dict:
             "settings": record.settings, "provenance": record.provenance}
 
 
-def fits_table(records: list[FitRecord]) -> str:
-    """A text table: one row per curve, each parameter with its interval."""
+def fits_table(records: list[FitRecord], provenance: bool = False) -> str:
+    """A text table: one row per curve, each parameter with its interval (and provenance)."""
     lines = []
     for (law, what), group in _group(records).items():
         lines.append(f"{law} fitted to {what}:")
@@ -187,6 +221,8 @@ def fits_table(records: list[FitRecord]) -> str:
             size = r.selection.get("n_params")
             label = f"{r.curve} N={size:,}" if size else r.curve
             lines.append(f"  {label:<24} " + "  ".join(cells) + f"  n={r.n_points}{flag}")
+            if provenance:
+                lines.append(provenance_line(r))
         left_out = group[0].selection.get("left_out") or {}
         if left_out:
             lines.append(f"  left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}")
