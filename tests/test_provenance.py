@@ -94,3 +94,20 @@ def test_fit_fix_and_sensitivity_commands(tmp_path, capsys):
     assert "NAME=VALUE" in capsys.readouterr().err
     assert cli.main(args + ["--sensitivity", "E=2:1:3"]) == 2
     assert "LOW < HIGH" in capsys.readouterr().err
+
+
+def test_csv_fit_with_fix_varpro_and_sensitivity(tmp_path, capsys):
+    law = get_law("saturating")
+    x = np.logspace(0, 3, 12)
+    y = np.asarray(law.predict({"E": 1.7, "A": 4.0, "alpha": 0.5}, x))
+    path = tmp_path / "c.csv"
+    path.write_text("x,y\n" + "".join(f"{a},{b}\n" for a, b in zip(x, y, strict=True)))
+    base = ["fit", "--law", "saturating", "--csv", str(path), "--x", "x", "--y", "y",
+            "--bootstrap", "0", "--json"]
+    assert cli.main(base + ["--varpro", "--fix", "E=1.7"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"]["alpha"] == pytest.approx(0.5, rel=1e-4) and out["varpro"]["n_starts"] == 3
+    assert cli.main(base + ["--sensitivity", "alpha=0.4:0.6:3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["curves"] == ["csv"] and len(out["fits"]) == 3
+    assert int(np.argmin([f[0]["objective"] for f in out["fits"]])) == 1
