@@ -8,6 +8,8 @@
     scaling status [CONFIG] [--store PATH] [--bucket B] [--json]   runs, states, last loss
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
+    scaling check CONFIG [--law LAW]                  warn when a sweep cannot answer its question
+    scaling backtest SWEEP --law LAW --holdout-largest K   predict the largest runs from the rest
     scaling query --sweep NAME [--law LAW] [--json]   the stored fits
     scaling plot SWEEP --kind KIND [--out DIR]        figures of a sweep (PNG + SVG)
     scaling report SWEEP [--out FILE]                 one self-contained HTML page
@@ -96,13 +98,45 @@ def _parser():
                      help="CSV: leave out the K rows with the highest loss (Epoch drops 5)")
     fit.add_argument("--bootstrap", type=int, default=200, help="resamples for intervals (0: none)")
     fit.add_argument("--objective", default="huber", choices=["huber", "lsq"])
+    fit.add_argument("--fix", action="append", metavar="NAME=VALUE",
+                     help="pin a parameter (repeatable, or comma-separated), e.g. E=1.69")
+    fit.add_argument("--sensitivity", metavar="NAME=LOW:HIGH:COUNT",
+                     help="refit with NAME pinned at COUNT values from LOW to HIGH")
+    fit.add_argument("--varpro", action="store_true",
+                     help="variable projection: exponents searched, coefficients by NNLS "
+                          "(saturating, chinchilla)")
+    fit.add_argument("--convention", help="FLOP convention the runs' compute is read under")
     fit.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     fit.add_argument("--json", action="store_true")
     fit.set_defaults(handler=_fit)
 
+    backtest = sub.add_parser("backtest", help="fit all but the largest runs, predict those")
+    backtest.add_argument("sweep")
+    backtest.add_argument("--law", required=True)
+    backtest.add_argument("--holdout-largest", type=int, required=True, metavar="K",
+                          help="hold out the K largest finished runs")
+    backtest.add_argument("--by", default="n", choices=["n", "compute"],
+                          help="largest by N or by training compute")
+    backtest.add_argument("--bootstrap", type=int, default=200)
+    backtest.add_argument("--confidence", type=float, default=0.9,
+                          help="prediction interval level")
+    backtest.add_argument("--objective", default="huber", choices=["huber", "lsq"])
+    backtest.add_argument("--convention", help="FLOP convention for --by compute")
+    backtest.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
+    backtest.add_argument("--json", action="store_true")
+    backtest.set_defaults(handler=_backtest)
+
+    check = sub.add_parser("check", help="design checks of a study's sweep, before launch")
+    check.add_argument("config")
+    check.add_argument("--law", help="the law the sweep is for (default: chinchilla when D "
+                                     "varies across members, else saturating)")
+    check.set_defaults(handler=_check)
+
     query = sub.add_parser("query", help="the fitted laws of a sweep")
     query.add_argument("--sweep", required=True)
     query.add_argument("--law")
+    query.add_argument("--convention", help="only fits made under this FLOP convention (fits "
+                                            "under different conventions are not compared)")
     query.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     query.add_argument("--json", action="store_true")
     query.set_defaults(handler=_query)
@@ -310,23 +344,72 @@ def _status(args, overrides):
 
 def _fit(args, overrides):
     from scaling import analysis
+    from scaling.sensitivity import parse_fix
 
+    fixed = parse_fix(args.fix)
     if args.csv:
         if args.sweep or not (args.x and args.y):
             raise UserError("fit --csv needs --x COL[,COL] and --y COL, and no --sweep")
         from scaling.csvfit import fit_csv
 
+        if args.sensitivity:
+            return _sensitivity(args, fixed, None)
         result = fit_csv(args.csv, args.law, args.x.split(","), args.y,
                          bootstrap=args.bootstrap, objective=args.objective,
-                         exclude_top=args.exclude_top)
+                         exclude_top=args.exclude_top, fixed=fixed or None, varpro=args.varpro)
         print(json.dumps(result, indent=None if args.json else 1))
         return
     if not args.sweep:
         raise UserError("fit needs --sweep NAME (a sweep in the store) or --csv PATH")
     with _open_store(_store_path(args, overrides)) as store:
+        if args.sensitivity:
+            return _sensitivity(args, fixed, store)
         records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
-                                     bootstrap=args.bootstrap, objective=args.objective)
+                                     bootstrap=args.bootstrap, objective=args.objective,
+                                     fixed=fixed or None, convention=args.convention,
+                                     varpro=args.varpro)
     _print_fits(records, args.json)
+
+
+def _sensitivity(args, fixed, store):
+    """`fit --sensitivity`: refits printed (not stored, so they never replace the sweep's fit)."""
+    import numpy as np
+
+    from scaling import analysis, sensitivity
+    from scaling.csvfit import csv_arrays
+
+    name, values = sensitivity.parse_range(args.sensitivity)
+    if store is None:
+        x, y = csv_arrays(args.csv, args.law, args.x.split(","), args.y, args.exclude_top)
+        labels, x, y, mask = ["csv"], x[None], y[None], np.ones((1, len(y)), bool)
+    else:
+        labels, x, y, mask = analysis.sweep_arrays(store, args.sweep, args.law, args.what)
+    out = sensitivity.sensitivity(args.law, x, y, mask, name, values, fixed=fixed,
+                                  objective=args.objective, varpro=args.varpro)
+    out["curves"] = labels
+    print(json.dumps(out) if args.json else sensitivity.sensitivity_table(out, labels))
+
+
+def _backtest(args, overrides):
+    from scaling import backtest
+
+    with _open_store(_store_path(args, overrides)) as store:
+        outcome = backtest.backtest_sweep(
+            store, args.sweep, args.law, args.holdout_largest, by=args.by,
+            bootstrap=args.bootstrap, confidence=args.confidence, objective=args.objective,
+            convention=args.convention)
+    print(json.dumps(outcome) if args.json else backtest.backtest_table(outcome))
+
+
+def _check(args, overrides):
+    from launch import config as config_lib
+    from launch import sweep
+
+    warnings = sweep.design_warnings(config_lib.study_sweep(args.config, overrides), args.law)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if not warnings:
+        print("design checks passed")
 
 
 def _query(args, overrides):
@@ -334,16 +417,17 @@ def _query(args, overrides):
 
     with _open_store(_store_path(args, overrides)) as store:
         records = analysis.latest_fits(store, args.sweep, args.law)
-    _print_fits(records, args.json)
+    records = analysis.same_convention(records, args.convention)
+    _print_fits(records, args.json, provenance=True)
 
 
-def _print_fits(records, as_json: bool):
+def _print_fits(records, as_json: bool, provenance: bool = False):
     from scaling import analysis
 
     if as_json:
         print(json.dumps([analysis.fit_as_dict(r) for r in records]))
     else:
-        print(analysis.fits_table(records))
+        print(analysis.fits_table(records, provenance))
 
 
 def _plot(args, overrides):

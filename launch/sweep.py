@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from launch import config as config_lib
 from launch import train
+from scaling import design
 from scaling.store import Store
 
 SKIP, TRAIN = 0, 1
@@ -35,6 +36,9 @@ def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[st
     members = config_lib.study_sweep(path, overrides)
     ids = [config_lib.run_id(c) for c in members]
     is_writer = jax.process_index() == 0
+    if is_writer:
+        for warning in design_warnings(members):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     stores: dict[str, Store] = {}
     try:
         if is_writer:
@@ -73,6 +77,22 @@ def members_to_train(path: str, overrides: dict, retry_failed: bool = False) -> 
     finally:
         for store in stores.values():
             store.close()
+
+
+def design_warnings(members, law: str | None = None) -> list[str]:
+    """`scaling.design.check_design` on the members' N, D, C and eval steps.
+
+    law: the law the sweep is for; by default chinchilla when D varies across
+    the members, else saturating (L(N)).
+    """
+    records = [train.run_record(c, "") for c in members]
+    n = np.array([r.n_params for r in records], float)
+    d = np.array([r.tokens for r in records], float)
+    c = np.array([r.flops for r in records], float)
+    steps = [train.eval_schedule(m.train.steps, m.eval.points) for m in members]
+    if law is None:
+        law = "chinchilla" if np.ptp(np.log(d)) > 1e-3 else "saturating"
+    return design.check_design(n, d, c, steps, law=law)
 
 
 def _open_stores(members, ids, overrides, study: str) -> dict[str, Store]:

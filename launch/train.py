@@ -29,6 +29,7 @@ from launch import config as config_lib
 from launch.corpus import resolve_cache_dir
 from launch.peak import matmul_peak_flops
 from models import sharding
+from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling.errors import UserError
 from scaling.store import RunRecord, Store
 
@@ -57,6 +58,9 @@ def run_record(config, run_id: str) -> RunRecord:
         n_ctx=shape.n_ctx,
         tokens=tokens,
         flops=float(shape.train_flops_per_token) * tokens,
+        flops_by_convention={c: float(shape.flops_per_token(c)) * tokens
+                             for c in FLOP_CONVENTIONS},
+        flop_convention=DEFAULT_FLOP_CONVENTION,
     )
 
 

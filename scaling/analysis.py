@@ -17,14 +17,21 @@ import math
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.fit import fit
+from scaling.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.laws import get_law
+from scaling.provenance import fit_provenance, run_convention
 from scaling.store import FitRecord, Store
 
 
 def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
-              bootstrap: int = 200, objective: str = "huber", seed: int = 0) -> list[FitRecord]:
-    """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve."""
+              bootstrap: int = 200, objective: str = "huber", seed: int = 0,
+              fixed: dict | None = None, convention: str | None = None,
+              varpro: bool = False) -> list[FitRecord]:
+    """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve.
+
+    fixed: name -> value pinned (not fitted); convention: the FLOP convention
+    the runs' compute is read under (default: the one they were recorded in).
+    """
     law = get_law(law_name)
     runs = sweep_runs(store, sweep)
     finished = [r for r in runs if r.status == "finished"]
@@ -33,12 +40,18 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     if not finished:
         raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
 
-    labels, xs, ys = _select(store, finished, law, what)
+    convention = run_convention(finished, convention)
+    labels, xs, ys, used = _select(store, finished, law, what)
     size = {r.run_id: r.n_params for r in finished}
     x, y, mask = _pad(xs, ys)
-    result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed)
+    result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed,
+                 fixed=fixed, varpro=varpro)
     settings = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
                 "n_params": "kaplan_nonembedding"}
+    if fixed:
+        settings["fixed"] = {k: float(v) for k, v in fixed.items()}
+    optimizer = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
+                 **OPTIMIZER_DEFAULTS, "varpro": bool(result.varpro)}
     records = []
     for i, label in enumerate(labels):
         record = FitRecord(
@@ -51,10 +64,21 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
             selection={"runs": [r.run_id for r in finished] if what == "final" else [label],
                        "n_params": size.get(label), "left_out": left_out},
             settings=settings,
+            provenance=fit_provenance(result, i, x=x, y=y, mask=mask, run_ids=used[i],
+                                      fit_settings=optimizer, convention=convention),
         )
         fit_id = store.save_fit(record)
         records.append(_with_id(record, fit_id))
     return records
+
+
+def sweep_arrays(store: Store, sweep: str, law_name: str, what: str = "final"):
+    """(labels, x [C, P, n_inputs], y [C, P], mask [C, P]) of a sweep's finished runs."""
+    finished = [r for r in sweep_runs(store, sweep) if r.status == "finished"]
+    if not finished:
+        raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
+    labels, xs, ys, _ = _select(store, finished, get_law(law_name), what)
+    return (labels, *_pad(xs, ys))
 
 
 def sweep_runs(store: Store, sweep: str) -> list:
@@ -67,11 +91,11 @@ def sweep_runs(store: Store, sweep: str) -> list:
 
 
 def _select(store, runs, law, what):
-    """(labels, xs, ys): per curve, inputs [n, n_inputs] and losses [n]."""
+    """(labels, xs, ys, used): per curve, inputs [n, n_inputs], losses [n] and the run ids."""
     if what == "final":
         columns = {"power": ["N"], "saturating": ["N"], "kaplan_ns": ["N", "S"]}.get(
             law.name, ["N", "D"] if law.n_inputs == 2 else ["N"])
-        rows, losses = [], []
+        rows, losses, used = [], [], []
         for run in runs:
             last = store.last_eval(run.run_id)
             if last is None:
@@ -79,7 +103,8 @@ def _select(store, runs, law, what):
             values = {"N": run.n_params, "D": run.tokens, "S": last[0]}
             rows.append([values[c] for c in columns])
             losses.append(last[1])
-        return ["all"], [np.array(rows, float)], [np.array(losses, float)]
+            used.append(run.run_id)
+        return ["all"], [np.array(rows, float)], [np.array(losses, float)], [used]
     if law.n_inputs != 1:
         raise UserError(f"--what {what} fits one input per curve; law {law.name!r} takes "
                         f"{law.n_inputs}: use power or saturating")
@@ -101,7 +126,7 @@ def _select(store, runs, law, what):
         ys.append(y)
     if not labels:
         raise UserError(f"no {what} data in the store for these runs")
-    return labels, xs, ys
+    return labels, xs, ys, [[label] for label in labels]
 
 
 def _pad(xs, ys):
@@ -137,16 +162,50 @@ def latest_fits(store: Store, sweep: str, law: str | None = None) -> list[FitRec
     return sorted(latest, key=lambda r: (r.law, r.what, r.selection.get("n_params") or 0))
 
 
+def same_convention(records: list[FitRecord], convention: str | None) -> list[FitRecord]:
+    """The fits made under `convention`; without one, all of them if they agree.
+
+    Fits whose runs count compute under different FLOP conventions are not
+    comparable, so a mix is refused rather than shown side by side.  Fits
+    stored before provenance was recorded have no convention and pass.
+    """
+    found = sorted({r.provenance.get("flop_convention") for r in records} - {None})
+    if convention is None:
+        if len(found) > 1:
+            raise UserError(f"these fits were made under different FLOP conventions "
+                            f"({', '.join(found)}) and are not comparable; pass --convention "
+                            "CONV to see the fits of one")
+        return records
+    chosen = [r for r in records if r.provenance.get("flop_convention") == convention]
+    if not chosen:
+        raise UserError(f"no fits made under FLOP convention {convention!r}; these fits use: "
+                        f"{', '.join(found) or 'none recorded'}")
+    return chosen
+
+
+def provenance_line(record: FitRecord) -> str:
+    """One line: where the fit came from."""
+    p = record.provenance
+    if not p:
+        return "  provenance: not recorded (fit stored before schema 2)"
+    starts = f"{p.get('n_starts_converged')}/{p.get('n_starts')} starts converged"
+    fixed = "".join(f", {k} pinned at {fmt_number(v)}" for k, v in (p.get("fixed") or {}).items())
+    method = "varpro + full polish" if (p.get("optimizer") or {}).get("varpro") else "bfgs"
+    return (f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
+            f"{p.get('objective')} = {fmt_number(p.get('objective_value'))}, {method}, "
+            f"{starts}{fixed}, FLOPs {p.get('flop_convention') or 'unknown'}, {p.get('version')}")
+
+
 def fit_as_dict(record: FitRecord) -> dict:
     return {"sweep": record.sweep, "law": record.law, "what": record.what,
             "curve": record.curve, "params": record.params, "intervals": record.intervals,
             "objective": record.objective, "converged": record.converged,
             "n_points": record.n_points, "selection": record.selection,
-            "settings": record.settings}
+            "settings": record.settings, "provenance": record.provenance}
 
 
-def fits_table(records: list[FitRecord]) -> str:
-    """A text table: one row per curve, each parameter with its interval."""
+def fits_table(records: list[FitRecord], provenance: bool = False) -> str:
+    """A text table: one row per curve, each parameter with its interval (and provenance)."""
     lines = []
     for (law, what), group in _group(records).items():
         lines.append(f"{law} fitted to {what}:")
@@ -162,6 +221,8 @@ def fits_table(records: list[FitRecord]) -> str:
             size = r.selection.get("n_params")
             label = f"{r.curve} N={size:,}" if size else r.curve
             lines.append(f"  {label:<24} " + "  ".join(cells) + f"  n={r.n_points}{flag}")
+            if provenance:
+                lines.append(provenance_line(r))
         left_out = group[0].selection.get("left_out") or {}
         if left_out:
             lines.append(f"  left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}")

@@ -32,7 +32,7 @@ _BRACKETED = re.compile(r"\[([^\]]+)\]")
 
 def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: int = 0,
             objective: str = "huber", fixed: dict | None = None, exclude_top: int = 0,
-            seed: int = 0) -> dict:
+            seed: int = 0, varpro: bool = False) -> dict:
     """Fit `law_name` to y_col against x_cols of the CSV at `path`.
 
     Returns {"law", "params": {name: value}, "intervals": {name: [low, high]}
@@ -40,6 +40,19 @@ def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: in
     "derived" and "derived_intervals" for laws with derived quantities
     (chinchilla: a, b).  Values are natural units; see `scaling.fit.fit`.
     """
+    x, y = csv_arrays(path, law_name, x_cols, y_col, exclude_top)
+    result = fit(law_name, x, y, bootstrap=bootstrap, objective=objective, fixed=fixed,
+                 seed=seed, varpro=varpro)
+    out = result.curve(0)
+    if result.varpro is not None:
+        out["varpro"] = {"objective": float(result.varpro["objective"][0]),
+                         "n_starts": result.varpro["n_starts"],
+                         "n_starts_converged": int(result.varpro["n_starts_converged"][0])}
+    return out
+
+
+def csv_arrays(path, law_name: str, x_cols: list[str], y_col: str, exclude_top: int = 0):
+    """The rows `fit_csv` fits: x [n, n_inputs], y [n]."""
     law = get_law(law_name)
     if len(x_cols) != law.n_inputs:
         raise UserError(f"law {law.name!r} ({law.formula}) takes {law.n_inputs} x column(s), "
@@ -51,9 +64,7 @@ def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: in
         raise UserError(f"exclude_top = {exclude_top} must be a whole number from 0 to "
                         f"{len(y) - 1} (the file has {len(y)} rows)")
     keep = np.sort(np.argsort(y, kind="stable")[: len(y) - exclude_top])
-    result = fit(law, x[keep], y[keep], bootstrap=bootstrap, objective=objective,
-                 fixed=fixed, seed=seed)
-    return result.curve(0)
+    return x[keep], y[keep]
 
 
 def _read(path: Path) -> tuple[list[dict], list[str]]:

@@ -28,6 +28,7 @@ and the rest of the process (a float32 trainer) is unaffected.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaling import varpro as vp
 from scaling.errors import UserError
 from scaling.inputs import as_curves, check_fixed, check_settings, merged_grid
 from scaling.laws import Law, get_law
@@ -49,6 +51,8 @@ NEAR_TIE = 0.25
 # With keep_starts, every start first gets this many objective evaluations:
 # one round of the solver, so screened tasks leave their lanes together.
 SCREEN_EVALS = 8
+# The optimizer settings `fit` uses unless told otherwise (recorded in provenance).
+OPTIMIZER_DEFAULTS = {"max_iter": 500, "tol": 1e-9, "keep_starts": None}
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class FitResult:
     bootstrap_objective: np.ndarray  # [n_resamples, n_curves]; [0, n_curves] without bootstrap
     derived: dict[str, np.ndarray]  # name -> [n_curves]
     derived_intervals: dict[str, np.ndarray]  # name -> [n_curves, 2]
+    # With varpro=True: the projected search's own answers before the polish
+    # ("objective", "n_starts", "n_starts_converged", "n_evaluations"), per curve.
+    varpro: dict | None = None
 
     @property
     def n_curves(self) -> int:
@@ -104,7 +111,8 @@ class FitResult:
 def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: float = 1e-3,
         bootstrap: int = 0, seed: int = 0, max_iter: int = 500, tol: float = 1e-9,
         init_grid: Mapping | None = None, fixed: Mapping | None = None,
-        confidence: float = 0.95, keep_starts: int | None = None) -> FitResult:
+        confidence: float = 0.95, keep_starts: int | None = None, varpro: bool = False,
+        starts=None) -> FitResult:
     """Fit `law` to each curve of (x, y) where `mask` is true; see the module docstring.
 
     objective: "huber" (with `delta`, on log residuals) or "lsq".
@@ -121,13 +129,17 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         evaluations, then only each curve's k lowest continue (with their
         curvature estimates).  Much faster on big grids, and it finds the
         recipe's optimum whenever that start is among the k after screening.
+    varpro: search only the exponents, with the coefficients by non-negative
+        least squares inside the objective, then polish with a full fit
+        (`scaling.varpro`; saturating and chinchilla).
+    starts: fitted-space starting points per curve [n_curves, n_starts, n_free]
+        (free parameters in law order), replacing the grid.
     """
     law = get_law(law)
     x, y, mask = as_curves(law, x, y, mask)
     check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts)
     fixed_values = check_fixed(law, fixed, len(y))
     free = tuple(k for k in law.param_names if k not in fixed_values)
-    starts = law.grid_points(free, merged_grid(law, init_grid))
     n_points = mask.sum(axis=1)
     short = np.flatnonzero(n_points < len(free))
     if short.size:
@@ -135,16 +147,67 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         raise UserError(f"curve {c} has {n_points[c]} valid points but law {law.name!r} has "
                         f"{len(free)} free parameters; give it more points, pin some with "
                         "fixed=, or drop the curve")
-
+    if varpro:
+        return _fit_varpro(law, x, y, mask, fixed_values, objective=objective, delta=delta,
+                           bootstrap=bootstrap, seed=seed, max_iter=max_iter, tol=tol,
+                           init_grid=init_grid, confidence=confidence)
+    if starts is None:
+        starts = law.grid_points(free, merged_grid(law, init_grid))
+    starts = np.broadcast_to(np.asarray(starts, float).reshape(-1, *np.shape(starts)[-2:]),
+                             (len(y), np.shape(starts)[-2], len(free)))
     spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), int(bootstrap),
-                 _chunk_size(y.shape[1]), int(keep_starts or 0), min(SCREEN_EVALS, max_iter))
+                 _chunk_size(y.shape[1]), int(keep_starts or 0), min(SCREEN_EVALS, max_iter),
+                 ())
     fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
         else np.zeros((len(y), 0))
     with jax.enable_x64(True):
         out = _fit_program(spec, np.log(x), np.log(y), mask, fixed_array, starts,
                            float(tol), float(delta), jax.random.key(seed))
         out = jax.tree.map(np.asarray, out)
-    return _result(spec, out, fixed_values, n_points, confidence, len(starts))
+    return _result(spec, out, fixed_values, n_points, confidence, starts.shape[1])
+
+
+def _fit_varpro(law, x, y, mask, fixed_values, *, objective, delta, bootstrap, seed, max_iter,
+                tol, init_grid, confidence) -> FitResult:
+    """Exponents by BFGS with projected coefficients, then a full-fit polish; see scaling.varpro."""
+    projected = vp.check_law(law, fixed_values)
+    free = tuple(k for k in law.param_names if k not in fixed_values and k not in projected)
+    starts = law.grid_points(free, merged_grid(law, init_grid))
+    spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), 0,
+                 _chunk_size(y.shape[1]), 0, min(SCREEN_EVALS, max_iter), projected)
+    fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
+        else np.zeros((len(y), 0))
+    with jax.enable_x64(True):
+        out = _fit_program(spec, np.log(x), np.log(y), mask,
+                           fixed_array, np.broadcast_to(starts, (len(y),) + starts.shape),
+                           float(tol), float(delta), jax.random.key(seed))
+        out = jax.tree.map(np.asarray, out)
+        coef = jax.jit(jax.vmap(partial(_projected, spec)))(
+            out["theta"], np.log(x), np.log(y), mask.astype(float), fixed_array)
+        coef = {k: np.asarray(v) for k, v in coef.items()}
+    stage = {"objective": out["objective"], "n_starts": len(starts),
+             "n_starts_converged": out["n_starts_converged"].astype(int),
+             "n_evaluations": int(out["evaluations"])}
+    # The polish: a full fit of every free parameter from the projected optimum.
+    full_free = tuple(k for k in law.param_names if k not in fixed_values)
+    exponents = _to_natural(spec, out["theta"], {})
+    point = []
+    for k in full_free:
+        if k in projected:
+            # A coefficient NNLS put at exactly 0 starts just above it (log space).
+            point.append(np.log(np.maximum(coef[k], 1e-12 * y.max(axis=1))))
+        else:
+            point.append(exponents[k] if k not in law.positive else np.log(exponents[k]))
+    polished = fit(law, x, y, mask, objective=objective, delta=delta, bootstrap=bootstrap,
+                   seed=seed, max_iter=max_iter, tol=tol, fixed=fixed_values or None,
+                   confidence=confidence, starts=np.stack(point, axis=-1)[:, None, :])
+    return dataclasses.replace(polished, varpro=stage)
+
+
+def _projected(spec: _Spec, theta, log_x, log_y, weight, fixed) -> dict:
+    """One curve's projected coefficients at exponents theta (natural units)."""
+    params = _natural(spec, theta, fixed)
+    return vp.coefficients(spec.law, params, spec.projected, log_x, log_y, weight)
 
 
 class _Spec(NamedTuple):
@@ -159,6 +222,7 @@ class _Spec(NamedTuple):
     chunk: int
     keep: int  # starts per curve that FINISH continues; 0: all of them, no screening
     screen: int  # evaluations per start before screening
+    projected: tuple[str, ...]  # coefficients solved by NNLS inside the objective (varpro)
 
 
 class _Data(NamedTuple):
@@ -182,13 +246,20 @@ def _natural(spec: _Spec, theta, fixed) -> dict:
         if name in spec.free:
             value = theta[..., spec.free.index(name)]
             params[name] = jnp.exp(value) if name in spec.law.positive else value
-        else:
+        elif name in spec.fixed:
             params[name] = fixed[..., spec.fixed.index(name)]
     return params
 
 
 def _objective(spec: _Spec, delta, theta, data: _Data):
-    r = data.log_y - spec.law.predict_log(_natural(spec, theta, data.fixed), data.log_x)
+    params = _natural(spec, theta, data.fixed)
+    if spec.projected:
+        params.update(vp.coefficients(spec.law, params, spec.projected, data.log_x, data.log_y,
+                                      data.weight))
+        log_pred = vp.predict_log(spec.law, params, data.log_x)
+    else:
+        log_pred = spec.law.predict_log(params, data.log_x)
+    r = data.log_y - log_pred
     if spec.objective == "huber":
         # r^2/2 for |r| <= delta, delta (|r| - delta/2) beyond, written with min()
         # rather than a select: XLA:CPU then computes the value in half the time.
@@ -214,7 +285,7 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
     copy of the solver adds seconds of XLA compile time.
     """
     n_curves, n_points = log_y.shape
-    n_starts, n_free = starts.shape
+    n_starts, n_free = starts.shape[1:]  # starts: [n_curves, n_starts, n_free]
     keep = spec.keep if 0 < spec.keep < n_starts else n_starts
     phases = [GRID] + ([FINISH] if keep < n_starts else []) + ([BOOT] if spec.n_boot else [])
     members = {GRID: n_starts, FINISH: keep, BOOT: BOOTSTRAP_STARTS}  # tasks per group
@@ -241,7 +312,7 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
 
     # Each phase's tasks: (x0, h0, warm, active, max_evals).
     def grid_tasks(results):
-        return (pad(jnp.tile(starts, (n_curves, 1))), eye, jnp.zeros(n_tasks, bool),
+        return (pad(starts.reshape(-1, n_free)), eye, jnp.zeros(n_tasks, bool),
                 task < n_curves * n_starts, spec.screen if FINISH in phases else spec.max_iter)
 
     def finish_tasks(results):

@@ -65,6 +65,11 @@ class Law:
     # Quantities computed from the fitted parameters (natural units, numpy
     # arrays in, arrays out); the fitter reports them with bootstrap intervals.
     derived: Callable[[dict], dict] | None = field(default=None)
+    # For laws that are linear in some coefficients once the other parameters
+    # (the exponents) are fixed: (coefficient names, basis(params, log_x) ->
+    # [..., n_coefficients]), with L = basis @ coefficients.  Enables
+    # variable projection (`scaling.varpro`).
+    linear: tuple[tuple[str, ...], Callable] | None = field(default=None)
 
     def __post_init__(self):
         names = tuple(self.param_names)
@@ -155,6 +160,15 @@ def _chinchilla(p, log_x):
     return jnp.log(p["E"] + n_term + d_term)
 
 
+def _saturating_basis(p, log_x):
+    return jnp.stack([jnp.ones_like(log_x[..., 0]), jnp.exp(-p["alpha"] * log_x[..., 0])], -1)
+
+
+def _chinchilla_basis(p, log_x):
+    return jnp.stack([jnp.ones_like(log_x[..., 0]), jnp.exp(-p["alpha"] * log_x[..., 0]),
+                      jnp.exp(-p["beta"] * log_x[..., 1])], -1)
+
+
 def _chinchilla_derived(p):
     alpha, beta = np.asarray(p["alpha"]), np.asarray(p["beta"])
     return {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
@@ -185,6 +199,7 @@ SATURATING = register(Law(
     positive=("E", "A"),
     init_grid={"E": (-1.0, 0.5, 2.0), "A": (0.0, 4.0, 8.0), "alpha": (0.2, 0.6, 1.2)},
     formula="L = E + A x^-alpha",
+    linear=(("E", "A"), _saturating_basis),
 ))
 KAPLAN_ND = register(Law(
     name="kaplan_nd", param_names=("N_c", "alpha_N", "D_c", "alpha_D"), n_inputs=2,
@@ -209,4 +224,5 @@ CHINCHILLA = register(Law(
                "beta": (0.0, 0.5, 1.0, 1.5, 2.0)},
     formula="L = E + A / N^alpha + B / D^beta",
     derived=_chinchilla_derived,
+    linear=(("E", "A", "B"), _chinchilla_basis),
 ))

@@ -5,7 +5,8 @@ here; analysis (`scaling/`) reads them back as numpy arrays and writes fits.
 The records that cross it are the frozen dataclasses below.
 
 - WAL mode, so readers (`scaling status`) never block the writer.
-- A `schema_version` table; a store from a newer version is refused, untouched.
+- A `schema_version` table; a store from a newer version is refused, untouched,
+  and one from an older version is upgraded in place (`_MIGRATIONS`).
 - Every write is idempotent (INSERT OR REPLACE on natural keys), so a run
   resumed from a checkpoint rewrites the steps it repeats instead of
   duplicating them.
@@ -25,7 +26,7 @@ import numpy as np
 
 from scaling.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("pending", "running", "finished", "failed")
 
 _SCHEMA = """
@@ -45,12 +46,14 @@ CREATE TABLE IF NOT EXISTS runs (
     n_heads INTEGER NOT NULL,
     n_ctx INTEGER NOT NULL,
     tokens INTEGER NOT NULL,            -- token budget D
-    flops REAL NOT NULL,                -- training FLOP budget C
+    flops REAL NOT NULL,                -- training FLOP budget C under flop_convention
     status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'finished', 'failed')),
     step INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    flops_json TEXT NOT NULL DEFAULT '{}',  -- {convention: training FLOPs} (schema 2)
+    flop_convention TEXT NOT NULL DEFAULT '6N+attention'  -- the one `flops` holds
 );
 CREATE TABLE IF NOT EXISTS sweep_runs (
     sweep TEXT NOT NULL REFERENCES sweeps(name),
@@ -83,9 +86,20 @@ CREATE TABLE IF NOT EXISTS fits (
     n_points INTEGER NOT NULL,
     selection_json TEXT NOT NULL,       -- the data the fit used
     settings_json TEXT NOT NULL,        -- objective, bootstrap, optimizer settings
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    provenance_json TEXT NOT NULL DEFAULT '{}'  -- runs, points, optimizer, version (schema 2)
 );
 """
+
+# Upgrades of an older store, in place: version -> statements that take it to version + 1.
+# Version 1 stores held `flops` under 6N+attention (the only count then), so that is
+# the convention their runs are given.
+_MIGRATIONS = {
+    1: ("ALTER TABLE runs ADD COLUMN flops_json TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE runs ADD COLUMN flop_convention TEXT NOT NULL DEFAULT '6N+attention'",
+        "UPDATE runs SET flops_json = json_object('6N+attention', flops)",
+        "ALTER TABLE fits ADD COLUMN provenance_json TEXT NOT NULL DEFAULT '{}'"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +117,10 @@ class RunRecord:
     status: str = "pending"
     step: int = 0
     reason: str | None = None
+    # Training FLOPs under each convention (models.sizes.FLOP_CONVENTIONS) and
+    # the convention `flops` is counted in.
+    flops_by_convention: dict = dataclasses.field(default_factory=dict)
+    flop_convention: str = "6N+attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +136,9 @@ class FitRecord:
     n_points: int
     selection: dict
     settings: dict
+    # Where the fit came from: run ids and points used, objective and its value,
+    # optimizer settings, starts converged, FLOP convention, project version.
+    provenance: dict = dataclasses.field(default_factory=dict)
     fit_id: int | None = None
     created: float | None = None
 
@@ -173,11 +194,21 @@ class Store:
                 f"{sorted(tables)}); it was left untouched: give another path"
             )
         with self._transaction():
+            if "schema_version" in tables and version >= 1:
+                self._migrate(version)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._conn.execute(statement)
             if not self._conn.execute("SELECT 1 FROM schema_version").fetchone():
                 self._conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+    def _migrate(self, version: int):
+        """Upgrade an older store in place (inside the caller's transaction)."""
+        while version < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version]:
+                self._conn.execute(statement)
+            version += 1
+            self._conn.execute("UPDATE schema_version SET version = ?", (version,))
 
     def _transaction(self):
         return _Transaction(self._conn)
@@ -219,10 +250,12 @@ class Store:
             self._conn.execute(
                 "INSERT OR IGNORE INTO runs (run_id, config_json, n_params, n_params_total, "
                 "n_layer, d_model, n_heads, n_ctx, tokens, flops, status, step, reason, "
-                "created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "created, updated, flops_json, flop_convention) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run.run_id, json.dumps(run.config, sort_keys=True), run.n_params,
                  run.n_params_total, run.n_layer, run.d_model, run.n_heads, run.n_ctx,
-                 run.tokens, run.flops, run.status, run.step, run.reason, now, now),
+                 run.tokens, run.flops, run.status, run.step, run.reason, now, now,
+                 json.dumps(run.flops_by_convention, sort_keys=True), run.flop_convention),
             )
             if sweep is not None:
                 self._conn.execute(
@@ -268,12 +301,12 @@ class Store:
         with self._transaction():
             cursor = self._conn.execute(
                 "INSERT INTO fits (sweep, law, what, curve, params_json, intervals_json, "
-                "objective, converged, n_points, selection_json, settings_json, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "objective, converged, n_points, selection_json, settings_json, created, "
+                "provenance_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (fit.sweep, fit.law, fit.what, fit.curve, json.dumps(fit.params),
                  json.dumps(fit.intervals), float(fit.objective), int(bool(fit.converged)),
                  int(fit.n_points), json.dumps(fit.selection), json.dumps(fit.settings),
-                 time.time()),
+                 time.time(), json.dumps(fit.provenance)),
             )
             return cursor.lastrowid
 
@@ -336,7 +369,8 @@ class Store:
         """Stored fits, newest first."""
         rows = self._conn.execute(
             "SELECT fit_id, sweep, law, what, curve, params_json, intervals_json, objective, "
-            "converged, n_points, selection_json, settings_json, created FROM fits "
+            "converged, n_points, selection_json, settings_json, created, provenance_json "
+            "FROM fits "
             "WHERE (? IS NULL OR sweep = ?) AND (? IS NULL OR law = ?) ORDER BY fit_id DESC",
             (sweep, sweep, law, law),
         ).fetchall()
@@ -344,7 +378,8 @@ class Store:
             FitRecord(fit_id=r[0], sweep=r[1], law=r[2], what=r[3], curve=r[4],
                       params=json.loads(r[5]), intervals=json.loads(r[6]), objective=r[7],
                       converged=bool(r[8]), n_points=r[9], selection=json.loads(r[10]),
-                      settings=json.loads(r[11]), created=r[12])
+                      settings=json.loads(r[11]), created=r[12],
+                      provenance=json.loads(r[13]))
             for r in rows
         ]
 
@@ -366,12 +401,15 @@ class _Transaction:
         self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-_RUN_COLUMNS = ", ".join(f"r.{f.name}" if f.name != "config" else "r.config_json"
-                        for f in dataclasses.fields(RunRecord))
+# RunRecord fields stored as JSON text, and their column names.
+_JSON_COLUMNS = {"config": "config_json", "flops_by_convention": "flops_json"}
+_RUN_COLUMNS = ", ".join(f"r.{_JSON_COLUMNS.get(f.name, f.name)}"
+                         for f in dataclasses.fields(RunRecord))
 
 
 def _run_from_row(row) -> RunRecord:
     names = [f.name for f in dataclasses.fields(RunRecord)]
     values = dict(zip(names, row, strict=True))
-    values["config"] = json.loads(values["config"])
+    for name in _JSON_COLUMNS:
+        values[name] = json.loads(values[name])
     return RunRecord(**values)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -15,7 +16,11 @@ from scaling.errors import UserError
 from scaling.fit import bootstrap_weights, fit
 from scaling.laws import get_law
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout (or beside the folder of worktrees), or $SCALING_SHARED_DATA.
+_ROOT = Path(__file__).resolve().parents[1]
+DATA = next((p for p in (Path(os.environ.get("SCALING_SHARED_DATA", "/nonexistent")),
+                         _ROOT.parent / "shared" / "data", _ROOT.parents[1] / "shared" / "data")
+             if p.is_dir()), _ROOT.parent / "shared" / "data")
 EPOCH_CSV = DATA / "chinchilla_fig4_epoch.csv"
 # Epoch AI's replication of Hoffmann et al. (2022): estimate, 95% bootstrap interval.
 EPOCH = {"A": (482.0, 285.2, 743.6), "B": (2085.4, 1042.4, 5810.3), "E": (1.817, 1.769, 1.871),

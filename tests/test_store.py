@@ -1,3 +1,4 @@
+import dataclasses
 import multiprocessing
 import sqlite3
 
@@ -105,3 +106,71 @@ def test_a_relaunched_sweep_is_exactly_its_current_members(tmp_path):
         store.add_sweep("sw", {}, ["kept", "new"])
         assert sorted(r.run_id for r in store.runs("sw")) == ["kept", "new"]
         assert store.run("old") is not None  # its rows stay in the store
+
+
+# -- schema 2: FLOP conventions on runs, provenance on fits ------------------
+
+_V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE sweeps (name TEXT PRIMARY KEY, config_json TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, n_params INTEGER NOT NULL,
+    n_params_total INTEGER NOT NULL, n_layer INTEGER NOT NULL, d_model INTEGER NOT NULL,
+    n_heads INTEGER NOT NULL, n_ctx INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    flops REAL NOT NULL, status TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, reason TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE sweep_runs (sweep TEXT NOT NULL, run_id TEXT NOT NULL, PRIMARY KEY (sweep, run_id));
+CREATE TABLE metrics (run_id TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL,
+    value REAL NOT NULL, PRIMARY KEY (run_id, step, name));
+CREATE TABLE per_token (run_id TEXT NOT NULL, step INTEGER NOT NULL, losses BLOB NOT NULL,
+    PRIMARY KEY (run_id, step));
+CREATE TABLE fits (fit_id INTEGER PRIMARY KEY AUTOINCREMENT, sweep TEXT NOT NULL,
+    law TEXT NOT NULL, what TEXT NOT NULL, curve TEXT NOT NULL, params_json TEXT NOT NULL,
+    intervals_json TEXT NOT NULL, objective REAL NOT NULL, converged INTEGER NOT NULL,
+    n_points INTEGER NOT NULL, selection_json TEXT NOT NULL, settings_json TEXT NOT NULL,
+    created REAL NOT NULL);
+INSERT INTO schema_version VALUES (1);
+INSERT INTO runs VALUES ('old', '{}', 1000, 2000, 1, 8, 1, 4, 10000, 6.5e7, 'finished', 10,
+    NULL, 0, 0);
+INSERT INTO sweep_runs VALUES ('sw', 'old');
+INSERT INTO metrics VALUES ('old', 10, 'eval_loss', 2.5);
+INSERT INTO fits (sweep, law, what, curve, params_json, intervals_json, objective, converged,
+    n_points, selection_json, settings_json, created)
+    VALUES ('sw', 'power', 'final', 'all', '{"alpha": 0.1}', '{}', 0.001, 1, 5, '{}', '{}', 0);
+"""
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    conn.close()
+    with Store(path) as store:
+        run = store.run("old")  # nothing lost, and its FLOPs are named by convention
+        assert run.flops == 6.5e7 and run.status == "finished"
+        assert run.flop_convention == "6N+attention"
+        assert run.flops_by_convention == {"6N+attention": 6.5e7}
+        assert store.last_eval("old") == (10, 2.5)
+        (old_fit,) = store.fits("sw")
+        assert old_fit.params == {"alpha": 0.1} and old_fit.provenance == {}
+        store.register_run(_run("new"))  # and the upgraded store takes new records
+    version = sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchall()
+    assert version == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+
+
+def test_provenance_round_trips(tmp_path):
+    path = tmp_path / "s.sqlite"
+    counts = {"6N": 6e7, "6N_total": 1.2e8, "6N+attention": 6.5e7, "6N+causal_attention": 6.25e7}
+    provenance = {"runs": ["a", "b"], "points": [[1000.0, 3.0], [2000.0, 2.5]],
+                  "objective": "huber", "objective_value": 1.5e-4,
+                  "optimizer": {"method": "bfgs", "max_iter": 500, "tol": 1e-9},
+                  "n_starts": 27, "n_starts_converged": 25, "flop_convention": "6N",
+                  "version": "git:0123abc"}
+    with Store(path) as store:
+        store.register_run(dataclasses.replace(_run("a"), flops_by_convention=counts,
+                                               flop_convention="6N", flops=6e7))
+        store.save_fit(FitRecord("sw", "power", "final", "all", {"alpha": 0.1}, {}, 1.5e-4,
+                                 True, 2, {"runs": ["a", "b"]}, {}, provenance=provenance))
+    with Store(path) as store:
+        run = store.run("a")
+        assert run.flops_by_convention == counts and run.flop_convention == "6N"
+        assert store.fits("sw")[0].provenance == provenance
