@@ -70,14 +70,17 @@ class Checkpointer:
                                                  cleanup_tmp_directories=True),
             item_names=("state", "data"),
         )
+        self.restored_loop: dict = {}
 
-    def save(self, step: int, state, corpus_fingerprint: str):
-        """Save (asynchronously) the state after `step` updates and the next data position."""
+    def save(self, step: int, state, corpus_fingerprint: str, loop: dict | None = None):
+        """Save (asynchronously) the state after `step` updates and the next data position;
+        `loop` (JSON) is what the training loop needs to log on resume as it would have."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_savable(state)),
-                data=ocp.args.JsonSave({"next_step": step, "corpus": corpus_fingerprint}),
+                data=ocp.args.JsonSave({"next_step": step, "corpus": corpus_fingerprint,
+                                        "loop": loop or {}}),
             ),
         )
         faults.point("checkpoint_save")  # tests: a kill here leaves an uncommitted save
@@ -87,7 +90,8 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def restore_latest(self, state, shardings, corpus_fingerprint: str):
-        """(state, step) from the newest good checkpoint, or (state, 0) if there is none.
+        """(state, step) from the newest good checkpoint, or (state, 0) if there is none;
+        the `loop` it was saved with is then in `self.restored_loop`.
 
         A damaged checkpoint is moved aside (see the module doc) and the next
         older one tried. The restored arrays get `shardings`, which may come
@@ -109,6 +113,7 @@ class Checkpointer:
                     "different data than the config now names; restore the data settings or "
                     "delete that run folder to start over"
                 )
+            self.restored_loop = restored["data"].get("loop", {})
             saved = restored["state"]
             state = state.replace(step=saved["step"], params=saved["params"],
                                   opt_state=saved["opt_state"])

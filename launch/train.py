@@ -169,6 +169,9 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
     pending_metrics = []  # device scalars since the last eval: fetched only when logging
     unchecked = []  # (step, device train loss) not yet checked for NaN
+    # Train losses since the last eval from before the checkpoint this run resumed
+    # from, so the first eval after a resume logs the same mean as without one.
+    carried_losses = list(ckpt.restored_loop.get("train_losses", []))
     check_every = config.train.nan_check_every
     window_start, window_steps = time.perf_counter(), 0
     tensorboard = _tensorboard_writer(run_dir, start_step) if is_writer else None
@@ -195,7 +198,9 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
             if done in eval_at:
                 _check_finite(unchecked)  # names the first bad step, if any
                 unchecked.clear()
-                train_loss = float(np.mean([m["train_loss"] for m in pending_metrics]))
+                train_loss = float(np.mean(carried_losses
+                                           + [m["train_loss"] for m in pending_metrics]))
+                carried_losses.clear()
                 grad_norm = float(pending_metrics[-1]["grad_norm"])
                 pending_metrics.clear()
                 if not math.isfinite(train_loss):
@@ -229,7 +234,8 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                 # Never save a diverged state: the last checkpoint stays a good one.
                 _check_finite(unchecked)
                 unchecked.clear()
-                ckpt.save(done, state, corpus.fingerprint)
+                losses = carried_losses + [float(m["train_loss"]) for m in pending_metrics]
+                ckpt.save(done, state, corpus.fingerprint, {"train_losses": losses})
 
 
 def _check_finite(losses: list):
