@@ -28,8 +28,10 @@ from scaling.errors import UserError
 # laid over devices, not what is
 # trained: they are left out of the run id, so moving a store or turning off
 # progress bars does not make a finished run look new.
+# How often the loss is checked for NaN changes when a diverging run stops, not what it
+# trains; where the run is launched (`launch`) does not change it either.
 NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
-                     "launch")
+                     "launch", "train.nan_check_every")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -63,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+    # Every this many steps, the train losses of the previous this many steps
+    # are fetched (computed by then, so no stall) and a NaN/inf stops the run:
+    # divergence is caught within 2 x this many steps.
+    c.train.nan_check_every = 10
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4  # held-out batches (of train.batch_size sequences) per eval
@@ -202,8 +208,8 @@ def _coerce(value, kind):
 def validate(config):
     """Raise UserError for the first thing that is wrong, naming the key."""
     model_config(config)
-    positive = ("train.steps", "train.batch_size", "eval.batches", "eval.points",
-                "checkpoint.every", "checkpoint.max_to_keep")
+    positive = ("train.steps", "train.batch_size", "train.nan_check_every", "eval.batches",
+                "eval.points", "checkpoint.every", "checkpoint.max_to_keep")
     for key in positive:
         group, leaf = key.split(".")
         if config[group][leaf] <= 0:

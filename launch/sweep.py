@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from launch import config as config_lib
-from launch import train
+from launch import preflight, train
 from scaling import design
 from scaling.store import Store
 
@@ -35,6 +35,8 @@ def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[st
     """
     members = config_lib.study_sweep(path, overrides)
     ids = [config_lib.run_id(c) for c in members]
+    for config in members:  # every member's data and disk, before the store is touched
+        preflight.check_run(config)
     is_writer = jax.process_index() == 0
     if is_writer:
         for warning in design_warnings(members):

@@ -24,12 +24,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from launch import checkpoints, data, distributed, remote_records, steps
+from launch import checkpoints, data, distributed, preflight, remote_records, steps
 from launch import config as config_lib
 from launch.corpus import resolve_cache_dir
 from launch.peak import matmul_peak_flops
 from models import sharding
 from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
+from scaling import faults
 from scaling.errors import UserError
 from scaling.store import RunRecord, Store
 
@@ -69,6 +70,7 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
     run_id = config_lib.run_id(config)
     is_writer = jax.process_index() == 0  # only process 0 writes the store and prints
     own_store = store is None and is_writer  # the other processes never open the store
+    corpus = preflight.check_run(config)  # before the store: a refused run writes nothing
     if own_store:
         store = Store(config.store)
     # With a bucket, process 0 also writes the run's records there (launch/remote_records.py).
@@ -97,7 +99,7 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
         if is_writer:
             mark("running")
         try:
-            _train(config, run_id, store, is_writer, records)
+            _train(config, run_id, store, is_writer, corpus, records)
         except DivergedError as e:
             if is_writer:
                 mark("failed", reason=str(e))
@@ -132,7 +134,7 @@ def _tensorboard_writer(run_dir: Path, start_step: int):
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 
 
-def _train(config, run_id: str, store: Store, is_writer: bool,
+def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus,
            records: remote_records.RunRecords | None):
     _use_compilation_cache(config.data.cache_dir)
     model_cfg = config_lib.model_config(config)
@@ -147,7 +149,6 @@ def _train(config, run_id: str, store: Store, is_writer: bool,
         raise UserError(str(e)) from None
     batch_sharding = sharding.batch_sharding(mesh, rules)
     distributed.check_batch_layout(batch_sharding, (config.train.batch_size, shape.n_ctx + 1))
-    corpus = data.prepare_corpus(config.data, shape.vocab_size, progress=config.progress)
     eval_set = data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size,
                                  shape.n_ctx)
 
@@ -188,6 +189,11 @@ def _train(config, run_id: str, store: Store, is_writer: bool,
     bar = tqdm(total=total, initial=start_step, desc=f"{run_id} N={shape.n_params_kaplan:,}",
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
     pending_metrics = []  # device scalars since the last eval: fetched only when logging
+    unchecked = []  # (step, device train loss) not yet checked for NaN
+    # Train losses since the last eval from before the checkpoint this run resumed
+    # from, so the first eval after a resume logs the same mean as without one.
+    carried_losses = list(ckpt.restored_loop.get("train_losses", []))
+    check_every = config.train.nan_check_every
     window_start, window_steps = time.perf_counter(), 0
     tensorboard = _tensorboard_writer(local_dir, start_step) if is_writer else None
     # Closing the checkpointer waits for an async save in flight, also when
@@ -199,12 +205,23 @@ def _train(config, run_id: str, store: Store, is_writer: bool,
             local = data.train_batch(corpus.train, step, config.train.batch_size, shape.n_ctx,
                                      config.seed, jax.process_index(), jax.process_count())
             state, metrics = train_step(state, put(local))
+            faults.point("train_step")  # tests: a kill while the step runs
             pending_metrics.append(metrics)
             window_steps += 1
             done = step + 1
+            unchecked.append((done, metrics["train_loss"]))
+            if done % check_every == 0:
+                # The losses from before the last check_every steps are computed by
+                # now: fetching them does not wait for the device.
+                _check_finite(unchecked[:-check_every])
+                del unchecked[:-check_every]
             bar.update(1)
             if done in eval_at:
-                train_loss = float(np.mean([m["train_loss"] for m in pending_metrics]))
+                _check_finite(unchecked)  # names the first bad step, if any
+                unchecked.clear()
+                train_loss = float(np.mean(carried_losses
+                                           + [m["train_loss"] for m in pending_metrics]))
+                carried_losses.clear()
                 grad_norm = float(pending_metrics[-1]["grad_norm"])
                 pending_metrics.clear()
                 if not math.isfinite(train_loss):
@@ -238,8 +255,16 @@ def _train(config, run_id: str, store: Store, is_writer: bool,
                 window_start, window_steps = time.perf_counter(), 0
             if done % config.checkpoint.every == 0 or done == total:
                 # Never save a diverged state: the last checkpoint stays a good one.
-                last_loss = float(metrics["train_loss"])
-                if not math.isfinite(last_loss):
-                    raise DivergedError(f"train loss became {last_loss} by step {done}; "
-                                        "lower train.learning_rate")
-                ckpt.save(done, state, corpus.fingerprint)
+                _check_finite(unchecked)
+                unchecked.clear()
+                losses = carried_losses + [float(m["train_loss"]) for m in pending_metrics]
+                ckpt.save(done, state, corpus.fingerprint, {"train_losses": losses})
+
+
+def _check_finite(losses: list):
+    """DivergedError naming the first step whose train loss is NaN or inf."""
+    values = jax.device_get([loss for _, loss in losses])
+    for (step, _), value in zip(losses, values, strict=True):
+        if not math.isfinite(float(value)):
+            raise DivergedError(f"train loss became {float(value)} at step {step}; "
+                                "lower train.learning_rate")

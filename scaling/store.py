@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaling import faults
 from scaling.errors import UserError
 
 SCHEMA_VERSION = 2
@@ -296,6 +297,7 @@ class Store:
                 "UPDATE runs SET step = MAX(step, ?), updated = ? WHERE run_id = ?",
                 (int(step), time.time(), run_id),
             )
+            faults.point("store_write")  # tests: a kill here must lose the whole row
 
     def save_fit(self, fit: FitRecord) -> int:
         with self._transaction():

@@ -1,0 +1,43 @@
+"""A test-only knob: kill this process at a named point, to test kill-and-resume.
+
+`SCALING_FAULT=POINT:COUNT` makes the COUNT-th call of `point(POINT)` in
+this process send SIGKILL to the process itself, as a preempted machine
+would: no exception, no cleanup, no flush. The points are
+
+    train_step       after a train step is dispatched, before its result is used
+    checkpoint_save  while an orbax save is in flight, before it is committed
+    store_write      inside an eval-row transaction of the store, before COMMIT
+
+Unset (the normal case) it costs one dictionary lookup per call. It lives
+in `scaling/` because the store, which may not import `launch/`, holds one
+of the points. Never set it outside tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("train_step", "checkpoint_save", "store_write")
+_calls: dict[str, int] = {}
+
+
+def _armed() -> tuple[str, int] | None:
+    spec = os.environ.get("SCALING_FAULT", "")
+    if not spec:
+        return None
+    name, _, count = spec.partition(":")
+    if name not in POINTS or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"SCALING_FAULT={spec!r}: expected POINT:COUNT with POINT one of "
+                         f"{', '.join(POINTS)} and COUNT >= 1")
+    return name, int(count)
+
+
+def point(name: str) -> None:
+    """Count a call of point `name`; SIGKILL this process if SCALING_FAULT names this call."""
+    armed = _armed()
+    if armed is None or armed[0] != name:
+        return
+    _calls[name] = _calls.get(name, 0) + 1
+    if _calls[name] == armed[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
