@@ -25,9 +25,11 @@ from scaling.errors import UserError
 
 # Keys that say where results go, how they are shown or how the work is
 # laid over devices, not what is
-# trained: they are left out of the run id, so moving a store or turning off
+# trained (train.noise_scale only measures: its two half-batch gradients
+# average to the same update): they are left out of the run id, so moving a store or turning off
 # progress bars does not make a finished run look new.
-NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh")
+NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
+                     "train.noise_scale")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -61,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.grad_clip = 1.0  # global-norm clipping; 0 = off
+    # Measure the gradient noise scale (metric noise_scale, tokens) from two half-batches.
+    c.train.noise_scale = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4  # held-out batches (of train.batch_size sequences) per eval
