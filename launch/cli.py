@@ -3,6 +3,7 @@
     scaling run CONFIG [--config.key=value ...]       train one run
     scaling sweep CONFIG [--config.key=value ...]     train a study's family
     scaling prepare CONFIG                            fetch and tokenise its corpus
+    scaling plan CONFIG [--accelerator TYPE] [--mfu F] what a sweep will cost, before it runs
     scaling status [CONFIG] [--store PATH] [--json]   runs, states, last eval loss
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
@@ -61,6 +62,16 @@ def _parser():
                        help="train runs that failed earlier again")
     _distributed_flags(sweep)
     sweep.set_defaults(handler=_sweep)
+
+    plan = sub.add_parser("plan", help="parameters, tokens, FLOPs and chip-hours of a sweep")
+    plan.add_argument("config")
+    plan.add_argument("--accelerator", help="slice type, e.g. v4-32, v5litepod-16, v5p-32, "
+                                            "v6e-8, h100-8")
+    plan.add_argument("--mfu", type=float, help="assumed model FLOP utilisation (default: the "
+                                                "median measured in the store, else 0.4)")
+    plan.add_argument("--store", help="store whose finished runs give the MFU")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(handler=_plan)
 
     prepare = sub.add_parser("prepare", help="download and tokenise the corpus of CONFIG")
     prepare.add_argument("config")
@@ -192,13 +203,23 @@ def _run(args, overrides):
 
 def _sweep(args, overrides):
     _join_processes(args)
-    from launch import sweep
+    from launch import plan, sweep
 
+    if _is_process_zero():
+        print(plan.totals_line(plan.make_plan(args.config, overrides, mfu=plan.DEFAULT_MFU)),
+              file=sys.stderr)
     outcome = sweep.run_sweep(args.config, overrides, retry_failed=args.retry_failed)
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
     if _is_process_zero():
         print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0 if set(outcome.values()) <= {"finished", "followed"} else 1
+
+
+def _plan(args, overrides):
+    from launch import plan
+
+    result = plan.make_plan(args.config, overrides, args.accelerator, args.mfu, args.store)
+    print(json.dumps(result) if args.json else plan.plan_table(result))
 
 
 def _prepare(args, overrides):
