@@ -44,14 +44,19 @@ LADDER = (
 )
 # Byte-level models for the local version: 1 to 4 layers, head size 8 or 16.
 LOCAL_LADDER = (
-    (1, 8, 1), (1, 16, 1), (1, 24, 1), (1, 32, 2), (2, 32, 2), (2, 48, 3), (2, 64, 4), (3, 64, 4),
+    (1, 8, 1), (1, 12, 1), (1, 16, 1), (1, 24, 1), (1, 32, 2), (2, 32, 2), (2, 48, 3), (2, 64, 4), (3, 64, 4),
     (3, 80, 5), (4, 96, 6), (4, 128, 8),
 )
 
 N_CTX, VOCAB = 2048, 32_000  # Hoffmann et al.: 2048-token context, 32k SentencePiece vocabulary
 LOCAL_N_CTX, LOCAL_VOCAB = 128, 256  # bytes
 BATCH = 256  # sequences per step: 0.5M tokens, the paper's starting batch (Table A9 footnote)
-LOCAL_BATCH = 32
+LOCAL_BATCH = 16
+# The local profiles are centred on 200 tokens per parameter, not 20: at
+# budgets this small, byte-level models of a few thousand parameters need
+# hundreds of steps, and a first grid centred on 20 had every profile's
+# minimum at its smallest size.
+LOCAL_TOKENS_PER_PARAM = 200
 MIN_STEPS = 50  # rounding steps to an integer then moves the budget by at most 1%
 
 
@@ -99,7 +104,7 @@ def get_sweep(arg=None):
               for l, d, h in ladder]
     members = []
     for budget in budgets:
-        for shape in sizes_at(budget, shapes, count):
+        for shape in sizes_at(budget, shapes, count, LOCAL_TOKENS_PER_PARAM if local else 20):
             steps, batch_size = steps_for_budget(budget, shape.n_params, batch, n_ctx)
             members.append({
                 "model.n_layer": shape.n_layer, "model.d_model": shape.d_model,
@@ -111,16 +116,19 @@ def get_sweep(arg=None):
     return members
 
 
-def compute_optimal_params(budget: float) -> float:
-    """Chinchilla's rule of thumb, ~20 tokens per parameter: C = 6 N (20 N)."""
-    return math.sqrt(budget / 120)
+def compute_optimal_params(budget: float, tokens_per_param: float = 20) -> float:
+    """The size that sees `tokens_per_param` tokens per parameter: C = 6 N (r N).
+
+    Chinchilla's rule of thumb is r ~ 20.
+    """
+    return math.sqrt(budget / (6 * tokens_per_param))
 
 
-def sizes_at(budget, shapes, count):
+def sizes_at(budget, shapes, count, tokens_per_param=20):
     """`count` neighbouring shapes of the ladder centred (in log total N) on the budget's
     compute-optimal size, so the profile's minimum lies inside it."""
     shapes = sorted(shapes, key=lambda s: s.n_params)
-    target = math.log(compute_optimal_params(budget))
+    target = math.log(compute_optimal_params(budget, tokens_per_param))
     nearest = min(range(len(shapes)), key=lambda i: abs(math.log(shapes[i].n_params) - target))
     first = min(max(0, nearest - count // 2), len(shapes) - count)
     return shapes[first:first + count]
