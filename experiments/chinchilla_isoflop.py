@@ -44,8 +44,8 @@ LADDER = (
 )
 # Byte-level models for the local version: 1 to 4 layers, head size 8 or 16.
 LOCAL_LADDER = (
-    (1, 8, 1), (1, 12, 1), (1, 16, 1), (1, 24, 1), (1, 32, 2), (2, 32, 2), (2, 48, 3), (2, 64, 4), (3, 64, 4),
-    (3, 80, 5), (4, 96, 6), (4, 128, 8),
+    (1, 8, 1), (1, 12, 1), (1, 16, 1), (1, 24, 1), (1, 32, 2), (2, 32, 2), (2, 48, 3),
+    (2, 64, 4), (3, 64, 4), (3, 80, 5), (4, 96, 6), (4, 128, 8),
 )
 
 N_CTX, VOCAB = 2048, 32_000  # Hoffmann et al.: 2048-token context, 32k SentencePiece vocabulary

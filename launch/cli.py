@@ -87,9 +87,11 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a law to a sweep's results or to a CSV")
     fit.add_argument("--law", required=True)
     fit.add_argument("--sweep", help="fit this sweep's results from the store")
-    fit.add_argument("--what", default="final", choices=["final", "per-token", "learning-curve"],
+    fit.add_argument("--what", default="final",
+                     choices=["final", "per-token", "learning-curve", "critical-batch"],
                      help="final: L(N) over runs; per-token: L(T) per run; "
-                          "learning-curve: L(step) per run")
+                          "learning-curve: L(step) per run; critical-batch (law b_crit): "
+                          "B_crit(L) from the noise scale, then L(N, S_min)")
     fit.add_argument("--csv", help="fit this CSV file instead of the store")
     fit.add_argument("--x", help="CSV column(s) of the inputs, comma-separated")
     fit.add_argument("--y", help="CSV column of the loss")
@@ -254,6 +256,17 @@ def _fit(args, overrides):
         return
     if not args.sweep:
         raise UserError("fit needs --sweep NAME (a sweep in the store) or --csv PATH")
+    if "critical-batch" in (args.what, args.law) or args.law == "b_crit":
+        if args.law != "b_crit":
+            raise UserError("--what critical-batch fits law b_crit (then kaplan_ns on S_min); "
+                            "give --law b_crit")
+        from scaling import critical_batch
+
+        with _open_store(_store_path(args, overrides)) as store:
+            records = critical_batch.fit_critical_batch(
+                store, args.sweep, bootstrap=args.bootstrap, objective=args.objective)
+        _print_fits(records, args.json)
+        return
     with _open_store(_store_path(args, overrides)) as store:
         records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
                                      bootstrap=args.bootstrap, objective=args.objective)
