@@ -88,10 +88,12 @@ def _parser():
     fit.add_argument("--law", required=True)
     fit.add_argument("--sweep", help="fit this sweep's results from the store")
     fit.add_argument("--what", default="final",
-                     choices=["final", "per-token", "learning-curve", "critical-batch"],
+                     choices=["final", "per-token", "learning-curve", "critical-batch",
+                              "isoflop"],
                      help="final: L(N) over runs; per-token: L(T) per run; "
                           "learning-curve: L(step) per run; critical-batch (law b_crit): "
-                          "B_crit(L) from the noise scale, then L(N, S_min)")
+                          "B_crit(L) from the noise scale, then L(N, S_min); isoflop (law "
+                          "compute_optimal): Chinchilla approach 2 on budgets 6 N_total D")
     fit.add_argument("--csv", help="fit this CSV file instead of the store")
     fit.add_argument("--x", help="CSV column(s) of the inputs, comma-separated")
     fit.add_argument("--y", help="CSV column of the loss")
@@ -114,7 +116,7 @@ def _parser():
     plot.add_argument("sweep")
     plot.add_argument("--kind", required=True,
                       help="per-token, per-token-steps, learning-curves, size, compute, "
-                           "isoflop, or all")
+                           "isoflop, isoflop-total (budgets 6 N_total D), or all")
     plot.add_argument("--run", help="per-token-steps: this run (default the largest)")
     plot.add_argument("--out", help="folder for the files (default results/plots/SWEEP)")
     plot.add_argument("--vector", default="svg", choices=["svg", "pdf"],
@@ -256,6 +258,15 @@ def _fit(args, overrides):
         return
     if not args.sweep:
         raise UserError("fit needs --sweep NAME (a sweep in the store) or --csv PATH")
+    if "isoflop" in (args.what, args.law) or args.law == "compute_optimal":
+        if args.law != "compute_optimal" or args.what != "isoflop":
+            raise UserError("--what isoflop goes with --law compute_optimal")
+        from scaling import isoflop
+
+        with _open_store(_store_path(args, overrides)) as store:
+            records = [isoflop.fit_isoflop(store, args.sweep, bootstrap=args.bootstrap)]
+        _print_fits(records, args.json)
+        return
     if "critical-batch" in (args.what, args.law) or args.law == "b_crit":
         if args.law != "b_crit":
             raise UserError("--what critical-batch fits law b_crit (then kaplan_ns on S_min); "
@@ -293,6 +304,16 @@ def _print_fits(records, as_json: bool):
 def _plot(args, overrides):
     from scaling import plots
 
+    if args.kind == "isoflop-total":
+        from pathlib import Path
+
+        from scaling import isoflop
+
+        out = args.out or Path("results/plots") / args.sweep
+        with _open_store(_store_path(args, overrides)) as store:
+            paths, notes = isoflop.plot_isoflop(store, args.sweep, out, args.vector)
+        print("\n".join(notes + [f"wrote {', '.join(str(p) for p in paths)}"]))
+        return
     with _open_store(_store_path(args, overrides)) as store:
         drawn = plots.plot_sweep(store, args.sweep, args.kind, args.out, run=args.run,
                                  vector=args.vector)
