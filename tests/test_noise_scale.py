@@ -1,9 +1,12 @@
 """The gradient noise scale: McCandlish's estimators on a problem with known answers, and
 the trainer logging it without changing what is trained."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from test_tensorboard import read_scalars
 
 from launch import config as config_lib
 from launch import steps, train
@@ -69,6 +72,8 @@ def test_trainer_logs_noise_scale_without_changing_the_run(tiny_config, tmp_path
         _, loss_on = store.scalars(on, "eval_loss")
         assert len(steps_on) == len(store.scalars(on, "eval_loss")[0])
         assert np.isfinite(noise).all() and noise[-1] > 0
+    board = read_scalars(Path(tiny_config.workdir) / on / "tensorboard")
+    np.testing.assert_allclose([v for _, v in board["noise_scale"]], noise, rtol=1e-6)
     with Store(off_config.store) as store:
         assert "noise_scale" not in store.metric_names(on)
         _, loss_off = store.scalars(on, "eval_loss")
