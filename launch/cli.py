@@ -5,6 +5,7 @@
     scaling sweep CONFIG --backend tpu|xpk ... [--dry-run]   ... on a TPU pod or GKE
     scaling sync SWEEP --bucket B [--store PATH]      ingest remote runs' records
     scaling prepare CONFIG                            fetch and tokenise its corpus
+    scaling plan CONFIG [--accelerator TYPE] [--mfu F] what a sweep will cost, before it runs
     scaling status [CONFIG] [--store PATH] [--bucket B] [--json]   runs, states, last loss
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
     scaling fit --law LAW --csv PATH --x COLS --y COL fit a law to any CSV
@@ -73,6 +74,16 @@ def _parser():
     sync.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     sync.set_defaults(handler=_sync)
 
+    plan = sub.add_parser("plan", help="parameters, tokens, FLOPs and chip-hours of a sweep")
+    plan.add_argument("config")
+    plan.add_argument("--accelerator", help="slice type, e.g. v4-32, v5litepod-16, v5p-32, "
+                                            "v6e-8, h100-8")
+    plan.add_argument("--mfu", type=float, help="assumed model FLOP utilisation (default: the "
+                                                "median measured in the store, else 0.4)")
+    plan.add_argument("--store", help="store whose finished runs give the MFU")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(handler=_plan)
+
     prepare = sub.add_parser("prepare", help="download and tokenise the corpus of CONFIG")
     prepare.add_argument("config")
     prepare.set_defaults(handler=_prepare)
@@ -88,9 +99,13 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a law to a sweep's results or to a CSV")
     fit.add_argument("--law", required=True)
     fit.add_argument("--sweep", help="fit this sweep's results from the store")
-    fit.add_argument("--what", default="final", choices=["final", "per-token", "learning-curve"],
+    fit.add_argument("--what", default="final",
+                     choices=["final", "per-token", "learning-curve", "critical-batch",
+                              "isoflop"],
                      help="final: L(N) over runs; per-token: L(T) per run; "
-                          "learning-curve: L(step) per run")
+                          "learning-curve: L(step) per run; critical-batch (law b_crit): "
+                          "B_crit(L) from the noise scale, then L(N, S_min); isoflop (law "
+                          "compute_optimal): Chinchilla approach 2 on budgets 6 N_total D")
     fit.add_argument("--csv", help="fit this CSV file instead of the store")
     fit.add_argument("--x", help="CSV column(s) of the inputs, comma-separated")
     fit.add_argument("--y", help="CSV column of the loss")
@@ -145,7 +160,7 @@ def _parser():
     plot.add_argument("sweep")
     plot.add_argument("--kind", required=True,
                       help="per-token, per-token-steps, learning-curves, size, compute, "
-                           "isoflop, or all")
+                           "isoflop, isoflop-total (budgets 6 N_total D), or all")
     plot.add_argument("--run", help="per-token-steps: this run (default the largest)")
     plot.add_argument("--out", help="folder for the files (default results/plots/SWEEP)")
     plot.add_argument("--vector", default="svg", choices=["svg", "pdf"],
@@ -284,8 +299,11 @@ def _sweep(args, overrides):
               + (f" ({', '.join(failed)})" if failed else ""))
         return 1 if failed else 0
     _join_processes(args)
-    from launch import sweep
+    from launch import plan, sweep
 
+    if _is_process_zero():
+        print(plan.totals_line(plan.make_plan(args.config, overrides, mfu=plan.DEFAULT_MFU)),
+              file=sys.stderr)
     outcome = sweep.run_sweep(args.config, overrides, retry_failed=args.retry_failed)
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
     if _is_process_zero():
@@ -299,6 +317,13 @@ def _launch(args, overrides, backend_name: str):
     backend = get_backend(backend_name)
     plan = runner.make_plan(args.config, overrides, retry_failed=args.retry_failed,
                             strict=not args.dry_run)
+    # What the sweep will cost, before anything remote starts (stderr: a dry
+    # run's stdout is the commands alone, one per line).
+    from launch import plan as cost
+
+    accelerator = plan.launch.get("accelerator") or None
+    print(cost.totals_line(cost.make_plan(args.config, overrides, accelerator)),
+          file=sys.stderr)
     if args.dry_run:
         runner.dry_run(backend, plan)
         return 0
@@ -317,6 +342,13 @@ def _sync(args, overrides):
         counts = sync.sync(store, args.bucket, args.sweep)
     print(f"synced {counts['runs']} runs ({counts['evals']} evals) of {args.sweep} "
           f"into {store.path}")
+
+
+def _plan(args, overrides):
+    from launch import plan
+
+    result = plan.make_plan(args.config, overrides, args.accelerator, args.mfu, args.store)
+    print(json.dumps(result) if args.json else plan.plan_table(result))
 
 
 def _prepare(args, overrides):
@@ -361,6 +393,26 @@ def _fit(args, overrides):
         return
     if not args.sweep:
         raise UserError("fit needs --sweep NAME (a sweep in the store) or --csv PATH")
+    if "isoflop" in (args.what, args.law) or args.law == "compute_optimal":
+        if args.law != "compute_optimal" or args.what != "isoflop":
+            raise UserError("--what isoflop goes with --law compute_optimal")
+        from scaling import isoflop
+
+        with _open_store(_store_path(args, overrides)) as store:
+            records = [isoflop.fit_isoflop(store, args.sweep, bootstrap=args.bootstrap)]
+        _print_fits(records, args.json)
+        return
+    if "critical-batch" in (args.what, args.law) or args.law == "b_crit":
+        if args.law != "b_crit":
+            raise UserError("--what critical-batch fits law b_crit (then kaplan_ns on S_min); "
+                            "give --law b_crit")
+        from scaling import critical_batch
+
+        with _open_store(_store_path(args, overrides)) as store:
+            records = critical_batch.fit_critical_batch(
+                store, args.sweep, bootstrap=args.bootstrap, objective=args.objective)
+        _print_fits(records, args.json)
+        return
     with _open_store(_store_path(args, overrides)) as store:
         if args.sensitivity:
             return _sensitivity(args, fixed, store)
@@ -433,6 +485,16 @@ def _print_fits(records, as_json: bool, provenance: bool = False):
 def _plot(args, overrides):
     from scaling import plots
 
+    if args.kind == "isoflop-total":
+        from pathlib import Path
+
+        from scaling import isoflop
+
+        out = args.out or Path("results/plots") / args.sweep
+        with _open_store(_store_path(args, overrides)) as store:
+            paths, notes = isoflop.plot_isoflop(store, args.sweep, out, args.vector)
+        print("\n".join(notes + [f"wrote {', '.join(str(p) for p in paths)}"]))
+        return
     with _open_store(_store_path(args, overrides)) as store:
         drawn = plots.plot_sweep(store, args.sweep, args.kind, args.out, run=args.run,
                                  vector=args.vector)

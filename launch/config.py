@@ -26,12 +26,14 @@ from scaling.errors import UserError
 
 # Keys that say where results go, how they are shown or how the work is
 # laid over devices, not what is
-# trained: they are left out of the run id, so moving a store or turning off
+# trained (train.noise_scale only measures: its two half-batch gradients
+# average to the same update): they are left out of the run id, so moving a store or turning off
 # progress bars does not make a finished run look new.
-# How often the loss is checked for NaN changes when a diverging run stops, not what it
-# trains; where the run is launched (`launch`) does not change it either.
+# How often the loss is checked for NaN, and whether the gradient noise scale
+# is measured, change when a diverging run stops and what is logged, not what
+# it trains; where the run is launched (`launch`) does not change it either.
 NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
-                     "launch", "train.nan_check_every")
+                     "launch", "train.nan_check_every", "train.noise_scale")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     # are fetched (computed by then, so no stall) and a NaN/inf stops the run:
     # divergence is caught within 2 x this many steps.
     c.train.nan_check_every = 10
+    # Measure the gradient noise scale (metric noise_scale, tokens) from two half-batches.
+    c.train.noise_scale = True
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4  # held-out batches (of train.batch_size sequences) per eval

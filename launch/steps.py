@@ -56,8 +56,21 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     return adamw
 
 
+# Smoothing of the noise scale's numerator and denominator: about the last
+# 1/(1 - 0.98) = 50 steps. Both EMAs start at zero and share one bias
+# factor, which cancels in their ratio.
+NOISE_EMA_DECAY = 0.98
+
+
 class TrainState(train_state.TrainState):
-    """params, opt_state and step; `apply_fn` and `tx` are static."""
+    """params, opt_state and step; `apply_fn` and `tx` are static.
+
+    `noise_ema` is {"g2": ..., "trace": ...}, the moving averages of the
+    gradient noise scale's two estimates. It is there (zeros) also when the
+    noise scale is off, so one checkpoint layout serves both settings.
+    """
+
+    noise_ema: dict | None = None
 
 
 def init_state(model_cfg: ModelConfig, tx, mesh, rules, seed: int):
@@ -72,7 +85,8 @@ def init_state(model_cfg: ModelConfig, tx, mesh, rules, seed: int):
         params = model.init(rng, dummy_BxL)["params"]
         # optax mirrors the parameters' logical boxes into its moments, so the
         # optimizer state is sharded exactly like the parameters.
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        noise_ema = {"g2": jnp.zeros(()), "trace": jnp.zeros(())}
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, noise_ema=noise_ema)
 
     rng = jax.random.key(seed)
     with nn.logical_axis_rules(rules):
@@ -89,15 +103,63 @@ def per_token_loss(params, apply_fn, tokens_BxL1):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
 
 
-def train_step(state: TrainState, tokens_BxL1):
-    """One optimizer step on a batch of B sequences of L+1 tokens."""
+def noise_estimates(g2_small, g2_big, b_small, b_big):
+    """Unbiased |G|^2 and tr(Sigma) from squared gradient norms at two batch sizes.
 
-    def loss_fn(params):
-        return per_token_loss(params, state.apply_fn, tokens_BxL1).mean()
+    McCandlish et al. 2018, appendix A (equations A.2 and A.3): E|G_B|^2 =
+    |G|^2 + tr(Sigma)/B, solved for the two unknowns from B_small and B_big.
+    """
+    g2 = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
+    trace = (g2_small - g2_big) / (1 / b_small - 1 / b_big)
+    return g2, trace
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    state = state.apply_gradients(grads=grads)
-    return state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+def update_noise_ema(ema: dict, g2, trace, decay: float = NOISE_EMA_DECAY) -> dict:
+    """Move both averages; B_simple = ema["trace"] / ema["g2"] (the bias factors cancel)."""
+    return {"g2": decay * ema["g2"] + (1 - decay) * g2,
+            "trace": decay * ema["trace"] + (1 - decay) * trace}
+
+
+def two_microbatch_grads(loss_fn, params, batch_Bx):
+    """Loss and gradient of the full batch, from two halves, and the squared norms.
+
+    Rows 0, 2, 4, ... form one half and 1, 3, 5, ... the other: each device
+    splits its own (even number of) rows, so no row moves between devices.
+    The full-batch gradient is the mean of the halves' (equal-sized means).
+    Returns (loss, grads, |G_small|^2 (mean over the halves), |G_big|^2).
+    """
+    halves_Hx2 = batch_Bx.reshape(batch_Bx.shape[0] // 2, 2, *batch_Bx.shape[1:])
+    losses_2, grads_2 = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(
+        params, halves_Hx2)
+    grads = jax.tree.map(lambda g: g.mean(axis=0), grads_2)
+    squares_2 = sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+                    for g in jax.tree.leaves(grads_2))
+    return losses_2.mean(), grads, squares_2.mean(), optax.tree.norm(grads, squared=True)
+
+
+def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True):
+    """One optimizer step on a batch of B sequences of L+1 tokens.
+
+    With `noise_scale` (static), the step also measures the gradient noise
+    scale B_simple = tr(Sigma) / |G|^2, in tokens, from the batch's two halves.
+    """
+
+    def loss_fn(params, tokens):
+        return per_token_loss(params, state.apply_fn, tokens).mean()
+
+    if not noise_scale:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxL1)
+        state = state.apply_gradients(grads=grads)
+        return state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    loss, grads, g2_small, g2_big = two_microbatch_grads(loss_fn, state.params, tokens_BxL1)
+    batch, length = tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1
+    # Batch sizes in tokens, so the noise scale is in tokens too.
+    g2, trace = noise_estimates(g2_small, g2_big, batch // 2 * length, batch * length)
+    ema = update_noise_ema(state.noise_ema, g2, trace)
+    state = state.apply_gradients(grads=grads, noise_ema=ema)
+    return state, {"train_loss": loss, "grad_norm": jnp.sqrt(g2_big),
+                   "noise_scale": ema["trace"] / ema["g2"]}
 
 
 def eval_step(params, tokens_BxL1, apply_fn):
@@ -105,12 +167,12 @@ def eval_step(params, tokens_BxL1, apply_fn):
     return per_token_loss(params, apply_fn, tokens_BxL1).sum(axis=0)
 
 
-def compile_steps(state_shardings, mesh, rules, apply_fn):
+def compile_steps(state_shardings, mesh, rules, apply_fn, noise_scale: bool = True):
     """jit the steps with their shardings; the train state is donated (updated in place)."""
     batch = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
     jitted_train = jax.jit(
-        train_step,
+        functools.partial(train_step, noise_scale=noise_scale),
         in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

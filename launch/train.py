@@ -149,12 +149,18 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
         raise UserError(str(e)) from None
     batch_sharding = sharding.batch_sharding(mesh, rules)
     distributed.check_batch_layout(batch_sharding, (config.train.batch_size, shape.n_ctx + 1))
+    rows_per_device = batch_sharding.shard_shape((config.train.batch_size, shape.n_ctx + 1))[0]
+    if config.train.noise_scale and rows_per_device % 2:
+        raise UserError(f"train.noise_scale splits each device's rows in two, but "
+                        f"train.batch_size={config.train.batch_size} puts {rows_per_device} on "
+                        "each; use an even number per device or --config.train.noise_scale=false")
     eval_set = data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size,
                                  shape.n_ctx)
 
     tx = steps.make_optimizer(config.train)
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
-    train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn)
+    train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn,
+                                                config.train.noise_scale)
 
     local_dir = Path(config.workdir) / run_id
     # With a bucket, checkpoints live there so a new slice resumes from them.
@@ -223,6 +229,7 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                                            + [m["train_loss"] for m in pending_metrics]))
                 carried_losses.clear()
                 grad_norm = float(pending_metrics[-1]["grad_norm"])
+                noise_scale = float(pending_metrics[-1].get("noise_scale", math.nan))
                 pending_metrics.clear()
                 if not math.isfinite(train_loss):
                     raise DivergedError(f"train loss became {train_loss} by step {done}; "
@@ -241,6 +248,8 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                     "mfu": tokens_per_s * shape.train_flops_per_token / peak,
                     "wall_time": time.time(),
                 }
+                if config.train.noise_scale:  # B_simple in tokens, smoothed over ~50 steps
+                    row["noise_scale"] = noise_scale
                 if not math.isfinite(row["eval_loss"]):
                     raise DivergedError(f"eval loss became {row['eval_loss']} at step {done}; "
                                         "lower train.learning_rate")

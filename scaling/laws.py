@@ -149,6 +149,10 @@ def _kaplan_ns(p, log_x):
     return jnp.log(n_term + s_term)
 
 
+def _b_crit(p, log_x):
+    return jnp.log(p["B_star"]) - log_x[..., 0] / p["alpha_B"]
+
+
 def _chinchilla(p, log_x):
     # log(E + A N^-alpha + B D^-beta) = logsumexp(e, a - alpha log N, b - beta log D)
     # as in Hoffmann et al. and Epoch's replication.  Summing the exponentials
@@ -225,4 +229,13 @@ CHINCHILLA = register(Law(
     formula="L = E + A / N^alpha + B / D^beta",
     derived=_chinchilla_derived,
     linear=(("E", "A", "B"), _chinchilla_basis),
+))
+# Kaplan et al. 2020, section 5.1: the critical batch size (tokens) as a
+# function of the loss, fitted to (loss, gradient noise scale) points; the
+# paper finds B* ~ 2e8 tokens and alpha_B ~ 0.21 (loss in nats).
+B_CRIT = register(Law(
+    name="b_crit", param_names=("B_star", "alpha_B"), n_inputs=1, predict_log=_b_crit,
+    positive=("B_star", "alpha_B"),
+    init_grid={"B_star": (0.0, 5.0, 10.0, 15.0, 20.0), "alpha_B": (-3.0, -1.5, 0.0, 1.0)},
+    formula="B_crit = B_star / L^(1 / alpha_B)",
 ))

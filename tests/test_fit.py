@@ -211,7 +211,7 @@ Y5 = np.logspace(0.5, 0.1, 5)
     (lambda: fit("power", X5[:4], Y5), r"x has shape \(4,\) but y has shape \(1, 5\)"),
     (lambda: fit("chinchilla", X5[None, :, None], Y5), "1 input columns.*takes 2"),
     (lambda: fit("chinchilla", np.ones((5, 3)), Y5), "3 input columns.*takes 2"),
-    (lambda: fit("kaplan", X5, Y5), "unknown law 'kaplan'; known laws: chinchilla"),
+    (lambda: fit("kaplan", X5, Y5), "unknown law 'kaplan'; known laws: .*chinchilla"),
     (lambda: fit("power", X5, Y5, objective="l2"), "objective 'l2' is not one of huber, lsq"),
     (lambda: fit("power", X5, Y5, mask=np.ones(4, bool)), "mask must be booleans"),
     (lambda: fit("power", X5, Y5, fixed={"E": 1.0}), "fixed parameter 'E'"),

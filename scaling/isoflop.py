@@ -1,0 +1,166 @@
+"""Compute-optimal exponents from an IsoFLOP grid: Hoffmann et al. 2022, approach 2.
+
+Budgets are counted as the Chinchilla paper states them, C = 6 N D with N
+every parameter (embeddings included): the runs' total parameter count and
+tokens give each run's C, and runs within 2% of each other share a budget.
+Per budget, a parabola in log N through the final losses gives N_opt(C)
+(and D_opt = C / (6 N_opt)); straight lines through log N_opt and log D_opt
+against log C give the exponents a and b of N_opt ~ C^a and D_opt ~ C^b.
+Intervals come from resampling each profile's runs (bootstrap).
+
+`scaling fit --sweep S --what isoflop --law compute_optimal` stores the
+result as a fit; `scaling plot S --kind isoflop-total` draws the profiles
+(the `isoflop` kind groups runs by the trainer's 6N + attention FLOPs and
+non-embedding N instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from scaling.errors import UserError
+from scaling.store import FitRecord, Store
+
+WHAT, LAW = "isoflop", "compute_optimal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    budget: float  # FLOPs, 6 N_total D, the geometric mean of the group
+    n_total: np.ndarray  # total parameters of each run, ascending
+    loss: np.ndarray  # final eval loss of each run
+
+
+def budget_of(run) -> float:
+    return 6.0 * run.n_params_total * run.tokens
+
+
+def profiles(store: Store, runs) -> list[Profile]:
+    """Finished runs grouped by budget (2%), each profile with 3 or more sizes, by budget."""
+    points = sorted((budget_of(r), r.n_params_total, store.last_eval(r.run_id)[1])
+                    for r in runs if r.status == "finished" and store.last_eval(r.run_id))
+    groups, current = [], []
+    for point in points:
+        if current and point[0] > current[0][0] * 1.02:
+            groups.append(current)
+            current = []
+        current.append(point)
+    if current:
+        groups.append(current)
+    result = []
+    for group in groups:
+        c, n, loss = (np.array(v, float) for v in zip(*group, strict=True))
+        order = np.argsort(n)
+        if len(set(n.tolist())) >= 3:
+            result.append(Profile(float(np.exp(np.log(c).mean())), n[order], loss[order]))
+    return result
+
+
+def parabola_minimum(n_total, loss) -> float | None:
+    """argmin over N of a parabola in log N through the points; None if it opens downward."""
+    a, b, _ = np.polyfit(np.log(n_total), loss, 2)
+    return float(np.exp(-b / (2 * a))) if a > 0 else None
+
+
+def exponents(budgets, n_opt) -> dict:
+    """a, b and the prefactors of N_opt = k_N C^a and D_opt = k_D C^b (least squares in log)."""
+    log_c, log_n = np.log(budgets), np.log(n_opt)
+    a, log_k_n = np.polyfit(log_c, log_n, 1)
+    b, log_k_d = np.polyfit(log_c, np.log(np.asarray(budgets) / (6 * np.asarray(n_opt))), 1)
+    return {"a": float(a), "b": float(b), "k_N": float(np.exp(log_k_n)),
+            "k_D": float(np.exp(log_k_d))}
+
+
+def optimum(profile_list) -> tuple[np.ndarray, np.ndarray]:
+    """(budgets, N_opt) of the profiles whose parabola has its minimum among their sizes
+    (one outside would be an extrapolation, not a measurement)."""
+    found = [(p.budget, parabola_minimum(p.n_total, p.loss), p) for p in profile_list]
+    found = [(c, n) for c, n, p in found if n is not None and p.n_total[0] <= n <= p.n_total[-1]]
+    return np.array([c for c, _ in found]), np.array([n for _, n in found])
+
+
+def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0) -> FitRecord:
+    """Approach 2 on the sweep's final losses; the fit is saved and returned."""
+    from scaling.analysis import sweep_runs
+
+    found = profiles(store, sweep_runs(store, sweep))
+    budgets, n_opt = optimum(found)
+    if len(budgets) < 2:
+        raise UserError(f"sweep {sweep!r} has {len(budgets)} IsoFLOP profiles with a minimum "
+                        "(3 or more sizes at one budget 6 N_total D, within 2%); approach 2 "
+                        "needs two or more: give each budget sizes either side of its optimum")
+    params = exponents(budgets, n_opt)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(bootstrap):
+        resampled = []
+        for p in found:
+            pick = np.sort(rng.integers(0, len(p.n_total), len(p.n_total)))
+            if len(set(pick.tolist())) >= 3:
+                resampled.append(Profile(p.budget, p.n_total[pick], p.loss[pick]))
+        c, n = optimum(resampled)
+        if len(c) >= 2:
+            draws.append(exponents(c, n))
+    intervals = {k: [float(np.percentile([d[k] for d in draws], 2.5)),
+                     float(np.percentile([d[k] for d in draws], 97.5))]
+                 for k in params} if len(draws) >= 10 else {}
+    record = FitRecord(
+        sweep=sweep, law=LAW, what=WHAT, curve="all", params=params, intervals=intervals,
+        objective=0.0, converged=True, n_points=len(budgets),
+        selection={"budgets": budgets.tolist(), "N_opt": n_opt.tolist(),
+                   "flops": "6 N_total D", "left_out": {}},
+        settings={"bootstrap": bootstrap, "seed": seed, "draws": len(draws)},
+    )
+    return dataclasses.replace(record, fit_id=store.save_fit(record))
+
+
+def plot_isoflop(store: Store, sweep: str, out_dir, vector: str = "svg") -> tuple[list, list]:
+    """Draw the profiles into out_dir/isoflop-total.png (+ vector); returns (paths, notes)."""
+    from pathlib import Path
+
+    from scaling.analysis import sweep_runs
+    from scaling.plot_common import save
+
+    notes: list[str] = []
+    fig = draw(store, sweep, sweep_runs(store, sweep), notes)
+    return save(fig, Path(out_dir), "isoflop-total", vector), notes
+
+
+def draw(store, sweep, runs, notes: list):
+    """Figure: final loss against total N per budget, parabolas, minima and N_opt(C)."""
+    from scaling.plot_common import CMAP, add_legend, colorbar, log_norm, new_figure
+
+    found = profiles(store, runs)
+    if not found:
+        raise UserError(f"sweep {sweep!r} has no budget 6 N_total D shared by 3 or more sizes")
+    fig, ax = new_figure()
+    norm = log_norm([p.budget for p in found])
+    for p in found:
+        color = CMAP(norm(p.budget))
+        ax.scatter(p.n_total, p.loss, color=color, s=28, zorder=3)
+        coeffs = np.polyfit(np.log(p.n_total), p.loss, 2)
+        grid = np.geomspace(p.n_total[0], p.n_total[-1], 100)
+        ax.plot(grid, np.polyval(coeffs, np.log(grid)), color=color, lw=1.2)
+        best = parabola_minimum(p.n_total, p.loss)
+        if best is not None and p.n_total[0] <= best <= p.n_total[-1]:
+            ax.scatter([best], [np.polyval(coeffs, np.log(best))], marker="*", s=120,
+                       color=color, edgecolors="black", linewidths=0.5, zorder=4)
+    ax.scatter([], [], color="grey", s=28, label="final loss of a run")
+    ax.plot([], [], color="grey", lw=1.2, label="parabola in $\\log N$ per budget")
+    ax.scatter([], [], marker="*", s=120, color="grey", edgecolors="black", linewidths=0.5,
+               label="its minimum, $N_{opt}(C)$")
+    budgets, n_opt = optimum(found)
+    if len(budgets) >= 2:
+        e = exponents(budgets, n_opt)
+        notes.append(f"isoflop-total: N_opt ~ C^{e['a']:.3f}, D_opt ~ C^{e['b']:.3f}")
+        ax.plot([], [], " ", label=f"$N_{{opt}} \\propto C^{{{e['a']:.2f}}}$, "
+                                   f"$D_{{opt}} \\propto C^{{{e['b']:.2f}}}$")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters $N$ (total, embeddings included)")
+    ax.set_ylabel("final eval loss (nats/token)")
+    ax.set_title(f"{sweep}: IsoFLOP profiles, $C = 6ND$")
+    colorbar(fig, ax, norm, "training compute $C = 6ND$ (FLOPs)")
+    add_legend(fig, ax)
+    return fig

@@ -1,0 +1,61 @@
+"""The reference studies: the designs they promise, checked from their loaded members."""
+
+import pytest
+
+from launch import config as config_lib
+
+ISOFLOP = "experiments/chinchilla_isoflop.py"
+
+
+def _grid(path):
+    """{budget: [(n_total, 6 N_total D)]} of an IsoFLOP study, budget read back from C."""
+    module, arg, _ = config_lib.load_study(path)
+    budgets = module.LOCAL_BUDGETS if arg == "local" else module.BUDGETS
+    grid = {b: [] for b in budgets}
+    for member in config_lib.study_sweep(path):
+        shape = config_lib.model_config(member).shape
+        tokens = member.train.steps * member.train.batch_size * shape.n_ctx
+        flops = 6 * shape.n_params * tokens
+        nearest = min(budgets, key=lambda b: abs(flops / b - 1))
+        grid[nearest].append((shape.n_params, flops))
+    return grid
+
+
+@pytest.mark.parametrize("path", [ISOFLOP, ISOFLOP + ":local"])
+def test_isoflop_members_hit_their_budgets_within_one_percent(path):
+    grid = _grid(path)
+    assert len(grid) >= 5
+    for budget, members in grid.items():
+        assert len({n for n, _ in members}) >= 5, (budget, members)
+        for n_total, flops in members:
+            assert abs(flops / budget - 1) < 0.01, (budget, n_total, flops)
+
+
+def test_isoflop_budgets_span_the_papers_range_and_the_local_one_is_small():
+    module, _, _ = config_lib.load_study(ISOFLOP)
+    assert min(module.BUDGETS) == 6e18 and max(module.BUDGETS) == 3e21
+    local = config_lib.study_sweep(ISOFLOP + ":local")
+    assert all(m.model.vocab_size == 256 and m.train.steps >= module.MIN_STEPS for m in local)
+    assert len({config_lib.run_id(m) for m in local}) == len(local)
+    assert max(module.LOCAL_BUDGETS) < 1e13
+
+
+def test_isoflop_profiles_bracket_the_compute_optimal_size():
+    for budget, members in _grid(ISOFLOP).items():
+        sizes = sorted(n for n, _ in members)
+        # The 20-tokens-per-parameter optimum lies inside every profile.
+        assert sizes[0] < (budget / 120) ** 0.5 < sizes[-1], budget
+
+
+def test_kaplan_study_spans_the_papers_range():
+    from launch.train import run_record
+
+    members = config_lib.study_sweep("experiments/kaplan2020.py")
+    sizes = [run_record(m, config_lib.run_id(m)).n_params for m in members]
+    assert len(sizes) >= 7 and max(sizes) / min(sizes) >= 1000
+    assert min(sizes) == 768 and 1.4e9 < max(sizes) < 1.6e9
+    for m in members:
+        assert m.model.n_ctx == 1024 and m.train.batch_size == 512
+        assert m.train.warmup_steps == 3000 and m.train.final_lr_fraction == 0.0
+    rates = [m.train.learning_rate for m in members]
+    assert rates == sorted(rates, reverse=True)  # equation D.1: smaller LR for larger N
