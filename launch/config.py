@@ -24,16 +24,15 @@ from models.sizes import ModelShape
 from models.transformer import ModelConfig
 from scaling.errors import UserError
 
-# Keys that say where results go, how they are shown or how the work is
-# laid over devices, not what is
-# trained (train.noise_scale only measures: its two half-batch gradients
-# average to the same update): they are left out of the run id, so moving a store or turning off
-# progress bars does not make a finished run look new.
-# How often the loss is checked for NaN, and whether the gradient noise scale
-# is measured, change when a diverging run stops and what is logged, not what
-# it trains; where the run is launched (`launch`) does not change it either.
+# Keys that say where results go, how they are shown, where and how fast the
+# work runs, or what is measured on the side, not what is trained: they are
+# left out of the run id, so moving a store, turning off progress bars or
+# unrolling the layer loop does not make a finished run look new.
+# (train.noise_scale only measures: its two half-batch gradients average to
+# the same update; train.nan_check_every only changes how soon a diverging
+# run stops.)
 NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
-                     "launch", "train.nan_check_every", "train.noise_scale")
+                     "launch", "train.nan_check_every", "train.noise_scale", "model.scan_unroll")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (use bfloat16 on TPU/GPU)
     c.model.remat = "none"  # none | full | dots | dots_no_batch: what the scanned blocks keep
     c.model.attention_impl = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
+    # Layers per iteration of the scanned layer loop: 0 unrolls models of up
+    # to 4 layers (faster steps) and keeps deeper ones rolled (flat compile time).
+    c.model.scan_unroll = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200  # optimizer steps
@@ -239,7 +241,8 @@ def model_config(config) -> ModelConfig:
         shape = ModelShape(n_layer=m.n_layer, d_model=m.d_model, n_heads=m.n_heads,
                            n_ctx=m.n_ctx, vocab_size=m.vocab_size, d_ff=m.d_ff)
         return ModelConfig(shape, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                           remat=m.remat, attention_impl=m.attention_impl)
+                           remat=m.remat, attention_impl=m.attention_impl,
+                           scan_unroll=m.scan_unroll)
     except ValueError as e:
         raise UserError(str(e)) from None
 

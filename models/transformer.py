@@ -31,6 +31,12 @@ REMAT_POLICIES = {
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+# scan_unroll=0 unrolls the layer loop of models this shallow, and keeps it a
+# loop beyond. Unrolled, XLA drops the loop's stacked activation buffers (their
+# zero fill and dynamic slices took ~25% of a CPU step at 4 layers of d_model
+# 256); rolled, compile time stays flat in depth (at 8 layers, unrolling
+# compiles in ~11 s instead of ~4 s on 2 CPU cores).
+AUTO_UNROLL_MAX_LAYERS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"
+    scan_unroll: int = 0  # layers per loop iteration; 0 = all up to AUTO_UNROLL_MAX_LAYERS, else 1
 
     def __post_init__(self):
         for name, allowed in (
@@ -54,6 +61,17 @@ class ModelConfig:
                 raise ValueError(
                     f"model.{name}={getattr(self, name)!r} is not one of {sorted(allowed)}"
                 )
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+            raise ValueError(f"model.scan_unroll={self.scan_unroll!r} must be an integer >= 0 "
+                             "(0 picks by depth, 1 keeps the layer loop rolled)")
+
+    @property
+    def unroll(self) -> int:
+        """How many layers one iteration of the scanned layer loop runs."""
+        n_layer = self.shape.n_layer
+        if self.scan_unroll:
+            return min(self.scan_unroll, n_layer)
+        return n_layer if n_layer <= AUTO_UNROLL_MAX_LAYERS else 1
 
 
 def _param(module, name, init, names, shape, dtype):
@@ -152,6 +170,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             length=s.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
+            unroll=self.config.unroll,
         )
         x_BxLxD, _ = stack(self.config, name="blocks")(x_BxLxD, None)
         x_BxLxD = LayerNorm(pdt, name="ln_final")(x_BxLxD)

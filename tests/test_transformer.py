@@ -64,3 +64,20 @@ def test_bfloat16_compute_gives_finite_float32_logits():
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="model.compute_dtype='fp8'"):
         ModelConfig(SHAPE, compute_dtype="fp8")
+
+
+def test_unrolled_layer_loop_computes_the_same_model():
+    shape = ModelShape(n_layer=3, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    rolled, unrolled = (Transformer(ModelConfig(shape, scan_unroll=k)) for k in (1, 3))
+    assert ModelConfig(shape).unroll == 3 and ModelConfig(shape, scan_unroll=1).unroll == 1
+    deep = ModelShape(n_layer=12, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
+    assert ModelConfig(deep).unroll == 1  # deep models keep the loop: flat compile time
+    params = rolled.init(jax.random.key(0), tokens)["params"]
+    # Same parameter tree, same logits: unrolling only changes how XLA runs it.
+    assert jax.tree.structure(params) == jax.tree.structure(
+        unrolled.init(jax.random.key(0), tokens)["params"])
+    np.testing.assert_allclose(unrolled.apply({"params": params}, tokens),
+                               rolled.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scan_unroll"):
+        ModelConfig(shape, scan_unroll=-1)
