@@ -119,8 +119,7 @@ class Checkpointer:
                 )
             self.restored_loop = restored["data"].get("loop", {})
             saved = restored["state"]
-            state = state.replace(step=saved["step"], params=saved["params"],
-                                  opt_state=saved["opt_state"])
+            state = state.replace(**saved)
             return state, int(restored["data"]["next_step"])
         return state, 0
 
@@ -161,5 +160,10 @@ class Checkpointer:
 
 
 def _savable(state):
-    # The train state minus its static fields (apply_fn, tx), as a plain dict.
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    # The train state minus its static fields (apply_fn, tx), as a plain dict;
+    # with the gradient noise scale on, its moving averages too, so a resumed
+    # run logs the same noise_scale as an uninterrupted one.
+    savable = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if getattr(state, "noise_ema", None) is not None:
+        savable["noise_ema"] = state.noise_ema
+    return savable
