@@ -101,10 +101,14 @@ class Checkpointer:
         older one tried. The restored arrays get `shardings`, which may come
         from a different mesh than the one that saved them.
         """
+        savable, savable_shardings = _savable(state), _savable(shardings)
+        for key in savable.keys() - savable_shardings.keys():
+            # A part the shardings do not name (the noise-scale scalars) keeps its own.
+            savable_shardings[key] = jax.tree.map(lambda x: x.sharding, savable[key])
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            _savable(state),
-            _savable(shardings),
+            savable,
+            savable_shardings,
         )
         for step in reversed(self.steps()):
             restored, problem = self._try_restore(step, target)
