@@ -210,13 +210,7 @@ def fits_table(records: list[FitRecord], provenance: bool = False) -> str:
     for (law, what), group in _group(records).items():
         lines.append(f"{law} fitted to {what}:")
         for r in group:
-            cells = []
-            for k, v in r.params.items():
-                cell = f"{k}={fmt_number(v)}"
-                if k in r.intervals:
-                    low, high = r.intervals[k]
-                    cell += f" [{fmt_number(low)}, {fmt_number(high)}]"
-                cells.append(cell)
+            cells = param_cells(r)
             flag = "" if r.converged else "  (not converged)"
             size = r.selection.get("n_params")
             label = f"{r.curve} N={size:,}" if size else r.curve
@@ -234,6 +228,18 @@ def _group(records):
     for r in records:
         groups.setdefault((r.law, r.what), []).append(r)
     return groups
+
+
+def param_cells(record: FitRecord, equals: str = "=") -> list[str]:
+    """'name=value [low, high]' for each fitted parameter (the interval where there is one)."""
+    cells = []
+    for k, v in record.params.items():
+        cell = f"{k}{equals}{fmt_number(v)}"
+        if k in record.intervals:
+            low, high = record.intervals[k]
+            cell += f" [{fmt_number(low)}, {fmt_number(high)}]"
+        cells.append(cell)
+    return cells
 
 
 def fmt_number(v: float | None) -> str:

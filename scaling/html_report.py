@@ -150,7 +150,7 @@ def _runs_table(store, runs) -> str:
 
 
 def _fits_table(fits) -> str:
-    from scaling.analysis import fmt_number
+    from scaling.analysis import param_cells
 
     if not fits:
         return "<p>No fits stored; run <code>scaling fit --sweep NAME --law LAW</code>.</p>"
@@ -160,13 +160,7 @@ def _fits_table(fits) -> str:
             "converged", "objective", "fit id"]
     rows = []
     for f in fits:
-        cells = []
-        for k, v in f.params.items():
-            cell = f"{_e(k)} = {fmt_number(v)}"
-            if k in f.intervals:
-                lo, hi = f.intervals[k]
-                cell += f" [{fmt_number(lo)}, {fmt_number(hi)}]"
-            cells.append(cell)
+        cells = [_e(cell) for cell in param_cells(f, equals=" = ")]
         rows.append(
             f'<tr><td class="l">{_e(f.law)}</td><td class="l">{_e(f.what)}</td>'
             f'<td class="l">{_e(f.curve)}</td><td class="l">{"<br>".join(cells)}</td>'
