@@ -43,4 +43,18 @@ def tiny_config(tmp_path, data_cache):
     return config
 
 
+@pytest.fixture
+def one_run_store(tmp_path):
+    """A store path holding sweep 's' of one finished run 'r' with one eval (loss only)."""
+    from scaling.store import RunRecord, Store
+
+    path = str(tmp_path / "store.sqlite")
+    with Store(path) as store:
+        store.register_run(RunRecord("r", {}, 10, 20, 1, 8, 1, 16, 100, 1e3), sweep="s")
+        store.log_eval("r", 10, {"eval_loss": 3.0})
+        store.set_status("r", "finished")
+        store.add_sweep("s", {}, ["r"])
+    return path
+
+
 os.environ.setdefault("TQDM_DISABLE", "1")

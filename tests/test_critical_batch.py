@@ -86,12 +86,7 @@ def test_sweep_fit_recovers_b_crit_and_l_of_n_s_min_and_query_shows_them(tmp_pat
     assert low <= ns_fit["params"]["alpha_S"] <= high
 
 
-def test_sweep_without_noise_scale_is_refused(tmp_path, capsys):
-    path = str(tmp_path / "store.sqlite")
-    with Store(path) as store:
-        store.register_run(RunRecord("r", {}, 10, 20, 1, 8, 1, 16, 100, 1e3), sweep="s")
-        store.log_eval("r", 10, {"eval_loss": 3.0})
-        store.set_status("r", "finished")
-        store.add_sweep("s", {}, ["r"])
+def test_sweep_without_noise_scale_is_refused(one_run_store, capsys):
+    path = one_run_store
     assert main(["fit", "--sweep", "s", "--law", "b_crit", "--store", path]) == 2
     assert "noise_scale" in capsys.readouterr().err

@@ -39,13 +39,8 @@ def test_approach_two_recovers_the_compute_optimal_exponents(tmp_path, capsys):
     assert (tmp_path / "plots" / "isoflop-total.png").stat().st_size > 10_000
 
 
-def test_a_grid_without_profiles_is_refused(tmp_path, capsys):
-    path = str(tmp_path / "store.sqlite")
-    with Store(path) as store:
-        store.register_run(RunRecord("r", {}, 10, 20, 1, 8, 1, 16, 100, 1e3), sweep="s")
-        store.log_eval("r", 10, {"eval_loss": 3.0})
-        store.set_status("r", "finished")
-        store.add_sweep("s", {}, ["r"])
+def test_a_grid_without_profiles_is_refused(one_run_store, capsys):
+    path = one_run_store
     assert main(["fit", "--sweep", "s", "--what", "isoflop", "--law", "compute_optimal",
                  "--store", path]) == 2
     assert "profiles" in capsys.readouterr().err
