@@ -81,7 +81,8 @@ def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> Tas
     uphill = slope >= 0
     direction = jnp.where(uphill, -s.g, direction)
     slope = jnp.where(uphill, -(s.g @ s.g), slope)
-    trial = s.x + s.step * direction
+    # The first evaluation is of the start itself, whatever h holds.
+    trial = jnp.where(first, s.x, s.x + s.step * direction)
     f_new, g_new = value_and_grad(trial, data)
     finite = jnp.isfinite(f_new) & jnp.all(jnp.isfinite(g_new))
     accept = finite & (first | (f_new <= s.f + ARMIJO * s.step * slope))
@@ -94,7 +95,9 @@ def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> Tas
     h_dg = h0 @ dg
     h_new = (h0 - rho * (jnp.outer(h_dg, dx) + jnp.outer(dx, h_dg))
              + (rho + rho**2 * (dg @ h_dg)) * jnp.outer(dx, dx))
-    update = accept & ~first & (curvature > 1e-10 * jnp.linalg.norm(dx) * jnp.linalg.norm(dg))
+    # In float32 a curvature pair of rounding noise can overflow rho: skip it.
+    update = (accept & ~first & (curvature > 1e-10 * jnp.linalg.norm(dx) * jnp.linalg.norm(dg))
+              & jnp.all(jnp.isfinite(h_new)))
 
     # Minimum of the quadratic through f(x), slope and f(trial), kept in [0.1, 0.5] step.
     excess = f_new - s.f - slope * s.step
@@ -140,7 +143,11 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
     step = jax.vmap(lambda s, d: _iterate(value_and_grad, max_evals, window, ftol, s, d))
     eye = jnp.broadcast_to(jnp.eye(n_free, dtype=x0.dtype), (n_tasks, n_free, n_free))
     warm = jnp.broadcast_to(warm, (n_tasks,))
-    h0 = eye if h0 is None else jnp.where(warm[:, None, None], h0, eye)
+    if h0 is None:
+        h0, warm = eye, jnp.zeros_like(warm)
+    # An estimate that is not finite is no estimate: such a task starts cold.
+    warm = warm & jnp.all(jnp.isfinite(h0), axis=(1, 2))
+    h0 = jnp.where(warm[:, None, None], h0, eye)
     # The work is a queue of the active tasks' ids feeding `chunk` lanes: when a
     # lane's task finishes, its result is written out and the lane takes the
     # next task, so every round's cost is independent of T.
@@ -157,7 +164,7 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
 
     def write(out: Solution, ids, lanes: TaskState) -> Solution:
         # Ids >= n_tasks (empty lanes, or lanes whose task is still running) are dropped.
-        converged = jnp.linalg.norm(lanes.g, axis=-1) <= lanes.gtol
+        converged = (jnp.linalg.norm(lanes.g, axis=-1) <= lanes.gtol) & jnp.isfinite(lanes.f)
         new = Solution(lanes.x, lanes.f, converged, lanes.evals, lanes.h, lanes.scaled)
         return jax.tree.map(lambda a, b: a.at[ids].set(b, mode="drop"), out, new)
 
