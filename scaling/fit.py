@@ -7,10 +7,12 @@ jitted float64 program:
   curve's valid points of Huber_delta(log y - log L_predicted), delta = 1e-3,
   or with objective="lsq" the sum of (log y - log L_predicted)^2 / 2.
 - Search: BFGS (`scaling.minimize`) from every point of the law's init grid
-  (or `init_grid`), batched over starts and curves; the start with the lowest
-  objective wins.  Parameters in `law.positive` are searched as logarithms.
-  `keep_starts=k` screens the grid instead: a few evaluations per start,
-  then only the k best of each curve run to the end.
+  (or `init_grid`), batched over starts and curves, in float32.  Parameters
+  in `law.positive` are searched as logarithms.  `keep_starts=k` screens the
+  grid instead: a few evaluations per start, then only the k best of each
+  curve run to the end.
+- Polish: each curve's best few distinct minima of the search are refined
+  in float64 to the gradient tolerance; the lowest objective wins.
 - Bootstrap: each resample draws a curve's valid points with replacement
   (multinomial counts used as weights, so padding never enters), is refitted
   in the same program from the full-data best and its curvature estimate,
@@ -45,7 +47,7 @@ from scaling.laws import Law, get_law
 from scaling.minimize import Solution, minimize_tasks
 
 # Bootstrap resamples of a curve start from its full-data best and from up to
-# this many - 1 other local minima within NEAR_TIE of it (see `_refit_starts`).
+# this many - 1 other local minima within NEAR_TIE of it (see `_distinct_minima`).
 BOOTSTRAP_STARTS = 4
 NEAR_TIE = 0.25
 # With keep_starts, every start first gets this many objective evaluations:
@@ -65,7 +67,9 @@ class FitResult:
     bootstrap=0 (an interval is absent rather than NaN, so JSON stays valid).
     `derived`/`derived_intervals`: the law's derived quantities (chinchilla:
     a = beta/(alpha+beta), b = alpha/(alpha+beta)), likewise.
-    `converged`: the winning start met the gradient tolerance.
+    `converged`: the winning start met the gradient tolerance in float64.
+    `n_starts_converged`: starts whose float32 search met its own tolerance
+    (`tol`, but at least SEARCH_TOL, per valid point).
     """
 
     law: Law
@@ -75,7 +79,7 @@ class FitResult:
     converged: np.ndarray  # [n_curves] bool
     n_points: np.ndarray  # [n_curves] valid points
     n_starts: int
-    n_starts_converged: np.ndarray  # [n_curves] starts run to the end that met the tolerance
+    n_starts_converged: np.ndarray  # [n_curves] searched starts that met the search tolerance
     n_evaluations: int  # objective evaluations of the full-data fits, all curves and starts
     fixed: tuple[str, ...]
     confidence: float
@@ -235,9 +239,10 @@ class _Data(NamedTuple):
 
 
 def _chunk_size(n_points: int) -> int:
-    # About 2^15 point-evaluations per batched step: enough to amortise the
-    # loop's fixed cost per step, few enough that finished tasks idle briefly.
-    return int(np.clip(2**15 // max(n_points, 1), 16, 1024))
+    # About 2^16 point-evaluations per batched step: enough to amortise the
+    # loop's fixed cost per step, few enough that finished tasks idle briefly
+    # (measured on 1,024 curves of 1,024 points: 2^15 took 1.3-1.7x as long).
+    return int(np.clip(2**16 // max(n_points, 1), 16, 1024))
 
 
 def _natural(spec: _Spec, theta, fixed) -> dict:
@@ -271,35 +276,44 @@ def _objective(spec: _Spec, delta, theta, data: _Data):
     return jnp.sum(data.weight * loss)
 
 
-# The phases of `_fit_program`.
-GRID, FINISH, BOOT = 0, 1, 2
+# The phases of `_fit_program`: a float32 search, then a float64 refinement.
+GRID, FINISH, POLISH, BOOT = 0, 1, 2, 3
+SEARCH_DTYPE = jnp.float32
+# The search's gradient tolerance per valid point never goes below this:
+# float32 sums of a thousand points are good to about 1e-7 of the objective.
+SEARCH_TOL = 1e-7
+# Each curve's best search results (distinct local minima first) that the
+# float64 refinement polishes to `tol`: more than one, so that two minima
+# whose float32 objectives rank them wrongly are both refined.
+POLISH_STARTS = 4
 
 
 @partial(jax.jit, static_argnames=("spec",))
 def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key):
-    """Fit every curve from every start (GRID), optionally only the best
-    `spec.keep` starts of each to the end (FINISH), then refit the resamples (BOOT).
+    """Search every curve from every start (GRID; with screening, only the best
+    `spec.keep` starts of each continue, FINISH) in float32, polish each
+    curve's best few minima in float64 (POLISH), then refit the resamples (BOOT).
 
-    All phases run one traced solver inside a fori_loop (tasks padded to the
-    largest phase; padding is inactive and costs nothing), because each traced
-    copy of the solver adds seconds of XLA compile time.
+    Why two precisions: an objective evaluation costs about a third in float32
+    (XLA:CPU vectorises its exp and log twice as wide and faster), and the
+    search only has to find the basins; the polish, warm-started from the
+    search's point and curvature estimate, takes the few evaluations that make
+    the answer float64-accurate.  Each precision runs one traced solver
+    inside a fori_loop over its phases (tasks padded to the largest phase;
+    padding is inactive and costs nothing), because each traced copy of the
+    solver adds seconds of XLA compile time.
     """
     n_curves, n_points = log_y.shape
     n_starts, n_free = starts.shape[1:]  # starts: [n_curves, n_starts, n_free]
     keep = spec.keep if 0 < spec.keep < n_starts else n_starts
-    phases = [GRID] + ([FINISH] if keep < n_starts else []) + ([BOOT] if spec.n_boot else [])
-    members = {GRID: n_starts, FINISH: keep, BOOT: BOOTSTRAP_STARTS}  # tasks per group
-    groups = {GRID: n_curves, FINISH: n_curves, BOOT: spec.n_boot * n_curves}
-    n_tasks = max(groups[p] * members[p] for p in phases)
-    task = jnp.arange(n_tasks)
+    polish = min(POLISH_STARTS, keep)
+    search = [GRID] + ([FINISH] if keep < n_starts else [])
+    refine = [POLISH] + ([BOOT] if spec.n_boot else [])
+    members = {GRID: n_starts, FINISH: keep, POLISH: polish, BOOT: BOOTSTRAP_STARTS}
+    groups = {GRID: n_curves, FINISH: n_curves, POLISH: n_curves, BOOT: spec.n_boot * n_curves}
     weight = mask.astype(log_y.dtype)
     n_valid = weight.sum(axis=1)
-    value_and_grad = jax.value_and_grad(partial(_objective, spec, delta))
-    draw = jax.vmap(partial(_resample, key, mask))
-    eye = jnp.broadcast_to(jnp.eye(n_free), (n_tasks, n_free, n_free))
-
-    def pad(a):
-        return jnp.concatenate([a, jnp.zeros((n_tasks - len(a),) + a.shape[1:], a.dtype)])
+    draw = jax.vmap(partial(_resample, key, *_valid_first(mask)))
 
     def per_group(sol: Solution, phase):
         """The phase's results as [groups, members, ...] (task t is member t % members
@@ -308,61 +322,98 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
         return jax.tree.map(lambda a: a[:size].reshape(groups[phase], members[phase],
                                                        *a.shape[1:]), sol)
 
-    full_data = FINISH if FINISH in phases else GRID
-
-    # Each phase's tasks: (x0, h0, warm, active, max_evals).
-    def grid_tasks(results):
-        return (pad(starts.reshape(-1, n_free)), eye, jnp.zeros(n_tasks, bool),
-                task < n_curves * n_starts, spec.screen if FINISH in phases else spec.max_iter)
-
-    def finish_tasks(results):
-        # Continue each curve's `keep` best screened starts, curvature estimate and all.
-        grid = per_group(results[GRID], GRID)
-        best = jnp.argsort(grid.f, axis=1)[:, :keep]
-        chosen = jax.tree.map(lambda a: jnp.take_along_axis(
+    def best_of(sol: Solution, phase, k):
+        """Each curve's k lowest-objective results of `phase`, flattened to tasks."""
+        grid = per_group(sol, phase)
+        best = jnp.argsort(grid.f, axis=1)[:, :k]
+        return jax.tree.map(lambda a: jnp.take_along_axis(
             a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1).reshape(
             -1, *a.shape[2:]), grid)
-        return (pad(chosen.x), pad(chosen.h), pad(chosen.scaled),
-                pad(jnp.isfinite(chosen.f)), spec.max_iter)
 
-    def boot_tasks(results):
-        fits = per_group(results[full_data], full_data)
-        x0, h0, warm, used = jax.vmap(_refit_starts)(fits.x, fits.f, fits.converged, fits.h,
-                                                     fits.scaled)
+    def run_phases(phases, dtype, gtol_per_point, task_fns, results=None):
+        """Run `phases` in order with one solver traced at `dtype`; returns phase -> Solution."""
+        n_tasks = max(groups[p] * members[p] for p in phases)
+        task = jnp.arange(n_tasks)
+        data_x, data_y, data_w, data_f = (a.astype(dtype) for a in (log_x, log_y, weight,
+                                                                     fixed))
+        value_and_grad = jax.value_and_grad(partial(_objective, spec, delta))
+        eye = jnp.broadcast_to(jnp.eye(n_free, dtype=dtype), (n_tasks, n_free, n_free))
+
+        def pad(a):
+            a = a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+            return jnp.concatenate([a, jnp.zeros((n_tasks - len(a),) + a.shape[1:], a.dtype)])
+
+        def run_phase(i, results):
+            phase = jnp.asarray(phases)[i]
+            branches = [partial(task_fns[p], pad=pad, eye=eye, task=task) for p in phases]
+            x0, h0, warm, active, max_evals = jax.lax.switch(i, branches, results)
+            group = task // jnp.asarray([members[p] for p in phases])[i]
+            curve = group % n_curves  # in BOOT, group is resample * n_curves + curve
+
+            def load(ids):
+                w = data_w[curve[ids]]
+                if BOOT in phases:
+                    w = jax.lax.cond(phase == BOOT, lambda: draw(group[ids]).astype(dtype),
+                                     lambda: w)
+                return _Data(data_x[curve[ids]], data_y[curve[ids]], w, data_f[curve[ids]])
+
+            gtol = (gtol_per_point * n_valid[curve]).astype(dtype)
+            sol = minimize_tasks(value_and_grad, load, x0, gtol, active, h0, warm,
+                                 max_evals=max_evals, chunk=spec.chunk)
+            return {**results,
+                    **{p: jax.tree.map(partial(jnp.where, phase == p), sol, results[p])
+                       for p in phases}}
+
+        empty = Solution(jnp.zeros((n_tasks, n_free), dtype), jnp.full(n_tasks, jnp.inf, dtype),
+                         jnp.zeros(n_tasks, bool), jnp.zeros(n_tasks, jnp.int32), eye,
+                         jnp.zeros(n_tasks, bool))
+        return jax.lax.fori_loop(0, len(phases), run_phase,
+                                 {**(results or {}), **{p: empty for p in phases}})
+
+    # Each phase's tasks: (x0, h0, warm, active, max_evals).
+    def grid_tasks(results, pad, eye, task):
+        return (pad(starts.reshape(-1, n_free)), eye, jnp.zeros(len(task), bool),
+                task < n_curves * n_starts, spec.screen if FINISH in search else spec.max_iter)
+
+    def finish_tasks(results, pad, eye, task):
+        # Continue each curve's `keep` best screened starts, curvature estimate and all.
+        chosen = best_of(results[GRID], GRID, keep)
+        return (pad(chosen.x), pad(chosen.h), pad(chosen.scaled), pad(jnp.isfinite(chosen.f)),
+                spec.max_iter)
+
+    def polish_tasks(results, pad, eye, task):
+        found = per_group(results[search[-1]], search[-1])
+        x0, h0, warm, used = jax.vmap(partial(_distinct_minima, k=polish))(
+            found.x, found.f, found.converged, found.h, found.scaled)
+        flat = lambda a: pad(a.reshape(-1, *a.shape[2:]))  # noqa: E731
+        return flat(x0), flat(h0), flat(warm), flat(used), spec.max_iter
+
+    def boot_tasks(results, pad, eye, task):
+        fits = per_group(results[POLISH], POLISH)
+        x0, h0, warm, used = jax.vmap(partial(_distinct_minima, k=BOOTSTRAP_STARTS,
+                                              near_tie=NEAR_TIE))(
+            fits.x, fits.f, fits.converged, fits.h, fits.scaled)
         tile = lambda a: pad(jnp.tile(a.reshape(-1, *a.shape[2:]),  # noqa: E731
                                       (spec.n_boot,) + (1,) * (a.ndim - 2)))
         return tile(x0), tile(h0), tile(warm), tile(used), spec.max_iter
 
-    def run_phase(i, results):
-        phase = jnp.asarray(phases)[i]
-        branches = [{GRID: grid_tasks, FINISH: finish_tasks, BOOT: boot_tasks}[p]
-                    for p in phases]
-        x0, h0, warm, active, max_evals = jax.lax.switch(i, branches, results)
-        group = task // jnp.asarray([members[p] for p in phases])[i]
-        curve = group % n_curves  # in BOOT, group is resample * n_curves + curve
+    task_fns = {GRID: grid_tasks, FINISH: finish_tasks, POLISH: polish_tasks, BOOT: boot_tasks}
+    # The projected objective (varpro) solves a small NNLS inside each
+    # evaluation, which wants float64 throughout.
+    search_dtype = log_y.dtype if spec.projected else SEARCH_DTYPE
+    found = run_phases(search, search_dtype, jnp.maximum(tol, SEARCH_TOL), task_fns)
+    found = {p: jax.tree.map(lambda a: a.astype(log_y.dtype)
+                             if jnp.issubdtype(a.dtype, jnp.floating) else a, sol)
+             for p, sol in found.items()}
+    results = run_phases(refine, log_y.dtype, tol, task_fns, found)
 
-        def load(ids):
-            w = weight[curve[ids]]
-            if spec.n_boot:
-                w = jax.lax.cond(phase == BOOT, lambda: draw(group[ids]), lambda: w)
-            return _Data(log_x[curve[ids]], log_y[curve[ids]], w, fixed[curve[ids]])
-
-        sol = minimize_tasks(value_and_grad, load, x0, tol * n_valid[curve], active, h0, warm,
-                             max_evals=max_evals, chunk=spec.chunk)
-        return {p: jax.tree.map(partial(jnp.where, phase == p), sol, results[p]) for p in phases}
-
-    empty = Solution(jnp.zeros((n_tasks, n_free)), jnp.full(n_tasks, jnp.inf),
-                     jnp.zeros(n_tasks, bool), jnp.zeros(n_tasks, jnp.int32), eye,
-                     jnp.zeros(n_tasks, bool))
-    results = jax.lax.fori_loop(0, len(phases), run_phase, {p: empty for p in phases})
-
-    fits = per_group(results[full_data], full_data)
+    searched = per_group(results[search[-1]], search[-1])
+    fits = per_group(results[POLISH], POLISH)
     rows, best = jnp.arange(n_curves), jnp.argmin(fits.f, axis=1)
     out = {"theta": fits.x[rows, best], "objective": fits.f[rows, best],
            "converged": fits.converged[rows, best],
-           "n_starts_converged": fits.converged.sum(axis=1),
-           "evaluations": results[GRID].evals.sum() + (results[FINISH].evals.sum()
-                                                        if FINISH in phases else 0)}
+           "n_starts_converged": searched.converged.sum(axis=1),
+           "evaluations": sum(results[p].evals.sum() for p in search + [POLISH])}
     if spec.n_boot:
         refits = per_group(results[BOOT], BOOT)
         pairs, best = jnp.arange(spec.n_boot * n_curves), jnp.argmin(refits.f, axis=1)
@@ -371,49 +422,58 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
     return out
 
 
-def _resample(key, mask, pair_id):
+def _resample(key, valid_first, n_valid, pair_id):
     """Multiplicities [n_points] of resample pair_id // n_curves of curve pair_id % n_curves.
 
     Draws n_valid of the curve's valid points uniformly with replacement; a
-    pure function of (key, pair_id), so the weights need no memory between rounds.
+    pure function of (key, pair_id), so the weights need no memory between
+    rounds.  valid_first [n_curves, n_points]: each curve's point indices,
+    valid ones first (`_valid_first`); n_valid [n_curves].
     """
-    n_curves, n_points = mask.shape
+    n_curves, n_points = valid_first.shape
     c = pair_id % n_curves
-    n_valid = mask[c].sum()
-    valid_first = jnp.argsort(~mask[c], stable=True)
-    picks = jax.random.randint(jax.random.fold_in(key, pair_id), (n_points,), 0, n_valid)
-    counted = jnp.arange(n_points) < n_valid
-    return jnp.zeros(n_points).at[valid_first[picks]].add(counted)
+    picks = jax.random.randint(jax.random.fold_in(key, pair_id), (n_points,), 0, n_valid[c])
+    counted = jnp.arange(n_points) < n_valid[c]
+    return jnp.zeros(n_points).at[valid_first[c, picks]].add(counted)
+
+
+def _valid_first(mask):
+    return jnp.argsort(~mask, axis=1, stable=True), mask.sum(axis=1)
 
 
 def bootstrap_weights(mask, n_resamples: int, seed: int = 0) -> np.ndarray:
     """The multiplicities `fit(..., bootstrap=n_resamples, seed=seed)` uses: [B, C, n_points]."""
     mask = np.asarray(mask, bool).reshape(-1, np.shape(mask)[-1])
     with jax.enable_x64(True):
-        draw = jax.jit(jax.vmap(_resample, in_axes=(None, None, 0)))
-        weights = draw(jax.random.key(seed), mask, jnp.arange(n_resamples * mask.shape[0]))
+        draw = jax.jit(jax.vmap(_resample, in_axes=(None, None, None, 0)))
+        weights = draw(jax.random.key(seed), *_valid_first(mask),
+                       jnp.arange(n_resamples * mask.shape[0]))
         return np.asarray(weights).reshape(n_resamples, *mask.shape)
 
 
-def _refit_starts(x, f, converged, h, scaled):
-    """Starts for one curve's bootstrap refits, from its full-data runs [members, ...]:
-    x [K, n_free], their inverse-Hessian estimates [K, n_free, n_free] and
-    whether those are estimates [K], and which of the K starts are used [K].
+def _distinct_minima(x, f, converged, h, scaled, *, k, near_tie=None):
+    """Up to k distinct local minima of one curve, best first, from its runs
+    [members, ...]: their points x [k, n_free], inverse-Hessian estimates
+    [k, n_free, n_free], whether those are estimates [k], and which are used [k].
 
-    A resample moves the optimum only a little, so its refit starts from the
-    full-data best and its curvature estimate rather than from the whole grid
-    (the grid is there to find the basin, which is known by now): for Chinchilla
-    about 20 evaluations per resample instead of 4,500 starts' worth.  A
-    resample reweights points by ~1/sqrt(n), which can reorder local minima
-    whose objectives are close, so other minima (converged starts whose
-    objectives are 1e-6 relative apart) within NEAR_TIE of the best start refits too.
+    Runs whose objectives are 1e-6 relative apart count as one minimum.  The
+    polish refines the k best (near_tie None).  With `near_tie`, only the
+    best and converged minima within near_tie (relative) of it are kept.  Bootstrap refits
+    start from them too (near_tie = NEAR_TIE): a resample moves the optimum
+    only a little, so its refit starts from the full-data best and its
+    curvature rather than from the whole grid (the grid is there to find the
+    basin, which is known by now), for Chinchilla about 20 evaluations per
+    resample instead of 4,500 starts' worth.  A resample reweights points by
+    ~1/sqrt(n), which can reorder local minima whose objectives are close, so
+    near-tied minima refit too.
     """
     order = jnp.argsort(f)
     fs = f[order]
     distinct = jnp.concatenate([jnp.array([True]), fs[1:] > fs[:-1] * (1 + 1e-6) + 1e-300])
-    candidate = distinct & (fs <= fs[0] * (1 + NEAR_TIE)) & jnp.isfinite(fs)
-    candidate = candidate & (converged[order] | (jnp.arange(len(f)) == 0))
-    (picked,) = jnp.nonzero(candidate, size=BOOTSTRAP_STARTS, fill_value=len(f))
+    candidate = distinct & jnp.isfinite(fs)
+    if near_tie is not None:
+        candidate &= (fs <= fs[0] * (1 + near_tie)) & (converged[order] | (jnp.arange(len(f)) == 0))
+    (picked,) = jnp.nonzero(candidate, size=k, fill_value=len(f))
     used = picked < len(f)
     chosen = order[jnp.where(used, picked, 0)]
     return x[chosen], h[chosen], scaled[chosen], used
