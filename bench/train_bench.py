@@ -73,19 +73,26 @@ def plain_eval_step(params, tokens_BxL1, apply_fn):
     return steps.per_token_loss(params, apply_fn, tokens_BxL1).mean()
 
 
-def _steady_step_time(compiled, state, batches, repeats: int):
-    """Median seconds per step over blocks of donated steps run back to back, as the
-    loop runs them (dispatch overlaps compute); returns (seconds, state)."""
-    state, _ = compiled(state, batches[0])
+def _steady_step_times(steps_to_time, state, batches, repeats: int):
+    """Median seconds per step of each compiled step, over blocks of donated
+    steps run back to back as the loop runs them (dispatch overlaps compute).
+
+    The steps take turns, block by block, so a slowdown of a shared machine
+    falls on all of them alike and their ratio holds.  Returns (seconds per
+    step, one per compiled step; state).
+    """
+    for compiled in steps_to_time:
+        state, _ = compiled(state, batches[0])
     jax.block_until_ready(state)
-    per_block, block_times = 5, []
+    per_block, block_times = 5, [[] for _ in steps_to_time]
     for r in range(repeats):
-        start = time.perf_counter()
-        for i in range(per_block):
-            state, metrics = compiled(state, batches[(r + i) % len(batches)])
-        jax.block_until_ready((state, metrics))
-        block_times.append((time.perf_counter() - start) / per_block)
-    return statistics.median(block_times), state
+        for compiled, times in zip(steps_to_time, block_times, strict=True):
+            start = time.perf_counter()
+            for i in range(per_block):
+                state, metrics = compiled(state, batches[(r + i) % len(batches)])
+            jax.block_until_ready((state, metrics))
+            times.append((time.perf_counter() - start) / per_block)
+    return [statistics.median(times) for times in block_times], state
 
 
 def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: str,
@@ -106,11 +113,11 @@ def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: s
         compiled = train_step.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - start
 
-        step_s, state = _steady_step_time(compiled, state, batches, repeats)
         # The same step without the gradient noise scale (train.noise_scale=false).
         plain_train, _ = steps.compile_steps(shardings, mesh, rules, state.apply_fn,
                                              noise_scale=False)
-        plain_step_s, state = _steady_step_time(plain_train, state, batches, repeats)
+        (step_s, plain_step_s), state = _steady_step_times([compiled, plain_train], state,
+                                                           batches, repeats)
 
         eval_step(state.params, batches[0]).block_until_ready()
         plain_eval(state.params, batches[0]).block_until_ready()
