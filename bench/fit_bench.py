@@ -79,6 +79,17 @@ def chinchilla_objective(theta, log_x, log_y, weight):
     return huber_value_and_grad(log_y, weight, np.log(s), dpred)
 
 
+class Counted:
+    """An objective that counts its calls: SciPy's evaluations."""
+
+    def __init__(self, objective):
+        self.objective, self.calls = objective, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.objective(*args)
+
+
 def scipy_best(objective, starts, args, n_valid):
     """Best objective over L-BFGS-B runs from every start, and its argument."""
     best_f, best_x = np.inf, None
@@ -125,18 +136,23 @@ def per_token(n_curves, n_points, n_scipy, keep, rng):
     print(f"(a) saturating: {n_curves} curves x {n_points} points, {len(starts)} starts each")
     subset = rng.choice(n_curves, n_scipy, replace=False)
     ones = np.ones(n_points)
-    theirs, seconds = timed(lambda: [scipy_best(saturating_objective, starts,
+    counted = Counted(saturating_objective)
+    theirs, seconds = timed(lambda: [scipy_best(counted, starts,
                                                 (np.log(t), np.log(y[i]), ones), n_points)[0]
                                      for i in subset])
     scipy_s = seconds * n_curves / n_scipy
     print(f"  scipy: {scipy_s:.1f} s" + (f" (extrapolated from {n_scipy} random curves)"
-                                         if n_scipy < n_curves else ""))
+                                         if n_scipy < n_curves else "")
+          + f"; {counted.calls * n_curves / n_scipy:.0f} objective evaluations at "
+          f"{seconds / counted.calls / n_points * 1e9:.1f} ns per point")
     for mode, keep_starts in (("every start to the end", None), (f"keep_starts={keep}", keep)):
         result, compile_s, fit_s = ours(lambda k=keep_starts: fit(law, t, y, keep_starts=k))
         report(mode, compile_s, fit_s, scipy_s, result.objective[subset], theirs)
         err = np.abs(result.params["alpha"] - c)
         print(f"    exponent c recovered: median |error| {np.median(err):.2g}, "
-              f"max {err.max():.2g}; {result.n_evaluations} objective evaluations")
+              f"max {err.max():.2g}; {result.n_evaluations} objective evaluations at "
+              f"{fit_s / result.n_evaluations / n_points * 1e9:.1f} ns per point "
+              "(its float64 polish included)")
 
 
 def chinchilla(n_boot, n_scipy_starts, n_scipy_boot, keep, rng):
