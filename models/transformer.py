@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from models.sizes import ModelShape
 
 REMAT_POLICIES = {
-    "none": None,  # keep every activation: fastest, most memory
+    # "auto": "dots" while the layer loop stays rolled, else "none" (see `remat_policy`).
+    "auto": None,
+    "none": None,  # keep every activation: fewest FLOPs, most memory
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs only
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -46,7 +48,7 @@ class ModelConfig:
     shape: ModelShape
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: str = "none"
+    remat: str = "auto"
     attention_impl: str = "auto"
     scan_unroll: int = 0  # layers per loop iteration; 0 = all up to AUTO_UNROLL_MAX_LAYERS, else 1
 
@@ -72,6 +74,21 @@ class ModelConfig:
         if self.scan_unroll:
             return min(self.scan_unroll, n_layer)
         return n_layer if n_layer <= AUTO_UNROLL_MAX_LAYERS else 1
+
+    @property
+    def remat_policy(self) -> str:
+        """The rematerialisation the blocks run with; "auto" resolved.
+
+        A rolled layer loop stacks every activation the backward pass keeps
+        into [n_layer, ...] buffers that XLA zero-fills, writes and reads
+        slice by slice each step; keeping only the matmul outputs and
+        recomputing the cheap elementwise rest costs less than that traffic
+        (measured on 2 CPU cores at d_model 512, 8 layers: 2.85 s a step
+        against 3.65 s) and holds less memory. Unrolled, nothing is stacked.
+        """
+        if self.remat != "auto":
+            return self.remat
+        return "dots" if self.unroll < self.shape.n_layer else "none"
 
 
 def _param(module, name, init, names, shape, dtype):
@@ -162,8 +179,9 @@ class Transformer(nn.Module):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
         block = Block
-        if self.config.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.config.remat])
+        if self.config.remat_policy != "none":
+            block = nn.remat(Block, prevent_cse=False,
+                             policy=REMAT_POLICIES[self.config.remat_policy])
         stack = nn.scan(
             block,
             variable_axes={"params": 0},

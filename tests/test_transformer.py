@@ -55,6 +55,19 @@ def test_remat_policies_give_the_same_finite_gradients(remat, reference_gradient
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
 
 
+def test_auto_remat_keeps_only_matmul_outputs_while_the_loop_is_rolled(reference_gradients):
+    deep = ModelShape(n_layer=12, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
+    assert ModelConfig(deep).remat_policy == "dots"
+    assert ModelConfig(SHAPE).remat_policy == "none"  # unrolled: nothing is stacked
+    assert ModelConfig(SHAPE, scan_unroll=1).remat_policy == "dots"
+    assert ModelConfig(SHAPE, scan_unroll=1, remat="full").remat_policy == "full"
+    params, tokens, reference = reference_gradients
+    model = Transformer(ModelConfig(SHAPE, scan_unroll=1))
+    grads = jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
 def test_bfloat16_compute_gives_finite_float32_logits():
     model, variables, tokens = _init(ModelConfig(SHAPE, compute_dtype="bfloat16"))
     logits = model.apply(variables, tokens)
