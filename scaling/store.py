@@ -144,6 +144,27 @@ class FitRecord:
     created: float | None = None
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """UserError unless a store could be created or written at `path`; creates nothing.
+
+    Runs check this before preparing their data, so a bad --config.store
+    fails at once rather than after a corpus download.
+    """
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() or not os.access(path, os.W_OK):
+            raise UserError(f"store file {str(path)!r} is not writable; "
+                            "give a writable path with --config.store=PATH")
+        return
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        what = "is not a folder" if not folder.is_dir() else "is not writable"
+        raise UserError(f"store path {str(path)!r} is not writable ({str(folder)!r} {what}); "
+                        "give a writable path with --config.store=PATH")
+
+
 class Store:
     """A handle on one store file; creates it (and its folder) on first use."""
 

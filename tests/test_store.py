@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scaling.errors import UserError
-from scaling.store import SCHEMA_VERSION, FitRecord, RunRecord, Store
+from scaling.store import SCHEMA_VERSION, FitRecord, RunRecord, Store, check_writable
 
 
 def _run(run_id="r1", n=1000):
@@ -174,3 +174,15 @@ def test_provenance_round_trips(tmp_path):
         run = store.run("a")
         assert run.flops_by_convention == counts and run.flop_convention == "6N"
         assert store.fits("sw")[0].provenance == provenance
+
+
+def test_writability_is_checked_without_creating_anything(tmp_path):
+    nested = tmp_path / "a" / "b" / "s.sqlite"
+    check_writable(nested)
+    assert not (tmp_path / "a").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="is not a folder"):
+        check_writable(blocker / "s.sqlite")
+    with pytest.raises(UserError, match="not writable"):
+        check_writable(tmp_path)  # a folder where the file should be
