@@ -8,13 +8,16 @@ In one process it measures
       sweep runs) after compile: step time, tokens/s, and MFU = achieved
       model FLOP/s / measured peak, with model FLOPs per token
       6 N + 6 n_layer n_ctx d_model (Kaplan's count, what the store logs);
-  (c) the compile time of each size's train step, with the persistent
-      compilation cache off so the figure is a real compile;
+  (c) the compile time of each size's train steps (with and without the
+      noise scale: a run compiles both), with the persistent compilation
+      cache off so the figure is a real compile;
   (d) the per-token eval: its step time against a plain mean-loss eval of
       the same batch (`eval_overhead` = per-token / plain) and against a
       train step (`eval_vs_train`);
-  (e) what measuring the gradient noise scale costs: the train step with it
-      against the same step without (`noise_scale_cost`, a fraction).
+  (e) what measuring the gradient noise scale costs: the train step as a
+      sweep runs it (measuring on every train.noise_scale_every-th step)
+      against the same step without (`noise_scale_cost`, a fraction), and a
+      step that measures against one that does not (`noise_step_cost`).
 
     python bench/train_bench.py                       # CPU ladder 128, 256, 512
     python bench/train_bench.py --out bench.json      # also write the rows as JSON
@@ -43,6 +46,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from launch import steps  # noqa: E402
+from launch.config import base_config  # noqa: E402
 from launch.peak import matmul_peak_flops  # noqa: E402
 from models import sharding  # noqa: E402
 from models.sizes import ModelShape  # noqa: E402
@@ -74,22 +78,25 @@ def plain_eval_step(params, tokens_BxL1, apply_fn):
 
 
 def _steady_step_times(steps_to_time, state, batches, repeats: int):
-    """Median seconds per step of each compiled step, over blocks of donated
-    steps run back to back as the loop runs them (dispatch overlaps compute).
+    """Median seconds per step of each step(state, batch, i) -> (state,
+    metrics), over blocks of donated steps run back to back as the loop runs
+    them (dispatch overlaps compute); i is the step's index in its block.
 
     The steps take turns, block by block, so a slowdown of a shared machine
     falls on all of them alike and their ratio holds.  Returns (seconds per
-    step, one per compiled step; state).
+    step, one per step function; state).
     """
-    for compiled in steps_to_time:
-        state, _ = compiled(state, batches[0])
+    # 8 steps a block: a whole number of noise-scale periods at the default 4.
+    per_block, block_times = 8, [[] for _ in steps_to_time]
+    for step in steps_to_time:
+        for i in range(per_block):  # compiles whatever a step calls
+            state, _ = step(state, batches[0], i)
     jax.block_until_ready(state)
-    per_block, block_times = 5, [[] for _ in steps_to_time]
     for r in range(repeats):
-        for compiled, times in zip(steps_to_time, block_times, strict=True):
+        for step, times in zip(steps_to_time, block_times, strict=True):
             start = time.perf_counter()
             for i in range(per_block):
-                state, metrics = compiled(state, batches[(r + i) % len(batches)])
+                state, metrics = step(state, batches[(r + i) % len(batches)], i)
             jax.block_until_ready((state, metrics))
             times.append((time.perf_counter() - start) / per_block)
     return [statistics.median(times) for times in block_times], state
@@ -109,15 +116,19 @@ def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: s
         batches = [jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)),
                                jnp.int32) for _ in range(4)]
 
+        # The step that measures the gradient noise scale, the same step
+        # without it (train.noise_scale=false), and the two as the loop runs
+        # them: measuring on every k-th step.  A run compiles both.
         start = time.perf_counter()
         compiled = train_step.lower(state, batches[0]).compile()
+        plain = steps.compile_train_step(shardings, mesh, rules, noise_scale=False).lower(
+            state, batches[0]).compile()
         compile_s = time.perf_counter() - start
-
-        # The same step without the gradient noise scale (train.noise_scale=false).
-        plain_train, _ = steps.compile_steps(shardings, mesh, rules, state.apply_fn,
-                                             noise_scale=False)
-        (step_s, plain_step_s), state = _steady_step_times([compiled, plain_train], state,
-                                                           batches, repeats)
+        every = base_config().train.noise_scale_every
+        (noise_step_s, plain_step_s, step_s), state = _steady_step_times(
+            [lambda s, b, i: compiled(s, b), lambda s, b, i: plain(s, b),
+             lambda s, b, i: (compiled if i % every == 0 else plain)(s, b)],
+            state, batches, repeats)
 
         eval_step(state.params, batches[0]).block_until_ready()
         plain_eval(state.params, batches[0]).block_until_ready()
@@ -137,6 +148,7 @@ def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: s
         "mfu": tokens_per_s * flops_per_token / peak,
         "compile_s": compile_s,
         "noise_scale_cost": step_s / plain_step_s - 1,
+        "noise_step_cost": noise_step_s / plain_step_s - 1,
         "eval_overhead": per_token_s / plain_s,
         "eval_vs_train": per_token_s / step_s,
     }
@@ -152,7 +164,7 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype of the model (parameters stay float32)")
-    parser.add_argument("--remat", default="none")
+    parser.add_argument("--remat", default="auto", help="model.remat")
     parser.add_argument("--scan-unroll", type=int, default=0,
                         help="model.scan_unroll: 0 unrolls up to 4 layers, 1 keeps the loop")
     parser.add_argument("--repeats", type=int, default=5)
@@ -176,7 +188,8 @@ def main(argv=None):
           f"device(s)); matmul peak " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
                                                  for k, v in peaks.items()), flush=True)
     print(f"{'d_model':>7} {'layers':>6} {'N':>11} {'step ms':>8} {'tokens/s':>10} "
-          f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'eval/plain':>10} {'eval/train':>10}",
+          f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'per meas.':>10} {'eval/plain':>10} "
+          f"{'eval/train':>10}",
           flush=True)
     rows = []
     for d_model in (int(d) for d in args.d_models.split(",")):
@@ -189,6 +202,7 @@ def main(argv=None):
         print(f"{row['d_model']:>7} {row['n_layer']:>6} {row['params']:>11,} "
               f"{row['step_s'] * 1e3:>8.1f} {row['tokens_per_s']:>10,.0f} {row['mfu']:>6.1%} "
               f"{row['compile_s']:>9.2f} {row['noise_scale_cost']:>+10.1%} "
+              f"{row['noise_step_cost']:>+10.1%} "
               f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f}", flush=True)
     peaks = {d: max(peaks[d], _peak(d, args.peak_size)) for d in dtypes}
     if peaks[args.dtype] > peak:

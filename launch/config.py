@@ -26,13 +26,14 @@ from scaling.errors import UserError
 
 # Keys that say where results go, how they are shown, where and how fast the
 # work runs, or what is measured on the side, not what is trained: they are
-# left out of the run id, so moving a store, turning off progress bars or
-# unrolling the layer loop does not make a finished run look new.
-# (train.noise_scale only measures: its two half-batch gradients average to
-# the same update; train.nan_check_every only changes how soon a diverging
-# run stops.)
+# left out of the run id, so moving a store, turning off progress bars,
+# unrolling the layer loop or recomputing activations (model.remat) does not
+# make a finished run look new. (train.noise_scale only measures: its two
+# half-batch gradients average to the same update; train.nan_check_every
+# only changes how soon a diverging run stops.)
 NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
-                     "launch", "train.nan_check_every", "train.noise_scale", "model.scan_unroll")
+                     "launch", "train.nan_check_every", "train.noise_scale",
+                     "train.noise_scale_every", "model.scan_unroll", "model.remat")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.d_ff = 0  # MLP width; 0 = 4 * d_model
     c.model.param_dtype = "float32"  # float32 | bfloat16
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (use bfloat16 on TPU/GPU)
-    c.model.remat = "none"  # none | full | dots | dots_no_batch: what the scanned blocks keep
+    # auto | none | full | dots | dots_no_batch: what the scanned blocks keep for
+    # the backward pass (auto: matmul outputs while the layer loop is rolled, else all).
+    c.model.remat = "auto"
     c.model.attention_impl = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
     # Layers per iteration of the scanned layer loop: 0 unrolls models of up
     # to 4 layers (faster steps) and keeps deeper ones rolled (flat compile time).
@@ -73,8 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     # are fetched (computed by then, so no stall) and a NaN/inf stops the run:
     # divergence is caught within 2 x this many steps.
     c.train.nan_check_every = 10
-    # Measure the gradient noise scale (metric noise_scale, tokens) from two half-batches.
+    # Measure the gradient noise scale (metric noise_scale, tokens) from two half-batches,
+    # on every noise_scale_every-th step (the others skip the split: it costs ~5% a step).
     c.train.noise_scale = True
+    c.train.noise_scale_every = 4
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4  # held-out batches (of train.batch_size sequences) per eval
@@ -214,7 +219,8 @@ def _coerce(value, kind):
 def validate(config):
     """Raise UserError for the first thing that is wrong, naming the key."""
     model_config(config)
-    positive = ("train.steps", "train.batch_size", "train.nan_check_every", "eval.batches",
+    positive = ("train.steps", "train.batch_size", "train.nan_check_every",
+                "train.noise_scale_every", "eval.batches",
                 "eval.points", "checkpoint.every", "checkpoint.max_to_keep")
     for key in positive:
         group, leaf = key.split(".")

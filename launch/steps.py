@@ -167,16 +167,21 @@ def eval_step(params, tokens_BxL1, apply_fn):
     return per_token_loss(params, apply_fn, tokens_BxL1).sum(axis=0)
 
 
-def compile_steps(state_shardings, mesh, rules, apply_fn, noise_scale: bool = True):
-    """jit the steps with their shardings; the train state is donated (updated in place)."""
-    batch = sharding.batch_sharding(mesh, rules)
-    replicated = sharding.replicated(mesh)
-    jitted_train = jax.jit(
+def compile_train_step(state_shardings, mesh, rules, noise_scale: bool = True):
+    """jit the train step with its shardings; the train state is donated (updated in place)."""
+    return jax.jit(
         functools.partial(train_step, noise_scale=noise_scale),
-        in_shardings=(state_shardings, batch),
-        out_shardings=(state_shardings, replicated),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def compile_steps(state_shardings, mesh, rules, apply_fn, noise_scale: bool = True):
+    """jit the train step (`compile_train_step`) and the per-token eval step."""
+    batch = sharding.batch_sharding(mesh, rules)
+    replicated = sharding.replicated(mesh)
+    jitted_train = compile_train_step(state_shardings, mesh, rules, noise_scale)
     jitted_eval = jax.jit(
         functools.partial(eval_step, apply_fn=apply_fn),
         in_shardings=(state_shardings.params, batch),

@@ -3,6 +3,7 @@ the trainer logging it without changing what is trained."""
 
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,9 @@ from test_tensorboard import read_scalars
 
 from launch import config as config_lib
 from launch import steps, train
+from models import sharding
+from models.sizes import ModelShape
+from models.transformer import ModelConfig
 from scaling.store import Store
 
 
@@ -78,3 +82,33 @@ def test_trainer_logs_noise_scale_without_changing_the_run(tiny_config, tmp_path
         assert "noise_scale" not in store.metric_names(on)
         _, loss_off = store.scalars(on, "eval_loss")
     np.testing.assert_allclose(loss_on, loss_off, rtol=1e-4)
+
+
+def test_a_step_that_does_not_measure_leaves_the_averages_and_takes_the_same_update():
+    # The loop measures on every train.noise_scale_every-th step only.
+    model = ModelConfig(ModelShape(n_layer=1, d_model=32, n_heads=2, n_ctx=16, vocab_size=64))
+    mesh, rules = sharding.make_mesh(1, 1, 1), sharding.RULES
+    tokens = np.random.default_rng(0).integers(0, 64, (4, 8, 17)).astype(np.int32)
+
+    def run(schedule):
+        tx = steps.make_optimizer(config_lib.base_config().train)
+        state, shardings = steps.init_state(model, tx, mesh, rules, seed=0)
+        step = {m: steps.compile_train_step(shardings, mesh, rules, noise_scale=m)
+                for m in (False, True)}
+        traces = []
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for measure, batch in zip(schedule, tokens, strict=True):
+                state, _ = step[measure](state, batch)
+                traces.append(float(state.noise_ema["trace"]))
+        return state, traces
+
+    every, traces_every = run([True] * 4)
+    alternate, traces = run([True, False, True, False])
+    never, traces_never = run([False] * 4)
+    assert traces_never == [0.0] * 4
+    assert traces[0] == traces_every[0] != 0 and traces[1] == traces[0]
+    assert traces[2] != traces[1] and traces[3] == traces[2]
+    for a, b, c in zip(*(jax.tree.leaves(s.params) for s in (every, alternate, never)),
+                       strict=True):
+        np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(b, c, rtol=2e-4, atol=1e-6)
