@@ -1,7 +1,7 @@
 """Fit a scaling law to a batch of curves, with bootstrap confidence intervals.
 
 `fit(law, x, y, mask)` fits every curve of the batch independently, in one
-jitted float64 program:
+jitted program whose answers are float64 (the search runs in float32):
 
 - Objective (Hoffmann et al. 2022; Epoch's replication): the sum over a
   curve's valid points of Huber_delta(log y - log L_predicted), delta = 1e-3,

@@ -170,18 +170,14 @@ class Store:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        check_writable(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
+        except OSError as e:  # e.g. the folder changed since the check
             raise UserError(
                 f"store path {str(self.path)!r} is not writable ({e.strerror}); "
                 "give a writable path with --config.store=PATH"
             ) from None
-        if self.path.exists() and not os.access(self.path, os.W_OK):
-            raise UserError(
-                f"store file {str(self.path)!r} is not writable; "
-                "give a writable path with --config.store=PATH"
-            )
         try:
             # The busy timeout makes concurrent writers wait for the lock
             # (bounded) instead of failing with "database is locked".
