@@ -21,8 +21,6 @@ design here costs about the sum of the work the tasks need instead:
 - Continuous batching: `chunk` lanes run `round_iters` iterations at a time;
   between rounds, lanes whose task finished take the next task from a queue,
   so finished tasks stop costing compute and no lane waits for the slowest.
-  When few lanes are busy (a small batch, or the last slow tasks of a big
-  one), a round runs a narrower copy of the step on just those.
 - Warm starts: a task may start from an inverse-Hessian estimate (a refit
   near an earlier optimum, or a screened start that continues), which saves
   most of the evaluations BFGS spends learning the curvature.
@@ -46,12 +44,6 @@ import jax.numpy as jnp
 
 ARMIJO = 1e-4  # sufficient-decrease constant (Nocedal & Wright's usual c1)
 STALL = 1e-12  # relative step length below which a rejected step means "stalled"
-# A round in which at most chunk / NARROW lanes are busy runs only those lanes:
-# a small phase (the few kept starts of a screened grid) or the tail of a big
-# one (a few slow tasks) would otherwise pay for the whole width every
-# iteration.  Measured on Chinchilla with 32 kept starts: 2x faster; with 8 or
-# 16 the same, with 32 slower again.
-NARROW = 16
 
 
 class TaskState(NamedTuple):
@@ -148,7 +140,6 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
     """
     n_tasks, n_free = x0.shape
     chunk = min(chunk, n_tasks)
-    narrow = max(chunk // NARROW, 1)
     step = jax.vmap(lambda s, d: _iterate(value_and_grad, max_evals, window, ftol, s, d))
     eye = jnp.broadcast_to(jnp.eye(n_free, dtype=x0.dtype), (n_tasks, n_free, n_free))
     warm = jnp.broadcast_to(warm, (n_tasks,))
@@ -188,27 +179,13 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
         lane_task = jnp.where(free, new_task, lane_task)
         lanes = jax.tree.map(lambda a, b: jnp.where(free.reshape((-1,) + (1,) * (a.ndim - 1)),
                                                     a, b), fresh(new_task), lanes)
-        if narrow < chunk:
-            # Busy lanes first: a round with at most `narrow` of them runs only those.
-            order = jnp.argsort(lanes.done, stable=True)
-            lanes = jax.tree.map(lambda a: a[order], lanes)
-            lane_task = lane_task[order]
         data = load(jnp.minimum(lane_task, n_tasks - 1))
 
-        def iterate(width):
-            def run(lanes):
-                head, head_data = jax.tree.map(lambda a: a[:width], (lanes, data))
-                _, head = jax.lax.while_loop(
-                    lambda c: (c[0] < round_iters) & ~jnp.all(c[1].done),
-                    lambda c: (c[0] + 1, step(c[1], head_data)), (0, head))
-                return jax.tree.map(lambda a, b: a.at[:width].set(b), lanes, head)
-            return run
+        def more(c):
+            k, s = c
+            return (k < round_iters) & ~jnp.all(s.done)
 
-        if narrow < chunk:
-            lanes = jax.lax.cond((~lanes.done).sum() <= narrow, iterate(narrow), iterate(chunk),
-                                 lanes)
-        else:
-            lanes = iterate(chunk)(lanes)
+        _, lanes = jax.lax.while_loop(more, lambda c: (c[0] + 1, step(c[1], data)), (0, lanes))
         return out, lanes, lane_task, next_in_queue + taken.sum()
 
     def unfinished(carry):

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import minimize
 from scaling.minimize import minimize_tasks
 
 CENTRE = jnp.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.0]])
@@ -44,26 +43,3 @@ def test_a_start_that_cannot_be_evaluated_is_not_converged():
     sol = solve(x0)
     assert not sol.converged[1] and sol.f[1] == jnp.inf
     assert sol.converged[0] and sol.converged[2]
-
-
-def test_rounds_with_few_busy_lanes_run_narrow_and_agree(monkeypatch):
-    # 40 tasks on 32 lanes: after the first round at most 8 lanes are busy,
-    # and with NARROW = 2 those rounds run a 16-lane copy of the step on the
-    # busy lanes moved to the front; the answers must not change.
-    rng = np.random.default_rng(0)
-    centre = jnp.asarray(rng.normal(size=(40, 2)))
-    x0 = jnp.asarray(rng.normal(size=(40, 2)) * 3)
-
-    def run():
-        return jax.jit(lambda x0: minimize_tasks(
-            lambda x, d: quadratic(x, d), lambda ids: centre[ids], x0, jnp.full(40, 1e-6),
-            jnp.ones(40, bool), max_evals=100, chunk=32))(x0)
-
-    monkeypatch.setattr(minimize, "NARROW", 1)
-    wide = run()
-    monkeypatch.setattr(minimize, "NARROW", 2)
-    narrow = run()
-    np.testing.assert_allclose(narrow.x, centre, atol=1e-5)
-    np.testing.assert_array_equal(narrow.evals, wide.evals)
-    np.testing.assert_allclose(narrow.x, wide.x, rtol=1e-12)
-    assert narrow.converged.all()
