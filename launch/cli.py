@@ -117,6 +117,9 @@ def _parser():
                      help="pin a parameter (repeatable, or comma-separated), e.g. E=1.69")
     fit.add_argument("--sensitivity", metavar="NAME=LOW:HIGH:COUNT",
                      help="refit with NAME pinned at COUNT values from LOW to HIGH")
+    fit.add_argument("--keep-starts", type=int, metavar="K",
+                     help="screen the start grid: every start gets a few evaluations, then "
+                          "only each curve's K best run to the end (default: all of them)")
     fit.add_argument("--varpro", action="store_true",
                      help="variable projection: exponents searched, coefficients by NNLS "
                           "(saturating, chinchilla)")
@@ -388,7 +391,8 @@ def _fit(args, overrides):
             return _sensitivity(args, fixed, None)
         result = fit_csv(args.csv, args.law, args.x.split(","), args.y,
                          bootstrap=args.bootstrap, objective=args.objective,
-                         exclude_top=args.exclude_top, fixed=fixed or None, varpro=args.varpro)
+                         exclude_top=args.exclude_top, fixed=fixed or None, varpro=args.varpro,
+                         keep_starts=args.keep_starts)
         print(json.dumps(result, indent=None if args.json else 1))
         return
     if not args.sweep:
@@ -419,7 +423,7 @@ def _fit(args, overrides):
         records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
                                      bootstrap=args.bootstrap, objective=args.objective,
                                      fixed=fixed or None, convention=args.convention,
-                                     varpro=args.varpro)
+                                     varpro=args.varpro, keep_starts=args.keep_starts)
     _print_fits(records, args.json)
 
 

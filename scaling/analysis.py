@@ -26,7 +26,7 @@ from scaling.store import FitRecord, Store
 def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
               bootstrap: int = 200, objective: str = "huber", seed: int = 0,
               fixed: dict | None = None, convention: str | None = None,
-              varpro: bool = False) -> list[FitRecord]:
+              varpro: bool = False, keep_starts: int | None = None) -> list[FitRecord]:
     """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve.
 
     fixed: name -> value pinned (not fitted); convention: the FLOP convention
@@ -45,13 +45,13 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     size = {r.run_id: r.n_params for r in finished}
     x, y, mask = _pad(xs, ys)
     result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed,
-                 fixed=fixed, varpro=varpro)
+                 fixed=fixed, varpro=varpro, keep_starts=keep_starts)
     settings = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
                 "n_params": "kaplan_nonembedding"}
     if fixed:
         settings["fixed"] = {k: float(v) for k, v in fixed.items()}
     optimizer = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
-                 **OPTIMIZER_DEFAULTS, "varpro": bool(result.varpro)}
+                 **OPTIMIZER_DEFAULTS, "keep_starts": keep_starts, "varpro": bool(result.varpro)}
     records = []
     for i, label in enumerate(labels):
         record = FitRecord(

@@ -32,7 +32,7 @@ _BRACKETED = re.compile(r"\[([^\]]+)\]")
 
 def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: int = 0,
             objective: str = "huber", fixed: dict | None = None, exclude_top: int = 0,
-            seed: int = 0, varpro: bool = False) -> dict:
+            seed: int = 0, varpro: bool = False, keep_starts: int | None = None) -> dict:
     """Fit `law_name` to y_col against x_cols of the CSV at `path`.
 
     Returns {"law", "params": {name: value}, "intervals": {name: [low, high]}
@@ -42,7 +42,7 @@ def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: in
     """
     x, y = csv_arrays(path, law_name, x_cols, y_col, exclude_top)
     result = fit(law_name, x, y, bootstrap=bootstrap, objective=objective, fixed=fixed,
-                 seed=seed, varpro=varpro)
+                 seed=seed, varpro=varpro, keep_starts=keep_starts)
     out = result.curve(0)
     if result.varpro is not None:
         out["varpro"] = {"objective": float(result.varpro["objective"][0]),

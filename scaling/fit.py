@@ -152,6 +152,9 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
                         f"{len(free)} free parameters; give it more points, pin some with "
                         "fixed=, or drop the curve")
     if varpro:
+        if keep_starts is not None:
+            raise UserError("keep_starts screens the start grid of a full fit; varpro searches "
+                            "only the exponents from every start: use one or the other")
         return _fit_varpro(law, x, y, mask, fixed_values, objective=objective, delta=delta,
                            bootstrap=bootstrap, seed=seed, max_iter=max_iter, tol=tol,
                            init_grid=init_grid, confidence=confidence)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from launch.cli import main
 from scaling.store import RunRecord, Store
@@ -60,6 +61,29 @@ def test_fit_csv_prints_the_documented_json(tmp_path, capsys):
     assert set(out) >= {"law", "params", "intervals", "objective", "converged", "n_points"}
     assert out["law"] == "saturating" and out["n_points"] == 30 and out["converged"] is True
     assert set(out["params"]) == {"E", "A", "alpha"} and abs(out["params"]["alpha"] - 0.4) < 1e-3
+
+
+def test_fit_csv_with_screened_starts_finds_the_same_fit(tmp_path, capsys):
+    csv = tmp_path / "curve.csv"
+    x = np.geomspace(1, 1000, 40)
+    noise = np.exp(np.random.default_rng(0).normal(0, 0.01, len(x)))
+    csv.write_text("tokens,loss\n" + "\n".join(
+        f"{v},{(1.2 + 4 * v**-0.4) * n}" for v, n in zip(x, noise)) + "\n")
+    args = ["fit", "--law", "saturating", "--csv", str(csv), "--x", "tokens", "--y", "loss",
+            "--bootstrap", "0", "--json"]
+    assert main(args) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert main(args + ["--keep-starts", "2"]) == 0
+    screened = json.loads(capsys.readouterr().out)
+    assert screened["objective"] <= every["objective"] * (1 + 1e-9)
+    for name, value in every["params"].items():
+        assert screened["params"][name] == pytest.approx(value, rel=1e-6)
+    assert main(args + ["--keep-starts", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "keep_starts = 0" in err and len(err.splitlines()) == 1
+    assert main(args + ["--keep-starts", "2", "--varpro"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one or the other" in err and len(err.splitlines()) == 1
 
 
 def test_fit_of_an_unknown_sweep_is_one_line(tmp_path, capsys):
