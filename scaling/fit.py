@@ -169,7 +169,7 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         else np.zeros((len(y), 0))
     with jax.enable_x64(True):
         out = _compiled_program()(spec, np.log(x), np.log(y), mask, fixed_array, starts,
-                           float(tol), float(delta), jax.random.key(seed))
+                                  float(tol), float(delta), jax.random.key(seed))
         out = jax.tree.map(np.asarray, out)
     return _result(spec, out, fixed_values, n_points, confidence, starts.shape[1])
 
@@ -185,9 +185,9 @@ def _fit_varpro(law, x, y, mask, fixed_values, *, objective, delta, bootstrap, s
     fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
         else np.zeros((len(y), 0))
     with jax.enable_x64(True):
-        out = _compiled_program()(spec, np.log(x), np.log(y), mask,
-                           fixed_array, np.broadcast_to(starts, (len(y),) + starts.shape),
-                           float(tol), float(delta), jax.random.key(seed))
+        out = _compiled_program()(spec, np.log(x), np.log(y), mask, fixed_array,
+                                  np.broadcast_to(starts, (len(y),) + starts.shape),
+                                  float(tol), float(delta), jax.random.key(seed))
         out = jax.tree.map(np.asarray, out)
         coef = jax.jit(jax.vmap(partial(_projected, spec)))(
             out["theta"], np.log(x), np.log(y), mask.astype(float), fixed_array)
