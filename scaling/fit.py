@@ -342,6 +342,12 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
     def run_phases(phases, dtype, gtol_per_point, task_fns, results=None):
         """Run `phases` in order with one solver traced at `dtype`; returns phase -> Solution."""
         n_tasks = max(groups[p] * members[p] for p in phases)
+        # Lanes no wider than the smallest phase: 32 kept starts of a screened
+        # grid on 546 lanes would pay for 546 every iteration, for hundreds of
+        # iterations (Chinchilla with keep_starts=32: 2x faster this way; a big
+        # phase loses little at the narrower width).
+        smallest = min(groups[p] * members[p] for p in phases)
+        chunk = min(spec.chunk, max(16, -(-smallest // 8) * 8))
         task = jnp.arange(n_tasks)
         data_x, data_y, data_w, data_f = (a.astype(dtype) for a in (log_x, log_y, weight,
                                                                      fixed))
@@ -367,12 +373,6 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
                 return _Data(data_x[curve[ids]], data_y[curve[ids]], w, data_f[curve[ids]])
 
             gtol = (gtol_per_point * n_valid[curve]).astype(dtype)
-            # Lanes no wider than the smallest phase: 32 kept starts of a screened
-            # grid on 546 lanes would pay for 546 every iteration, for hundreds of
-            # iterations (Chinchilla with keep_starts=32: 2x faster this way; a big
-            # phase loses little at the narrower width).
-            smallest = min(groups[p] * members[p] for p in phases)
-            chunk = min(spec.chunk, max(16, -(-smallest // 8) * 8))
             sol = minimize_tasks(value_and_grad, load, x0, gtol, active, h0, warm,
                                  max_evals=max_evals, chunk=chunk)
             return {**results,
