@@ -103,8 +103,9 @@ def _steady_step_times(steps_to_time, state, batches, repeats: int):
 
 
 def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: str,
-               scan_unroll: int, peak: float) -> dict:
-    model_cfg = ModelConfig(shape, compute_dtype=dtype, remat=remat, scan_unroll=scan_unroll)
+               scan_unroll: int, attention: str, peak: float) -> dict:
+    model_cfg = ModelConfig(shape, compute_dtype=dtype, remat=remat, scan_unroll=scan_unroll,
+                            attention_impl=attention)
     mesh = sharding.make_mesh(1, 1, 1)
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
@@ -143,6 +144,8 @@ def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: s
         "n_heads": shape.n_heads,
         "params": shape.n_params_kaplan,
         "params_total": shape.n_params,
+        "remat": model_cfg.remat_policy,
+        "attention": model_cfg.attention_kernel,
         "step_s": step_s,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token / peak,
@@ -165,6 +168,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype of the model (parameters stay float32)")
     parser.add_argument("--remat", default="auto", help="model.remat")
+    parser.add_argument("--attention", default="auto", help="model.attention_impl")
     parser.add_argument("--scan-unroll", type=int, default=0,
                         help="model.scan_unroll: 0 unrolls up to 4 layers, 1 keeps the loop")
     parser.add_argument("--repeats", type=int, default=5)
@@ -189,7 +193,7 @@ def main(argv=None):
                                                  for k, v in peaks.items()), flush=True)
     print(f"{'d_model':>7} {'layers':>6} {'N':>11} {'step ms':>8} {'tokens/s':>10} "
           f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'per meas.':>10} {'eval/plain':>10} "
-          f"{'eval/train':>10}",
+          f"{'eval/train':>10} {'remat':>5} {'attention':>9}",
           flush=True)
     rows = []
     for d_model in (int(d) for d in args.d_models.split(",")):
@@ -197,13 +201,14 @@ def main(argv=None):
                            n_heads=max(1, d_model // args.head_dim), n_ctx=args.n_ctx,
                            vocab_size=args.vocab)
         row = bench_size(shape, args.dtype, args.batch, args.repeats, args.remat,
-                         args.scan_unroll, peak)
+                         args.scan_unroll, args.attention, peak)
         rows.append(row)
         print(f"{row['d_model']:>7} {row['n_layer']:>6} {row['params']:>11,} "
               f"{row['step_s'] * 1e3:>8.1f} {row['tokens_per_s']:>10,.0f} {row['mfu']:>6.1%} "
               f"{row['compile_s']:>9.2f} {row['noise_scale_cost']:>+10.1%} "
               f"{row['noise_step_cost']:>+10.1%} "
-              f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f}", flush=True)
+              f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f} "
+              f"{row['remat']:>5} {row['attention']:>9}", flush=True)
     peaks = {d: max(peaks[d], _peak(d, args.peak_size)) for d in dtypes}
     if peaks[args.dtype] > peak:
         print(f"the peak measured after the ladder was higher ({peaks[args.dtype] / 1e9:,.0f} "

@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     # auto | none | full | dots | dots_no_batch: what the scanned blocks keep for
     # the backward pass (auto: matmul outputs while the layer loop is rolled, else all).
     c.model.remat = "auto"
+    # auto: cuDNN's fused attention on a GPU in half precision, else XLA's.
     c.model.attention_impl = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention)
     # Layers per iteration of the scanned layer loop: 0 unrolls models of up
     # to 4 layers (faster steps) and keeps deeper ones rolled (flat compile time).

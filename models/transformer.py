@@ -32,7 +32,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # "auto": see `ModelConfig.attention_kernel`
 # scan_unroll=0 unrolls the layer loop of models this shallow, and keeps it a
 # loop beyond. Unrolled, XLA drops the loop's stacked activation buffers (their
 # zero fill and dynamic slices took ~25% of a CPU step at 4 layers of d_model
@@ -74,6 +74,23 @@ class ModelConfig:
         if self.scan_unroll:
             return min(self.scan_unroll, n_layer)
         return n_layer if n_layer <= AUTO_UNROLL_MAX_LAYERS else 1
+
+    @property
+    def attention_kernel(self) -> str:
+        """The `jax.nn.dot_product_attention` implementation; "auto" resolved.
+
+        cuDNN's fused (flash) attention on a GPU where it applies: half
+        precision, head_dim a multiple of 8 up to 128. It never writes the
+        [B, N, L, L] scores to memory, which XLA's attention does on a GPU.
+        Elsewhere (CPU, TPU, float32) XLA's.
+        """
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        h = self.shape.head_dim
+        if (jax.default_backend() == "gpu" and self.compute_dtype in ("bfloat16", "float16")
+                and h % 8 == 0 and h <= 128):
+            return "cudnn"
+        return "xla"
 
     @property
     def remat_policy(self) -> str:
@@ -139,7 +156,7 @@ class Block(nn.Module):
         q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         attn_BxLxNxH = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=ATTENTION_IMPLS[self.config.attention_impl]
+            q, k, v, is_causal=True, implementation=self.config.attention_kernel
         )
         w_out = _param(self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"),
                        (n, h, d), pdt)

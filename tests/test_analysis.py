@@ -68,7 +68,7 @@ def test_fit_csv_with_screened_starts_finds_the_same_fit(tmp_path, capsys):
     x = np.geomspace(1, 1000, 40)
     noise = np.exp(np.random.default_rng(0).normal(0, 0.01, len(x)))
     csv.write_text("tokens,loss\n" + "\n".join(
-        f"{v},{(1.2 + 4 * v**-0.4) * n}" for v, n in zip(x, noise)) + "\n")
+        f"{v},{(1.2 + 4 * v**-0.4) * n}" for v, n in zip(x, noise, strict=True)) + "\n")
     args = ["fit", "--law", "saturating", "--csv", str(csv), "--x", "tokens", "--y", "loss",
             "--bootstrap", "0", "--json"]
     assert main(args) == 0

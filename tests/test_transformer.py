@@ -68,6 +68,18 @@ def test_auto_remat_keeps_only_matmul_outputs_while_the_loop_is_rolled(reference
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
 
 
+def test_auto_attention_takes_cudnn_only_on_a_gpu_in_half_precision(monkeypatch):
+    assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "cudnn"
+    assert ModelConfig(SHAPE, compute_dtype="float16").attention_kernel == "cudnn"
+    assert ModelConfig(SHAPE).attention_kernel == "xla"  # cuDNN's fused attention is half-only
+    assert ModelConfig(SHAPE, compute_dtype="bfloat16", attention_impl="xla"
+                       ).attention_kernel == "xla"
+    wide_heads = ModelShape(n_layer=1, d_model=256, n_heads=1, n_ctx=8, vocab_size=32)
+    assert ModelConfig(wide_heads, compute_dtype="bfloat16").attention_kernel == "xla"
+
+
 def test_bfloat16_compute_gives_finite_float32_logits():
     model, variables, tokens = _init(ModelConfig(SHAPE, compute_dtype="bfloat16"))
     logits = model.apply(variables, tokens)
