@@ -34,6 +34,6 @@ def test_train_bench_writes_every_field(tmp_path, capsys):
         assert row["compile_s"] > 0
         assert row["eval_overhead"] > 0 and row["eval_vs_train"] > 0
         assert row["noise_scale_cost"] > -1 and row["noise_step_cost"] > -1
-        assert row["attention"] == "xla" and row["remat"] == "none"  # CPU, unrolled
+        assert row["attention"] == "xla" and row["remat"] == "none"  # float32, unrolled
     table = capsys.readouterr().out
     assert "MFU" in table and "matmul peak" in table
