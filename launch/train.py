@@ -175,13 +175,19 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                else local_dir)
     ckpt = checkpoints.Checkpointer(run_dir / "checkpoints", config.checkpoint.max_to_keep)
     state, start_step = ckpt.restore_latest(state, state_shardings, corpus.fingerprint)
+    eval_at = set(eval_schedule(config.train.steps, config.eval.points))
+    try:
+        _check_history(config, run_id, store if is_writer else None, start_step, eval_at,
+                       run_dir / "checkpoints")
+    except UserError:
+        ckpt.close()
+        raise
     if is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     total = config.train.steps
     schedule = steps.learning_rate_schedule(config.train)
-    eval_at = set(eval_schedule(total, config.eval.points))
     tokens_per_step = config.train.batch_size * shape.n_ctx
     peak = matmul_peak_flops(model_cfg.compute_dtype) if is_writer else float("nan")
 
@@ -275,6 +281,33 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                 unchecked.clear()
                 losses = carried_losses + [float(m["train_loss"]) for m in pending_metrics]
                 ckpt.save(done, state, corpus.fingerprint, {"train_losses": losses})
+
+
+def _check_history(config, run_id: str, store: Store | None, start_step: int, eval_at: set,
+                   checkpoints: Path):
+    """UserError if the run resumes past evals that its store does not hold.
+
+    A checkpoint at step S is saved after the evals up to S were logged, so a
+    store without them is not the one this run wrote to (a new --config.store
+    over an old workdir): resuming would finish the run with a gap in its
+    results, or none at all.  With a bucket the evals are in its records
+    (`scaling sync` brings them), so a fresh local store is expected there.
+    """
+    if config.launch.bucket:
+        return
+    missing = 0
+    if store is not None:
+        needed = max((s for s in eval_at if s <= start_step), default=0)
+        logged = store.last_eval(run_id)
+        missing = needed if needed > (logged[0] if logged else 0) else 0
+    if jax.process_count() > 1:
+        missing = int(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    if missing:
+        raise UserError(
+            f"run {run_id} would resume from its checkpoint at step {start_step} in "
+            f"{checkpoints}, but the store {config.store} lacks its eval at step {missing} "
+            "(the checkpoint was written with another store): pass that store with "
+            f"--config.store, or move {checkpoints.parent} away to train the run afresh")
 
 
 def _check_finite(losses: list):

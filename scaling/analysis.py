@@ -104,6 +104,9 @@ def _select(store, runs, law, what):
             rows.append([values[c] for c in columns])
             losses.append(last[1])
             used.append(run.run_id)
+        if not rows:
+            raise UserError(f"none of the {len(runs)} finished runs has an eval in this store "
+                            "(were they trained with another --config.store?)")
         return ["all"], [np.array(rows, float)], [np.array(losses, float)], [used]
     if law.n_inputs != 1:
         raise UserError(f"--what {what} fits one input per curve; law {law.name!r} takes "

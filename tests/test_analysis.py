@@ -94,3 +94,13 @@ def test_fit_of_an_unknown_sweep_is_one_line(tmp_path, capsys):
     assert err.startswith("error: no runs in sweep 'nope'") and "\n" not in err
     assert main(["fit", "--store", store, "--sweep", "syn", "--law", "powr"]) == 2
     assert "powr" in capsys.readouterr().err
+
+
+def test_fit_of_finished_runs_without_evals_is_one_line(tmp_path, capsys):
+    store = str(tmp_path / "s.sqlite")
+    with Store(store) as s:  # finished, but its evals went to another store
+        s.register_run(RunRecord("r", {}, 1000, 1100, 1, 8, 1, 64, 10_000, 6e7), sweep="e")
+        s.set_status("r", "finished", step=10)
+    assert main(["fit", "--store", store, "--sweep", "e", "--law", "saturating"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: none of the 1 finished runs has an eval") and "\n" not in err

@@ -9,6 +9,7 @@ import pytest
 from launch import config as config_lib
 from launch import data, train
 from launch.cli import main
+from scaling.errors import UserError
 from scaling.store import Store
 
 
@@ -176,6 +177,19 @@ def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tiny_config
         assert run.status == "failed" and "became nan" in run.reason.lower()
     saved = Path(tiny_config.workdir, run_id, "checkpoints")
     assert not saved.exists() or not [p for p in saved.iterdir() if p.name.isdigit()]
+
+
+def test_resuming_into_a_store_without_the_runs_evals_is_refused(tiny_config, tmp_path):
+    run_id = train.train_and_evaluate(tiny_config)
+    first = tiny_config.store
+    # Same workdir (its checkpoint at step 20), a new store: the evals are elsewhere.
+    tiny_config.store = str(tmp_path / "new.sqlite")
+    with pytest.raises(UserError, match="lacks its eval at step 20"):
+        train.train_and_evaluate(tiny_config)
+    with Store(tiny_config.store) as store:
+        assert store.run(run_id).status == "pending" and store.last_eval(run_id) is None
+    with Store(first) as store:  # the store it wrote to is untouched
+        assert store.run(run_id).status == "finished" and store.last_eval(run_id)[0] == 20
 
 
 def test_a_finished_run_is_not_touched_by_a_relaunch(tiny_config):
