@@ -19,6 +19,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from models.sizes import ModelShape
@@ -87,8 +88,8 @@ class ModelConfig:
         if self.attention_impl != "auto":
             return self.attention_impl
         h = self.shape.head_dim
-        if (jax.default_backend() == "gpu" and self.compute_dtype in ("bfloat16", "float16")
-                and h % 8 == 0 and h <= 128):
+        if (self.compute_dtype in ("bfloat16", "float16") and h % 8 == 0 and h <= 128
+                and cuda_compute_capability() >= (8, 0)):
             return "cudnn"
         return "xla"
 
@@ -106,6 +107,23 @@ class ModelConfig:
         if self.remat != "auto":
             return self.remat
         return "dots" if self.unroll < self.shape.n_layer else "none"
+
+
+def cuda_compute_capability() -> tuple[int, int]:
+    """(major, minor) of the default backend's first CUDA GPU; (0, 0) elsewhere.
+
+    cuDNN's fused attention needs an NVIDIA GPU from Ampere (8.0) on; a ROCm
+    GPU is also platform "gpu", so the platform alone does not tell.
+    """
+    backend = jax.extend.backend.get_backend()
+    if backend.platform != "gpu" or "cuda" not in backend.platform_version.lower():
+        return (0, 0)
+    try:
+        major, minor, *_ = (int(v) for v in
+                            backend.local_devices()[0].compute_capability.split("."))
+    except (AttributeError, ValueError):  # a runtime that does not say: XLA's attention
+        return (0, 0)
+    return (major, minor)
 
 
 def _param(module, name, init, names, shape, dtype):

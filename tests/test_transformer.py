@@ -69,9 +69,12 @@ def test_auto_remat_keeps_only_matmul_outputs_while_the_loop_is_rolled(reference
 
 
 def test_auto_attention_takes_cudnn_only_on_a_gpu_in_half_precision(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    import models.transformer as transformer
+
+    for no_cudnn in ((0, 0), (7, 5)):  # not a CUDA GPU; a CUDA GPU before Ampere
+        monkeypatch.setattr(transformer, "cuda_compute_capability", lambda c=no_cudnn: c)
+        assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "xla"
+    monkeypatch.setattr(transformer, "cuda_compute_capability", lambda: (9, 0))
     assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "cudnn"
     assert ModelConfig(SHAPE, compute_dtype="float16").attention_kernel == "cudnn"
     assert ModelConfig(SHAPE).attention_kernel == "xla"  # cuDNN's fused attention is half-only
@@ -79,6 +82,13 @@ def test_auto_attention_takes_cudnn_only_on_a_gpu_in_half_precision(monkeypatch)
                        ).attention_kernel == "xla"
     wide_heads = ModelShape(n_layer=1, d_model=256, n_heads=1, n_ctx=8, vocab_size=32)
     assert ModelConfig(wide_heads, compute_dtype="bfloat16").attention_kernel == "xla"
+
+
+def test_this_machine_reports_its_cuda_compute_capability():
+    import models.transformer as transformer
+
+    capability = transformer.cuda_compute_capability()
+    assert capability == (0, 0) if jax.default_backend() != "gpu" else capability >= (3, 0)
 
 
 def test_bfloat16_compute_gives_finite_float32_logits():
