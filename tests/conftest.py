@@ -10,6 +10,9 @@ import os
 import jax
 import pytest
 
+from launch.host_memory import keep_freed_memory
+
+keep_freed_memory()  # as the command line does, before JAX starts its threads
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
