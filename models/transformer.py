@@ -22,6 +22,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from models.attention import chunked_attention
 from models.sizes import ModelShape
 
 REMAT_POLICIES = {
@@ -33,13 +34,18 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")  # "auto": see `ModelConfig.attention_kernel`
+# "auto": see `ModelConfig.attention_kernel`; "chunked" is models/attention.py's CPU kernel.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 # scan_unroll=0 unrolls the layer loop of models this shallow, and keeps it a
 # loop beyond. Unrolled, XLA drops the loop's stacked activation buffers (their
-# zero fill and dynamic slices took ~25% of a CPU step at 4 layers of d_model
-# 256); rolled, compile time stays flat in depth (at 8 layers, unrolling
-# compiles in ~11 s instead of ~4 s on 2 CPU cores).
+# zero fill and dynamic slices); rolled, compile time stays flat in depth.
 AUTO_UNROLL_MAX_LAYERS = 4
+# ...except on CPU for narrow models (d_model / n_layer below this). Unrolled,
+# XLA:CPU fuses the residual stream's chain of adds (and its gradient's) into
+# every consumer, recomputing it from the first layer: elementwise work that
+# grows as n_layer^2 against matmuls that grow as n_layer d_model. A loop
+# boundary materialises the stream once per layer.
+CPU_UNROLL_MIN_ASPECT = 48
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +57,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "auto"
     attention_impl: str = "auto"
-    scan_unroll: int = 0  # layers per loop iteration; 0 = all up to AUTO_UNROLL_MAX_LAYERS, else 1
+    scan_unroll: int = 0  # layers per loop iteration; 0 = by depth and width (see `unroll`)
 
     def __post_init__(self):
         for name, allowed in (
@@ -74,7 +80,11 @@ class ModelConfig:
         n_layer = self.shape.n_layer
         if self.scan_unroll:
             return min(self.scan_unroll, n_layer)
-        return n_layer if n_layer <= AUTO_UNROLL_MAX_LAYERS else 1
+        if n_layer > AUTO_UNROLL_MAX_LAYERS:
+            return 1
+        if jax.default_backend() == "cpu" and self.shape.d_model < CPU_UNROLL_MIN_ASPECT * n_layer:
+            return 1
+        return n_layer
 
     @property
     def attention_kernel(self) -> str:
@@ -83,7 +93,10 @@ class ModelConfig:
         cuDNN's fused (flash) attention on a GPU where it applies: half
         precision, head_dim a multiple of 8 up to 128. It never writes the
         [B, N, L, L] scores to memory, which XLA's attention does on a GPU.
-        Elsewhere (CPU, TPU, float32) XLA's.
+        On a single CPU device, the chunked kernel of models/attention.py,
+        which keeps a few sequences' scores in cache (with the batch split
+        over several devices its chunk loop would cut across them). Elsewhere
+        (TPU, several CPU devices, a GPU in float32) XLA's.
         """
         if self.attention_impl != "auto":
             return self.attention_impl
@@ -91,6 +104,8 @@ class ModelConfig:
         if (self.compute_dtype in ("bfloat16", "float16") and h % 8 == 0 and h <= 128
                 and cuda_compute_capability() >= (8, 0)):
             return "cudnn"
+        if jax.default_backend() == "cpu" and jax.device_count() == 1:
+            return "chunked"
         return "xla"
 
     @property
@@ -101,12 +116,15 @@ class ModelConfig:
         into [n_layer, ...] buffers that XLA zero-fills, writes and reads
         slice by slice each step; keeping only the matmul outputs and
         recomputing the cheap elementwise rest costs less than that traffic
-        (measured on 2 CPU cores at d_model 512, 8 layers: 2.85 s a step
-        against 3.65 s) and holds less memory. Unrolled, nothing is stacked.
+        and holds less memory. With the chunked attention kernel, which
+        recomputes its own scores, only the projections' outputs (products
+        without batch dimensions) are kept. Unrolled, nothing is stacked.
         """
         if self.remat != "auto":
             return self.remat
-        return "dots" if self.unroll < self.shape.n_layer else "none"
+        if self.unroll == self.shape.n_layer:
+            return "none"
+        return "dots_no_batch" if self.attention_kernel == "chunked" else "dots"
 
 
 def cuda_compute_capability() -> tuple[int, int]:
@@ -173,9 +191,12 @@ class Block(nn.Module):
         qkv_BxLx3xNxH = qkv_BxLx3xNxH + b_qkv.astype(cdt)[None, None]
         q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        attn_BxLxNxH = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=self.config.attention_kernel
-        )
+        kernel = self.config.attention_kernel
+        if kernel == "chunked":
+            attn_BxLxNxH = chunked_attention(q, k, v)
+        else:
+            attn_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation=kernel)
         w_out = _param(self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"),
                        (n, h, d), pdt)
         b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)

@@ -57,9 +57,18 @@ def test_remat_policies_give_the_same_finite_gradients(remat, reference_gradient
 
 def test_auto_remat_keeps_only_matmul_outputs_while_the_loop_is_rolled(reference_gradients):
     deep = ModelShape(n_layer=12, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
-    assert ModelConfig(deep).remat_policy == "dots"
-    assert ModelConfig(SHAPE).remat_policy == "none"  # unrolled: nothing is stacked
-    assert ModelConfig(SHAPE, scan_unroll=1).remat_policy == "dots"
+    wide = ModelShape(n_layer=2, d_model=128, n_heads=2, n_ctx=16, vocab_size=64)
+    assert ModelConfig(deep).unroll == 1
+    assert ModelConfig(deep, attention_impl="xla").remat_policy == "dots"
+    # The chunked kernel recomputes its scores: only the projections are kept.
+    assert ModelConfig(deep, attention_impl="chunked").remat_policy == "dots_no_batch"
+    assert ModelConfig(wide).unroll == 2
+    assert ModelConfig(wide).remat_policy == "none"  # unrolled: nothing is stacked
+    # On a CPU a narrow model keeps the loop (an unrolled residual stream is
+    # recomputed in every fusion that reads it).
+    assert jax.default_backend() != "cpu" or ModelConfig(SHAPE).unroll == 1
+    assert ModelConfig(SHAPE, scan_unroll=2).remat_policy == "none"
+    assert ModelConfig(SHAPE, scan_unroll=1, attention_impl="xla").remat_policy == "dots"
     assert ModelConfig(SHAPE, scan_unroll=1, remat="full").remat_policy == "full"
     params, tokens, reference = reference_gradients
     model = Transformer(ModelConfig(SHAPE, scan_unroll=1))
@@ -71,6 +80,7 @@ def test_auto_remat_keeps_only_matmul_outputs_while_the_loop_is_rolled(reference
 def test_auto_attention_takes_cudnn_only_on_a_gpu_in_half_precision(monkeypatch):
     import models.transformer as transformer
 
+    monkeypatch.setattr(transformer.jax, "default_backend", lambda: "gpu")
     for no_cudnn in ((0, 0), (7, 5)):  # not a CUDA GPU; a CUDA GPU before Ampere
         monkeypatch.setattr(transformer, "cuda_compute_capability", lambda c=no_cudnn: c)
         assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "xla"
@@ -82,6 +92,27 @@ def test_auto_attention_takes_cudnn_only_on_a_gpu_in_half_precision(monkeypatch)
                        ).attention_kernel == "xla"
     wide_heads = ModelShape(n_layer=1, d_model=256, n_heads=1, n_ctx=8, vocab_size=32)
     assert ModelConfig(wide_heads, compute_dtype="bfloat16").attention_kernel == "xla"
+
+
+def test_auto_attention_takes_the_chunked_kernel_on_one_cpu_device(monkeypatch):
+    import models.transformer as transformer
+
+    monkeypatch.setattr(transformer.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(transformer.jax, "device_count", lambda: 1)
+    assert ModelConfig(SHAPE).attention_kernel == "chunked"
+    assert ModelConfig(SHAPE, attention_impl="xla").attention_kernel == "xla"
+    # A batch split over several devices would be cut across by the chunk loop.
+    monkeypatch.setattr(transformer.jax, "device_count", lambda: 8)
+    assert ModelConfig(SHAPE).attention_kernel == "xla"
+
+
+@pytest.mark.parametrize("kernel", ["xla", "chunked"])
+def test_both_cpu_attention_kernels_train_the_same_model(kernel, reference_gradients):
+    params, tokens, reference = reference_gradients
+    model = Transformer(ModelConfig(SHAPE, attention_impl=kernel))
+    grads = jax.grad(lambda p: model.apply({"params": p}, tokens).mean())(params)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
 
 
 def test_this_machine_reports_its_cuda_compute_capability():
@@ -106,7 +137,8 @@ def test_unrolled_layer_loop_computes_the_same_model():
     shape = ModelShape(n_layer=3, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
     rolled, unrolled = (Transformer(ModelConfig(shape, scan_unroll=k)) for k in (1, 3))
-    assert ModelConfig(shape).unroll == 3 and ModelConfig(shape, scan_unroll=1).unroll == 1
+    wide = ModelShape(n_layer=3, d_model=192, n_heads=2, n_ctx=16, vocab_size=64)
+    assert ModelConfig(wide).unroll == 3 and ModelConfig(shape, scan_unroll=1).unroll == 1
     deep = ModelShape(n_layer=12, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
     assert ModelConfig(deep).unroll == 1  # deep models keep the loop: flat compile time
     params = rolled.init(jax.random.key(0), tokens)["params"]
