@@ -29,12 +29,18 @@ import argparse
 import json
 import sys
 
+from launch.backends.local import pin_from_environment
+from launch.host_memory import keep_freed_memory
 from scaling.errors import UserError
 
 DEFAULT_STORE = "results/scaling.sqlite"
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Both before JAX starts its threads: the allocator setting (launch/host_memory.py)
+    # and the cores a parallel sweep gave this member (launch/backends/local.py).
+    keep_freed_memory()
+    pin_from_environment()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     try:
@@ -228,6 +234,18 @@ def _join_processes(args):
     distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+def _joins_processes(args) -> bool:
+    """Whether this process was asked to take part in a multi-process run."""
+    import os
+
+    from launch import distributed
+
+    env = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)
+    return (any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+            or any(os.environ.get(name) for name in env)
+            or os.environ.get(distributed.ENV_MODE, "").strip().lower() == "auto")
+
+
 def _is_process_zero() -> bool:
     import jax
 
@@ -292,14 +310,24 @@ def _sweep(args, overrides):
     launch = config_lib.study_config(args.config, overrides).launch
     if args.dry_run or launch.backend != "local":
         return _launch(args, overrides, launch.backend)
-    if launch.parallel > 1:
-        from launch.backends import local
+    from launch.backends import local
 
-        outcome = local.train_parallel(args.config, overrides, launch.parallel,
+    parallel = launch.parallel
+    if not parallel:
+        from launch import train
+
+        members = config_lib.study_sweep(args.config, overrides)
+        parallel = 1 if _joins_processes(args) else local.auto_parallel(
+            len(members), sum(train.run_record(c, "").flops for c in members))
+    if parallel > 1:
+        outcome = local.train_parallel(args.config, overrides, parallel,
                                        retry_failed=args.retry_failed)
+        statuses = local.member_statuses(args.config, overrides)
+        counts = {s: list(statuses.values()).count(s) for s in sorted(set(statuses.values()))}
         failed = sorted(r for r, o in outcome.items() if o != "finished")
-        print(f"sweep done: {len(outcome) - len(failed)} finished, {len(failed)} failed"
-              + (f" ({', '.join(failed)})" if failed else ""))
+        print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+              + (f" (this launch: {', '.join(f'{r} {outcome[r]}' for r in failed)})"
+                 if failed else ""))
         return 1 if failed else 0
     _join_processes(args)
     from launch import plan, sweep

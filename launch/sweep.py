@@ -81,6 +81,17 @@ def members_to_train(path: str, overrides: dict, retry_failed: bool = False) -> 
             store.close()
 
 
+def member_statuses(path: str, overrides: dict) -> dict[str, str]:
+    """{run_id: status} of every member, as its store has it."""
+    members = config_lib.study_sweep(path, overrides)
+    statuses = {}
+    for config in members:
+        with Store(config.store) as store:
+            record = store.run(config_lib.run_id(config))
+            statuses[config_lib.run_id(config)] = record.status if record else "pending"
+    return statuses
+
+
 def design_warnings(members, law: str | None = None) -> list[str]:
     """`scaling.design.check_design` on the members' N, D, C and eval steps.
 

@@ -36,7 +36,9 @@ def launch_defaults() -> ml_collections.ConfigDict:
     c.spot = False  # spot capacity: cheaper, can be preempted at any time
     c.best_effort = False  # queued best-effort capacity (gcloud alpha); exclusive with spot
     c.bucket = ""  # gs://BUCKET[/path] (or a local folder): records and checkpoints of remote runs
-    c.parallel = 1  # local: members trained at once, one process each (where cores allow)
+    # local: members trained at once, one process each, pinned to its share of
+    # the cores; 0 = one per core where JAX has no accelerator, else 1.
+    c.parallel = 0
     c.runs_per_slice = 0  # members trained on one slice before it is deleted; 0 = all
     c.keep_slice = False  # keep the slice after the sweep (it keeps costing until deleted)
     c.max_retries = 3  # re-requests of a preempted slice per run, then the run is reported
@@ -61,8 +63,9 @@ def validate_launch(launch):
     if bucket.startswith("gs://") and not _BUCKET.match(bucket):
         raise UserError(f"config.launch.bucket={bucket!r} is not a valid bucket address; "
                         "write gs://BUCKET or gs://BUCKET/path (lower case)")
-    if launch.parallel < 1:
-        raise UserError(f"config.launch.parallel={launch.parallel} must be 1 or more")
+    if launch.parallel < 0:
+        raise UserError(f"config.launch.parallel={launch.parallel} must be 0 (one per core) "
+                        "or more")
     for key in ("runs_per_slice", "max_retries"):
         if launch[key] < 0:
             raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more")
