@@ -17,9 +17,20 @@ In one process it measures
   (e) what measuring the gradient noise scale costs: the train step as a
       sweep runs it (measuring on every train.noise_scale_every-th step)
       against the same step without (`noise_scale_cost`, a fraction), and a
-      step that measures against one that does not (`noise_step_cost`).
+      step that measures against one that does not (`noise_step_cost`);
+  (f) where PyTorch is installed (`pip install -e '.[bench]'`, or another
+      interpreter given by --torch-python), a PyTorch train step of the same
+      shape (bench/torch_peer.py), run right after ours: `torch_tokens_per_s`
+      and `vs_torch` (ours / PyTorch's);
+  (g) with --pair, both cores busy as a sweep keeps them (launch.parallel):
+      two copies of our step at once, each pinned to a core, against two
+      PyTorch steps pinned likewise (`pair_tokens_per_s`, together);
+  (h) the trainer end to end (`scaling run`, --e2e-steps steps on the real
+      corpus, its logged tokens/s over the last eval window) beside the bare
+      step, so the loop's own cost shows (`e2e_tokens_per_s`, `e2e_vs_step`).
 
     python bench/train_bench.py                       # CPU ladder 128, 256, 512
+    python bench/train_bench.py --study experiments/local_cpu.py --pair   # the local sweep's sizes
     python bench/train_bench.py --out bench.json      # also write the rows as JSON
     python bench/train_bench.py --dtype bfloat16 --d-models 512,1024,2048 --batch 64 --n-ctx 1024
 
@@ -32,12 +43,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -46,11 +61,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from launch import steps  # noqa: E402
-from launch.config import base_config  # noqa: E402
+from launch.config import base_config, load_study, study_sweep  # noqa: E402
+from launch.host_memory import keep_freed_memory  # noqa: E402
 from launch.peak import matmul_peak_flops  # noqa: E402
 from models import sharding  # noqa: E402
 from models.sizes import ModelShape  # noqa: E402
 from models.transformer import ModelConfig  # noqa: E402
+from scaling.store import Store  # noqa: E402
 
 
 def _optimizer_config(total_steps: int) -> ml_collections.ConfigDict:
@@ -157,8 +174,109 @@ def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: s
     }
 
 
+def study_shapes(study: str) -> tuple[list[ModelShape], int]:
+    """The model shapes of a study's sweep members, and its batch size."""
+    load_study(study)  # a missing file is one line, not a traceback
+    members = study_sweep(study, {})
+    shapes = [ModelShape(n_layer=c.model.n_layer, d_model=c.model.d_model,
+                         n_heads=c.model.n_heads, n_ctx=c.model.n_ctx,
+                         vocab_size=c.model.vocab_size) for c in members]
+    return shapes, members[0].train.batch_size
+
+
+def loop_step_seconds(shape: ModelShape, batch: int, repeats: int, model_kw: dict) -> float:
+    """Median seconds a step as the loop runs it (measuring the noise scale every k-th step)."""
+    model_cfg = ModelConfig(shape, **model_kw)
+    mesh = sharding.make_mesh(1, 1, 1)
+    rules = sharding.rules_with_overrides({})
+    tx = steps.make_optimizer(_optimizer_config(1000))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, shardings = steps.init_state(model_cfg, tx, mesh, rules, seed=0)
+        noise = steps.compile_train_step(shardings, mesh, rules, noise_scale=True)
+        plain = steps.compile_train_step(shardings, mesh, rules, noise_scale=False)
+        rng = np.random.default_rng(0)
+        batches = [jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)),
+                               jnp.int32) for _ in range(4)]
+        every = base_config().train.noise_scale_every
+        (step_s,), _ = _steady_step_times(
+            [lambda s, b, i: (noise if i % every == 0 else plain)(s, b)], state, batches, repeats)
+    return step_s
+
+
+def _shape_flags(shape: ModelShape) -> list[str]:
+    return ["--n-layer", str(shape.n_layer), "--d-model", str(shape.d_model),
+            "--n-heads", str(shape.n_heads), "--n-ctx", str(shape.n_ctx)]
+
+
+def _run_json(args: list[str], cpu: int = -1) -> dict:
+    """Run a measuring process (optionally pinned to a core); its last stdout line as JSON,
+    or {"error": why} when it could not run."""
+    try:
+        result = subprocess.run(args + (["--cpu", str(cpu)] if cpu >= 0 else []),
+                                capture_output=True, text=True, cwd=ROOT)
+    except OSError as e:
+        return {"error": f"{args[0]}: {e.strerror}"}
+    if result.returncode != 0:
+        return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _run_pair(args: list[str]) -> list[dict]:
+    """Two copies at once, on cores 0 and 1."""
+    procs = [subprocess.Popen(args + ["--cpu", str(cpu)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for cpu in (0, 1)]
+    outs = [p.communicate() for p in procs]
+    return [json.loads(out.strip().splitlines()[-1]) if p.returncode == 0
+            else {"error": (err.strip().splitlines() or ["no output"])[-1]}
+            for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+def torch_step(python: str, shape: ModelShape, batch: int, repeats: int, cpu: int = -1,
+               threads: int = 0) -> dict:
+    """The PyTorch peer's step (bench/torch_peer.py) in its own process."""
+    return _run_json([python, str(ROOT / "bench" / "torch_peer.py"), *_shape_flags(shape),
+                      "--batch", str(batch), "--vocab", str(shape.vocab_size),
+                      "--repeats", str(repeats), "--threads", str(threads)], cpu)
+
+
+def end_to_end(study: str, shape: ModelShape, batch: int, steps_: int) -> float:
+    """tokens/s the trainer logs over its last eval window, `scaling run` on the real corpus."""
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = {"model.n_layer": shape.n_layer, "model.d_model": shape.d_model,
+                 "model.n_heads": shape.n_heads, "model.n_ctx": shape.n_ctx,
+                 "model.vocab_size": shape.vocab_size, "train.batch_size": batch,
+                 "train.steps": steps_, "train.warmup_steps": 2, "eval.points": 3,
+                 "eval.batches": 1, "checkpoint.every": steps_, "progress": False,
+                 "store": f"{tmp}/store.sqlite", "workdir": f"{tmp}/runs"}
+        result = subprocess.run([sys.executable, "-m", "launch.cli", "run", study]
+                                + [f"--config.{k}={v}" for k, v in flags.items()],
+                                capture_output=True, text=True, cwd=ROOT)
+        if result.returncode != 0:
+            raise SystemExit(f"scaling run failed: {result.stderr.strip().splitlines()[-1]}")
+        with Store(f"{tmp}/store.sqlite") as store:
+            (run,) = store.runs()
+            _, tokens_per_s = store.scalars(run.run_id, "tokens_per_s")
+    return float(tokens_per_s[-1])
+
+
+def _worker(args) -> None:
+    """--worker: one shape's loop step, in a process of its own (pinned by --cpu)."""
+    shape = ModelShape(n_layer=args.n_layer, d_model=args.d_model, n_heads=args.n_heads,
+                       n_ctx=args.n_ctx, vocab_size=args.vocab)
+    step_s = loop_step_seconds(shape, args.batch, args.repeats, _model_kw(args))
+    print(json.dumps({"step_s": step_s, "tokens_per_s": args.batch * args.n_ctx / step_s}))
+
+
+def _model_kw(args) -> dict:
+    return {"compute_dtype": args.dtype, "remat": args.remat, "scan_unroll": args.scan_unroll,
+            "attention_impl": args.attention}
+
+
 def main(argv=None):
+    keep_freed_memory()  # as the command line does (launch/host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", help="measure this study file's sweep members "
+                        "(its shapes, batch size and context) instead of the ladder")
     parser.add_argument("--d-models", default="128,256,512", help="the ladder's widths")
     parser.add_argument("--aspect", type=int, default=64, help="d_model / n_layer")
     parser.add_argument("--head-dim", type=int, default=64)
@@ -170,12 +288,28 @@ def main(argv=None):
     parser.add_argument("--remat", default="auto", help="model.remat")
     parser.add_argument("--attention", default="auto", help="model.attention_impl")
     parser.add_argument("--scan-unroll", type=int, default=0,
-                        help="model.scan_unroll: 0 unrolls up to 4 layers, 1 keeps the loop")
+                        help="model.scan_unroll: 0 picks by depth and width, 1 keeps the loop")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-size", type=int, default=0,
                         help="side of the peak matmul (0: 2048 on CPU, 8192 on an accelerator)")
+    parser.add_argument("--torch-python", default=sys.executable,
+                        help="interpreter with PyTorch for the peer step ('' to skip it)")
+    parser.add_argument("--pair", action="store_true",
+                        help="also two copies at once, one per core (ours and PyTorch's)")
+    parser.add_argument("--e2e-steps", type=int, default=40,
+                        help="steps of the end-to-end `scaling run` per shape (0: skip)")
+    parser.add_argument("--e2e-study", default="experiments/local_cpu.py",
+                        help="the study file the end-to-end run starts from")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("n-layer", "d-model", "n-heads"):
+        parser.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})  # before JAX starts its threads
+    if args.worker:
+        return _worker(args)
 
     # A real compile time each size, not a read from the persistent cache.
     jax.config.update("jax_enable_compilation_cache", False)
@@ -183,6 +317,15 @@ def main(argv=None):
     dtypes = ["float32"] + (["bfloat16"] if jax.default_backend() != "cpu" else [])
     if args.dtype not in dtypes:
         dtypes.append(args.dtype)
+    if args.study:
+        shapes, batch = study_shapes(args.study)
+    else:
+        batch = args.batch
+        shapes = [ModelShape(n_layer=max(1, d // args.aspect), d_model=d,
+                             n_heads=max(1, d // args.head_dim), n_ctx=args.n_ctx,
+                             vocab_size=args.vocab)
+                  for d in (int(d) for d in args.d_models.split(","))]
+    pair = args.pair and len(os.sched_getaffinity(0)) >= 2
     # The peak is measured before and after the ladder and the higher kept: a
     # shared machine's momentary slowdown then lowers neither the peak nor,
     # by that, inflates the MFU.
@@ -193,22 +336,62 @@ def main(argv=None):
                                                  for k, v in peaks.items()), flush=True)
     print(f"{'d_model':>7} {'layers':>6} {'N':>11} {'step ms':>8} {'tokens/s':>10} "
           f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'per meas.':>10} {'eval/plain':>10} "
-          f"{'eval/train':>10} {'remat':>5} {'attention':>9}",
+          f"{'eval/train':>10} {'remat':>13} {'attention':>9}",
           flush=True)
     rows = []
-    for d_model in (int(d) for d in args.d_models.split(",")):
-        shape = ModelShape(n_layer=max(1, d_model // args.aspect), d_model=d_model,
-                           n_heads=max(1, d_model // args.head_dim), n_ctx=args.n_ctx,
-                           vocab_size=args.vocab)
-        row = bench_size(shape, args.dtype, args.batch, args.repeats, args.remat,
+    torch_note = None
+    for shape in shapes:
+        row = bench_size(shape, args.dtype, batch, args.repeats, args.remat,
                          args.scan_unroll, args.attention, peak)
-        rows.append(row)
+        row["batch"], row["n_ctx"] = batch, shape.n_ctx
         print(f"{row['d_model']:>7} {row['n_layer']:>6} {row['params']:>11,} "
               f"{row['step_s'] * 1e3:>8.1f} {row['tokens_per_s']:>10,.0f} {row['mfu']:>6.1%} "
               f"{row['compile_s']:>9.2f} {row['noise_scale_cost']:>+10.1%} "
               f"{row['noise_step_cost']:>+10.1%} "
               f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f} "
-              f"{row['remat']:>5} {row['attention']:>9}", flush=True)
+              f"{row['remat']:>13} {row['attention']:>9}", flush=True)
+        extra = []
+        if args.torch_python and not torch_note:
+            peer = torch_step(args.torch_python, shape, batch, args.repeats)
+            if "error" in peer:
+                torch_note = f"no PyTorch peer ({peer['error']})"
+                print(f"        {torch_note}", flush=True)
+            else:
+                row["torch_tokens_per_s"] = peer["tokens_per_s"]
+                row["vs_torch"] = row["tokens_per_s"] / peer["tokens_per_s"]
+                row["torch_version"] = peer["torch"]
+                extra.append(f"PyTorch {peer['tokens_per_s']:,.0f} tokens/s "
+                             f"({peer['threads']} threads): ours x{row['vs_torch']:.2f}")
+        if pair:
+            ours = _run_pair([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--worker",
+                              *_shape_flags(shape), "--batch", str(batch), "--vocab",
+                              str(shape.vocab_size), "--repeats", str(args.repeats),
+                              "--dtype", args.dtype, "--remat", args.remat,
+                              "--attention", args.attention,
+                              "--scan-unroll", str(args.scan_unroll)])
+            if all("error" not in r for r in ours):
+                row["pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in ours)
+                extra.append(f"two at once, a core each: {row['pair_tokens_per_s']:,.0f}")
+            if "torch_tokens_per_s" in row:
+                peers = _run_pair([args.torch_python, str(ROOT / "bench" / "torch_peer.py"),
+                                   *_shape_flags(shape), "--batch", str(batch), "--vocab",
+                                   str(shape.vocab_size), "--repeats", str(args.repeats),
+                                   "--threads", "1"])
+                if all("error" not in r for r in peers):
+                    row["torch_pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in peers)
+                    extra.append(f"PyTorch two at once {row['torch_pair_tokens_per_s']:,.0f}")
+                if "pair_tokens_per_s" in row:
+                    row["pair_vs_torch"] = row["pair_tokens_per_s"] / row["torch_tokens_per_s"]
+                    extra.append(f"our pair / PyTorch's step x{row['pair_vs_torch']:.2f}")
+        if args.e2e_steps:
+            row["e2e_tokens_per_s"] = end_to_end(args.study or args.e2e_study, shape, batch,
+                                                 args.e2e_steps)
+            row["e2e_vs_step"] = row["e2e_tokens_per_s"] / row["tokens_per_s"]
+            extra.append(f"`scaling run` {row['e2e_tokens_per_s']:,.0f} tokens/s "
+                         f"(x{row['e2e_vs_step']:.2f} of the bare step)")
+        if extra:
+            print("        " + "; ".join(extra), flush=True)
+        rows.append(row)
     peaks = {d: max(peaks[d], _peak(d, args.peak_size)) for d in dtypes}
     if peaks[args.dtype] > peak:
         print(f"the peak measured after the ladder was higher ({peaks[args.dtype] / 1e9:,.0f} "
@@ -221,7 +404,9 @@ def main(argv=None):
     if args.out:
         result = {"peak_flops": peak, "peaks": peaks, "dtype": args.dtype,
                   "device": f"{device.device_kind} ({jax.default_backend()})",
-                  "batch": args.batch, "n_ctx": args.n_ctx, "rows": rows}
+                  "batch": batch, "n_ctx": shapes[0].n_ctx, "study": args.study,
+                  "torch": torch_note or "measured" if args.torch_python else "skipped",
+                  "rows": rows}
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
 
