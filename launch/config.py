@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4  # held-out batches (of train.batch_size sequences) per eval
+    # Held-out batches of the last eval, which the fits of final and per-token
+    # losses read; 0 = eval.batches. The evals before it use the first
+    # eval.batches of them (each batch spans the whole held-out text).
+    c.eval.final_batches = 0
     c.eval.points = 16  # log-spaced eval steps (plus the last step)
 
     c.checkpoint = ml_collections.ConfigDict()
@@ -227,6 +231,9 @@ def validate(config):
         group, leaf = key.split(".")
         if config[group][leaf] <= 0:
             raise UserError(f"config.{key}={config[group][leaf]} must be positive")
+    if config.eval.final_batches < 0:
+        raise UserError(f"config.eval.final_batches={config.eval.final_batches} must be 0 "
+                        "(the same as eval.batches) or more")
     if not config.train.learning_rate > 0:
         raise UserError(f"config.train.learning_rate={config.train.learning_rate} must be > 0")
     if not 0 <= config.train.warmup_steps < config.train.steps:
@@ -240,6 +247,12 @@ def validate(config):
     if not config.store:
         raise UserError("config.store is empty; give the path of the SQLite results store")
     validate_launch(config.launch)
+
+
+def eval_batch_counts(config) -> tuple[int, int]:
+    """(batches of every eval, batches of the last eval); the first are a prefix of the second."""
+    final = max(config.eval.batches, config.eval.final_batches)
+    return config.eval.batches, final
 
 
 def model_config(config) -> ModelConfig:

@@ -30,7 +30,8 @@ def check_run(config) -> data.Corpus:
             "model.n_ctx or more training text"
         )
     # Building the eval set raises the one-line error that names what is too short.
-    data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size, shape.n_ctx)
+    data.eval_batches(corpus.val, config_lib.eval_batch_counts(config)[1],
+                      config.train.batch_size, shape.n_ctx)
     # Checkpoints go to the bucket when there is one (launch/train.py); a gs://
     # bucket has no fixed size to check.
     root = Path(config.launch.bucket) / "runs" if config.launch.bucket else Path(config.workdir)

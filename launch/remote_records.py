@@ -53,10 +53,14 @@ class RunRecords:
         """The run's description (a RunRecord as a dict); the same every time."""
         _write(self.directory / RUN, record)
 
-    def eval(self, step: int, scalars: dict, per_token):
-        _write(self.directory / EVAL / f"{int(step):09d}.json",
-               {"step": int(step), "scalars": scalars,
-                "per_token": [float(x) for x in per_token]})
+    def eval(self, step: int, scalars: dict, per_token, per_token_stderr=None,
+             n_sequences: int | None = None):
+        payload = {"step": int(step), "scalars": scalars,
+                   "per_token": [float(x) for x in per_token]}
+        if per_token_stderr is not None:
+            payload["per_token_stderr"] = [float(x) for x in per_token_stderr]
+            payload["n_sequences"] = int(n_sequences)
+        _write(self.directory / EVAL / f"{int(step):09d}.json", payload)
 
     def status(self, status: str, step: int | None = None, reason: str | None = None):
         now = time.time_ns()

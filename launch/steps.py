@@ -12,6 +12,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -163,8 +164,23 @@ def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True):
 
 
 def eval_step(params, tokens_BxL1, apply_fn):
-    """Per-token losses summed over the batch: [L] float32 (divide by the sequence count)."""
-    return per_token_loss(params, apply_fn, tokens_BxL1).sum(axis=0)
+    """Per-token losses and their squares, summed over the batch: [2, L] float32.
+
+    Divided by the sequence count they are each position's mean loss and mean
+    square, from which its standard error follows (`per_token_mean_and_stderr`).
+    """
+    losses_BxL = per_token_loss(params, apply_fn, tokens_BxL1)
+    return jnp.stack([losses_BxL.sum(axis=0), jnp.square(losses_BxL).sum(axis=0)])
+
+
+def per_token_mean_and_stderr(sums_2xL, n_sequences: int):
+    """Each position's mean loss over `n_sequences` and the standard error of that mean."""
+    sums_2xL = np.asarray(sums_2xL, np.float64)
+    mean_L = sums_2xL[0] / n_sequences
+    variance_L = np.maximum(sums_2xL[1] / n_sequences - mean_L**2, 0.0)
+    if n_sequences < 2:
+        return mean_L, np.full_like(mean_L, np.nan)
+    return mean_L, np.sqrt(variance_L / (n_sequences - 1))
 
 
 def compile_train_step(state_shardings, mesh, rules, noise_scale: bool = True):

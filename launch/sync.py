@@ -38,7 +38,8 @@ def sync(store: Store, bucket: str, sweep: str) -> dict[str, int]:
         record = RunRecord(**{k: v for k, v in remote["run"].items() if k in _RUN_FIELDS})
         store.register_run(record, sweep=sweep)
         for row in remote["evals"]:
-            store.log_eval(record.run_id, row["step"], row["scalars"], row["per_token"])
+            store.log_eval(record.run_id, row["step"], row["scalars"], row["per_token"],
+                           row.get("per_token_stderr"), row.get("n_sequences"))
             evals += 1
         status = remote["status"]
         if status is not None:

@@ -156,8 +156,8 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
         raise UserError(f"train.noise_scale splits each device's rows in two, but "
                         f"train.batch_size={config.train.batch_size} puts {rows_per_device} on "
                         "each; use an even number per device or --config.train.noise_scale=false")
-    eval_set = data.eval_batches(corpus.val, config.eval.batches, config.train.batch_size,
-                                 shape.n_ctx)
+    eval_every_n, eval_last_n = config_lib.eval_batch_counts(config)
+    eval_set = data.eval_batches(corpus.val, eval_last_n, config.train.batch_size, shape.n_ctx)
 
     tx = steps.make_optimizer(config.train)
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
@@ -201,9 +201,11 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
     # rows of every global eval batch.
     eval_arrays = [put(b[first_row:first_row + rows]) for b in eval_set]
 
-    def evaluate(params):
-        summed_L = sum(eval_step(params, batch) for batch in eval_arrays)
-        return np.asarray(summed_L) / (len(eval_set) * eval_set.shape[1])
+    def evaluate(params, n_batches):
+        """(mean loss [L], its standard error [L], sequences) over the first n_batches."""
+        sums_2xL = sum(eval_step(params, batch) for batch in eval_arrays[:n_batches])
+        n_sequences = n_batches * eval_set.shape[1]
+        return (*steps.per_token_mean_and_stderr(sums_2xL, n_sequences), n_sequences)
 
     bar = tqdm(total=total, initial=start_step, desc=f"{run_id} N={shape.n_params_kaplan:,}",
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
@@ -248,7 +250,8 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                     raise DivergedError(f"train loss became {train_loss} by step {done}; "
                                         "lower train.learning_rate")
                 elapsed = time.perf_counter() - window_start  # includes compile on the first
-                per_token_L = evaluate(state.params)
+                per_token_L, stderr_L, n_sequences = evaluate(
+                    state.params, eval_last_n if done == total else eval_every_n)
                 tokens_per_s = window_steps * tokens_per_step / elapsed
                 row = {
                     "eval_loss": float(per_token_L.mean()),
@@ -267,9 +270,9 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                     raise DivergedError(f"eval loss became {row['eval_loss']} at step {done}; "
                                         "lower train.learning_rate")
                 if is_writer:
-                    store.log_eval(run_id, done, row, per_token_L)
+                    store.log_eval(run_id, done, row, per_token_L, stderr_L, n_sequences)
                     if records:
-                        records.eval(done, row, per_token_L)
+                        records.eval(done, row, per_token_L, stderr_L, n_sequences)
                     for name, value in row.items():
                         tensorboard.add_scalar(name, value, done, walltime=row["wall_time"])
                     tensorboard.flush()

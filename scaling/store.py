@@ -27,7 +27,7 @@ import numpy as np
 from scaling import faults
 from scaling.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("pending", "running", "finished", "failed")
 
 _SCHEMA = """
@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS per_token (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     step INTEGER NOT NULL,
     losses BLOB NOT NULL,               -- float32 little-endian, n_ctx entries
+    stderr BLOB,                        -- standard error of each entry, likewise (schema 3)
+    n_sequences INTEGER,                -- held-out sequences each entry averages (schema 3)
     PRIMARY KEY (run_id, step)
 );
 CREATE TABLE IF NOT EXISTS fits (
@@ -100,6 +102,9 @@ _MIGRATIONS = {
         "ALTER TABLE runs ADD COLUMN flop_convention TEXT NOT NULL DEFAULT '6N+attention'",
         "UPDATE runs SET flops_json = json_object('6N+attention', flops)",
         "ALTER TABLE fits ADD COLUMN provenance_json TEXT NOT NULL DEFAULT '{}'"),
+    # Version 2 stores kept the per-token means only; their standard errors stay unknown.
+    2: ("ALTER TABLE per_token ADD COLUMN stderr BLOB",
+        "ALTER TABLE per_token ADD COLUMN n_sequences INTEGER"),
 }
 
 
@@ -297,8 +302,10 @@ class Store:
             )
 
     def log_eval(self, run_id: str, step: int, scalars: dict[str, float],
-                 per_token: np.ndarray | None = None):
-        """Scalars (and optionally the per-token loss vector) of one step, in one transaction."""
+                 per_token: np.ndarray | None = None, per_token_stderr: np.ndarray | None = None,
+                 n_sequences: int | None = None):
+        """Scalars (and optionally the per-token loss vector, with the standard error of
+        each entry over `n_sequences` held-out sequences) of one step, in one transaction."""
         with self._transaction():
             self._conn.executemany(
                 "INSERT OR REPLACE INTO metrics (run_id, step, name, value) VALUES (?, ?, ?, ?)",
@@ -306,9 +313,13 @@ class Store:
             )
             if per_token is not None:
                 blob = np.asarray(per_token, dtype="<f4").tobytes()
+                stderr = (None if per_token_stderr is None
+                          else np.asarray(per_token_stderr, dtype="<f4").tobytes())
                 self._conn.execute(
-                    "INSERT OR REPLACE INTO per_token (run_id, step, losses) VALUES (?, ?, ?)",
-                    (run_id, int(step), blob),
+                    "INSERT OR REPLACE INTO per_token (run_id, step, losses, stderr, n_sequences) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (run_id, int(step), blob, stderr,
+                     None if n_sequences is None else int(n_sequences)),
                 )
             self._conn.execute(
                 "UPDATE runs SET step = MAX(step, ?), updated = ? WHERE run_id = ?",
@@ -375,6 +386,19 @@ class Store:
         if not rows:
             return steps, np.zeros((0, 0), dtype=np.float32)
         return steps, np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows])
+
+    def per_token_stderr(self, run_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps [S], standard errors [S, n_ctx], sequences [S]) beside `per_token`'s means;
+        NaN (and 0 sequences) where a row was written without them (schema 2 and older)."""
+        rows = self._conn.execute(
+            "SELECT step, losses, stderr, n_sequences FROM per_token WHERE run_id = ? "
+            "ORDER BY step", (run_id,)).fetchall()
+        steps = np.array([r[0] for r in rows], dtype=np.int64)
+        if not rows:
+            return steps, np.zeros((0, 0), dtype=np.float32), np.zeros(0, np.int64)
+        errors = np.stack([np.frombuffer(r[2], dtype="<f4") if r[2] is not None
+                           else np.full(len(r[1]) // 4, np.nan, np.float32) for r in rows])
+        return steps, errors, np.array([r[3] or 0 for r in rows], dtype=np.int64)
 
     def last_eval(self, run_id: str) -> tuple[int, float] | None:
         row = self._conn.execute(

@@ -133,6 +133,7 @@ INSERT INTO runs VALUES ('old', '{}', 1000, 2000, 1, 8, 1, 4, 10000, 6.5e7, 'fin
     NULL, 0, 0);
 INSERT INTO sweep_runs VALUES ('sw', 'old');
 INSERT INTO metrics VALUES ('old', 10, 'eval_loss', 2.5);
+INSERT INTO per_token VALUES ('old', 10, X'0000803F00000040');
 INSERT INTO fits (sweep, law, what, curve, params_json, intervals_json, objective, converged,
     n_points, selection_json, settings_json, created)
     VALUES ('sw', 'power', 'final', 'all', '{"alpha": 0.1}', '{}', 0.001, 1, 5, '{}', '{}', 0);
@@ -152,9 +153,18 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         assert store.last_eval("old") == (10, 2.5)
         (old_fit,) = store.fits("sw")
         assert old_fit.params == {"alpha": 0.1} and old_fit.provenance == {}
+        # Per-token vectors from before schema 3 have no standard errors.
+        steps, losses = store.per_token("old")
+        assert steps.tolist() == [10] and losses.tolist() == [[1.0, 2.0]]
+        _, errors, sequences = store.per_token_stderr("old")
+        assert np.isnan(errors).all() and errors.shape == (1, 2) and sequences.tolist() == [0]
         store.register_run(_run("new"))  # and the upgraded store takes new records
+        store.log_eval("new", 5, {"eval_loss": 2.0}, np.array([3.0, 1.0]),
+                       np.array([0.5, 0.25]), n_sequences=64)
+        _, errors, sequences = store.per_token_stderr("new")
+        assert errors.tolist() == [[0.5, 0.25]] and sequences.tolist() == [64]
     version = sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchall()
-    assert version == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+    assert version == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
 
 
 def test_provenance_round_trips(tmp_path):

@@ -35,6 +35,21 @@ def test_training_lowers_eval_loss_on_real_text(tiny_config):
         assert tokens == 200 * tiny_config.train.batch_size * tiny_config.model.n_ctx
 
 
+def test_the_last_eval_reads_the_larger_final_set_with_standard_errors(tiny_config):
+    tiny_config.eval.batches, tiny_config.eval.final_batches = 1, 4
+    run_id = train.train_and_evaluate(tiny_config)
+    with Store(tiny_config.store) as store:
+        steps, errors, sequences = store.per_token_stderr(run_id)
+        _, means = store.per_token(run_id)
+    rows = tiny_config.train.batch_size
+    assert sequences.tolist() == [rows] * (len(steps) - 1) + [4 * rows]
+    assert np.isfinite(errors).all() and (errors > 0).all()
+    # Four times the sequences: about half the standard error, position by position.
+    ratio = np.median(errors[-1] / errors[-2])
+    assert 0.3 < ratio < 0.8, ratio
+    assert means.shape == errors.shape
+
+
 def test_interrupted_run_resumes_at_its_checkpoint_and_matches(tiny_config, monkeypatch,
                                                                tmp_path):
     real_batch = data.train_batch
