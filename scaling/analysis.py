@@ -18,7 +18,8 @@ import numpy as np
 
 from scaling.errors import UserError
 from scaling.fit import OPTIMIZER_DEFAULTS, fit
-from scaling.laws import get_law
+from scaling.fit_warnings import record_warnings
+from scaling.laws import LAWS, get_law
 from scaling.provenance import fit_provenance, run_convention
 from scaling.store import FitRecord, Store
 
@@ -199,12 +200,19 @@ def provenance_line(record: FitRecord) -> str:
             f"{starts}{fixed}, FLOPs {p.get('flop_convention') or 'unknown'}, {p.get('version')}")
 
 
+def warnings_of(record: FitRecord) -> list[str]:
+    """`scaling.fit_warnings.record_warnings` of a fit of a registered law (else none)."""
+    law = LAWS.get(record.law)
+    return record_warnings(record, law) if law is not None else []
+
+
 def fit_as_dict(record: FitRecord) -> dict:
     return {"sweep": record.sweep, "law": record.law, "what": record.what,
             "curve": record.curve, "params": record.params, "intervals": record.intervals,
             "objective": record.objective, "converged": record.converged,
             "n_points": record.n_points, "selection": record.selection,
-            "settings": record.settings, "provenance": record.provenance}
+            "settings": record.settings, "provenance": record.provenance,
+            "warnings": warnings_of(record)}
 
 
 def fits_table(records: list[FitRecord], provenance: bool = False) -> str:
@@ -218,6 +226,7 @@ def fits_table(records: list[FitRecord], provenance: bool = False) -> str:
             size = r.selection.get("n_params")
             label = f"{r.curve} N={size:,}" if size else r.curve
             lines.append(f"  {label:<24} " + "  ".join(cells) + f"  n={r.n_points}{flag}")
+            lines.extend(f"    warning: {w}" for w in warnings_of(r))
             if provenance:
                 lines.append(provenance_line(r))
         left_out = group[0].selection.get("left_out") or {}

@@ -45,6 +45,7 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f4f4f4; }
 td.l, th.l { text-align: left; }
+.warn { color: #a40; }
 .finished { color: #1a7f37; } .failed { color: #c62828; }
 .running, .pending { color: #8a6d00; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
@@ -150,23 +151,24 @@ def _runs_table(store, runs) -> str:
 
 
 def _fits_table(fits) -> str:
-    from scaling.analysis import param_cells
+    from scaling.analysis import param_cells, warnings_of
 
     if not fits:
         return "<p>No fits stored; run <code>scaling fit --sweep NAME --law LAW</code>.</p>"
     levels = {f.settings.get("confidence", 0.95) for f in fits}
     level = f"{levels.pop():.0%} " if len(levels) == 1 else ""
     head = ["law", "fitted to", "curve", f"parameters [{level}bootstrap interval]", "points",
-            "converged", "objective", "fit id"]
+            "converged", "objective", "fit id", "warnings"]
     rows = []
     for f in fits:
         cells = [_e(cell) for cell in param_cells(f, equals=" = ")]
+        warnings = "<br>".join(f'<span class="warn">{_e(w)}</span>' for w in warnings_of(f))
         rows.append(
             f'<tr><td class="l">{_e(f.law)}</td><td class="l">{_e(f.what)}</td>'
             f'<td class="l">{_e(f.curve)}</td><td class="l">{"<br>".join(cells)}</td>'
             f"<td>{f.n_points}</td><td>{'yes' if f.converged else 'no'}</td>"
-            f"<td>{f.objective:.3g}</td><td>{f.fit_id}</td></tr>")
-    return _table(head, rows, left={0, 1, 2, 3})
+            f'<td>{f.objective:.3g}</td><td>{f.fit_id}</td><td class="l">{warnings}</td></tr>')
+    return _table(head, rows, left={0, 1, 2, 3, 8})
 
 
 def _configs(runs) -> str:
