@@ -14,7 +14,7 @@ import pytest
 
 from launch import config as config_lib
 from launch import remote_records
-from launch.backends import commands, get_backend, runner
+from launch.backends import get_backend, launch_steps, runner
 from launch.cli import main
 
 STUDY = "experiments/local_cpu.py:tiny"  # three members
@@ -207,13 +207,13 @@ def test_direct_slice_and_best_effort_commands(tmp_path):
     bucket = tmp_path / "bucket"
     tpu = get_backend("tpu")
     direct = runner.make_plan(STUDY, _overrides(bucket, queued="false"))
-    steps = commands(tpu, direct)
+    steps = launch_steps(tpu, direct)
     assert steps[1].args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", NAME]
     assert "--version" in steps[1].args and "--spot" in steps[1].args
     assert steps[-1].args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", NAME]
     best = runner.make_plan(STUDY, _overrides(bucket, spot="false", best_effort="true",
                                               keep_slice="true"))
-    steps = commands(tpu, best)
+    steps = launch_steps(tpu, best)
     assert steps[1].args[:3] == ["gcloud", "alpha", "compute"] and "--best-effort" in steps[1].args
     assert not any("delete" in s.args for s in steps)  # keep_slice
 
@@ -281,7 +281,7 @@ def test_real_gcloud_accepts_every_generated_command(tmp_path):
                 _overrides(bucket, queued="false")]
     unique = {}
     for over in variants:
-        for step in commands(tpu, runner.make_plan(STUDY, over)):
+        for step in launch_steps(tpu, runner.make_plan(STUDY, over)):
             if step.args[0] == "gcloud":
                 unique[tuple(a for a in step.args if not a.startswith("--command"))] = step.args
     env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),

@@ -75,7 +75,7 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(f"launch.backends.{name}")
 
 
-def commands(backend: Backend, plan: SweepPlan) -> list[Step]:
+def launch_steps(backend: Backend, plan: SweepPlan) -> list[Step]:
     """Every command of a launch without failures, in order (what --dry-run prints)."""
     steps: list[Step] = list(backend.prepare(plan))
     for i, group in enumerate(backend.groups(plan)):

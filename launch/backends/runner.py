@@ -19,7 +19,7 @@ from pathlib import Path
 
 from launch import config as config_lib
 from launch import remote_records
-from launch.backends import Backend, Member, Step, SweepPlan, commands
+from launch.backends import Backend, Member, Step, SweepPlan, launch_steps
 from scaling.errors import UserError
 
 # Wait states that will never become ready by themselves.
@@ -94,7 +94,7 @@ def dry_run(backend: Backend, plan: SweepPlan, out=print):
         out(f"# {note}")
     for run_id, why in plan.skipped.items():
         out(f"# {run_id}: {why}, skipped")
-    for step in commands(backend, plan):
+    for step in launch_steps(backend, plan):
         out(shlex.join(step.args))
 
 
