@@ -32,6 +32,7 @@ import sys
 from launch.backends.local import pin_from_environment
 from launch.host_memory import keep_freed_memory
 from scaling.errors import UserError
+from scaling.store import check_sweep_name
 
 DEFAULT_STORE = "results/scaling.sqlite"
 
@@ -515,6 +516,7 @@ def _print_fits(records, as_json: bool, provenance: bool = False):
 
 
 def _plot(args, overrides):
+    check_sweep_name(args.sweep)  # it becomes a file name
     from scaling import plots
 
     if args.kind == "isoflop-total":
@@ -540,6 +542,7 @@ def _plot(args, overrides):
 
 
 def _report(args, overrides):
+    check_sweep_name(args.sweep)  # it becomes a file name
     from scaling import html_report
 
     with _open_store(_store_path(args, overrides)) as store:

@@ -23,6 +23,7 @@ from launch.data import default_data_config
 from models.sizes import ModelShape
 from models.transformer import ModelConfig
 from scaling.errors import UserError
+from scaling.store import check_sweep_name
 
 # Keys that say where results go, how they are shown, where and how fast the
 # work runs, or what is measured on the side, not what is trained: they are
@@ -223,6 +224,8 @@ def _coerce(value, kind):
 
 def validate(config):
     """Raise UserError for the first thing that is wrong, naming the key."""
+    if config.sweep_name:  # "" = the study file's name, filled in when a study loads
+        check_sweep_name(config.sweep_name)
     model_config(config)
     positive = ("train.steps", "train.batch_size", "train.nan_check_every",
                 "train.noise_scale_every", "eval.batches",

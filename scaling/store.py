@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -149,6 +150,20 @@ class FitRecord:
     created: float | None = None
 
 
+# A sweep's name becomes a file name (its figures' folder, its report), so it
+# is one plain path component: no separators, no dot-names, nothing to quote.
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_sweep_name(name) -> str:
+    """`name` if it is a valid sweep name, else UserError saying what one is."""
+    if not isinstance(name, str) or not SWEEP_NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise UserError(f"sweep name {shown} is not allowed; use 1-64 letters, digits, '.', '_' "
+                        "or '-', starting with a letter or digit (it names files)")
+    return name
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """UserError unless a store could be created or written at `path`; creates nothing.
 
@@ -254,6 +269,7 @@ class Store:
         members from the sweep (their rows stay in the store), so fits of
         the sweep never mix two versions of the study.
         """
+        check_sweep_name(name)
         with self._transaction():
             self._conn.execute(
                 "INSERT OR REPLACE INTO sweeps (name, config_json, created) VALUES (?, ?, ?)",

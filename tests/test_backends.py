@@ -56,11 +56,11 @@ def fake(tmp_path, monkeypatch):
 def _flags(bucket, *extra):
     return ["--backend", "tpu", "--tpu-name", NAME, "--zone", ZONE, "--accelerator", ACCEL,
             "--bucket", str(bucket), "--project", PROJECT, "--spot",
-            "--config.sweep_name", HOSTILE, *extra]
+            "--config.data.paths", HOSTILE, *extra]
 
 
 def _overrides(bucket, **launch):
-    base = {"sweep_name": HOSTILE, "launch.backend": "tpu", "launch.tpu_name": NAME,
+    base = {"data.paths": HOSTILE, "launch.backend": "tpu", "launch.tpu_name": NAME,
             "launch.zone": ZONE, "launch.accelerator": ACCEL, "launch.bucket": str(bucket),
             "launch.project": PROJECT, "launch.spot": "true", "launch.retry_backoff_s": "5"}
     return base | {f"launch.{k}": str(v) for k, v in launch.items()}
@@ -134,7 +134,7 @@ def test_hostile_values_reach_the_trainer_as_one_argument(tmp_path, fake, monkey
     (tmp_path / "home" / "scaling-suite").mkdir(parents=True)
     subprocess.run(["bash", "-c", _command(step.args)], cwd=tmp_path / "home", check=True)
     [argv] = fake("python3")
-    assert f"--config.sweep_name={HOSTILE}" in argv
+    assert f"--config.data.paths={HOSTILE}" in argv
     assert f"--config.launch.bucket={bucket}" in argv
     assert argv[:4] == ["-m", "launch.cli", "run", STUDY]
     assert not list(tmp_path.rglob("pwned"))  # $(...) was not run
@@ -234,7 +234,7 @@ def test_xpk_creates_one_workload_per_run_and_waits_for_it(tmp_path, fake):
         assert create[create.index("--max-restarts") + 1] == "4" and "--spot" in create
         assert wait[-2:] == ["--wait-for-job-completion", name]
         tokens = shlex.split(create[create.index("--command") + 1])
-        assert f"--config.sweep_name={HOSTILE}" in tokens
+        assert f"--config.data.paths={HOSTILE}" in tokens
     assert fake("gcloud") == []
 
 
@@ -268,7 +268,7 @@ def test_a_missing_zone_is_named(tmp_path, capsys):
 
 
 def test_launch_keys_do_not_change_run_ids(tmp_path):
-    assert _run_ids(_overrides(tmp_path)) == _run_ids({"sweep_name": HOSTILE})
+    assert _run_ids(_overrides(tmp_path)) == _run_ids({"data.paths": HOSTILE})
 
 
 @pytest.mark.slow  # about 10 s of gcloud start-ups, 35 s on a busy machine

@@ -91,3 +91,25 @@ def test_colliding_sweep_members_are_refused(tmp_path):
 def test_missing_study_file():
     with pytest.raises(UserError, match="does not exist"):
         config_lib.study_config("experiments/nope.py")
+
+
+@pytest.mark.parametrize("name", ["/abs/evil", "../../evil", "a/b", "new\nline", "x" * 5000,
+                                  ".hidden", "sp ace"])
+def test_sweep_names_that_would_escape_their_folder_are_refused(name, tmp_path, capsys):
+    with pytest.raises(UserError, match="sweep name .* is not allowed"):
+        config_lib.study_config("experiments/local_cpu.py:tiny", {"sweep_name": name})
+    # Figures and reports are named after the sweep: refused before any path is built.
+    from launch.cli import main
+
+    store = str(tmp_path / "s.sqlite")
+    for command in (["plot", name, "--kind", "all"], ["report", name]):
+        assert main([*command, "--store", store]) == 2
+        err = capsys.readouterr().err
+        assert "is not allowed" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_plain_sweep_names_pass():
+    for name in ("local_cpu", "kaplan2020", "a.b-c_1", "x" * 64):
+        config = config_lib.study_config("experiments/local_cpu.py:tiny", {"sweep_name": name})
+        assert config.sweep_name == name
