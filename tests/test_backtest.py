@@ -22,6 +22,7 @@ def synthetic(n_seeds, sigma=0.01, seed=0):
     return np.broadcast_to(SIZES[None, :, None], (n_seeds, len(SIZES), 1)), y, clean
 
 
+@pytest.mark.slow  # hundreds of synthetic sweeps
 def test_intervals_cover_at_about_their_nominal_rate():
     # 30 synthetic sweeps with known truth, batched as 30 curves of one fit;
     # each predicts its two largest sizes from the other eight.

@@ -59,6 +59,7 @@ def _synthetic_sweep(path, sweep="kaplan"):
         store.add_sweep(sweep, {}, ["run0", "run1", "run2"])
 
 
+@pytest.mark.slow  # a bootstrap fit over a sweep of stores
 def test_sweep_fit_recovers_b_crit_and_l_of_n_s_min_and_query_shows_them(tmp_path, capsys):
     path = str(tmp_path / "store.sqlite")
     _synthetic_sweep(path)

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_tensorboard import read_scalars
 
 from launch import config as config_lib
@@ -62,6 +63,7 @@ def test_two_halves_take_alternate_rows():
     np.testing.assert_allclose(float(g2_big), 5.0**2)
 
 
+@pytest.mark.slow  # two full training runs
 def test_trainer_logs_noise_scale_without_changing_the_run(tiny_config, tmp_path):
     on = train.train_and_evaluate(tiny_config)
     off_config = config_lib.base_config()

@@ -27,7 +27,10 @@ def _requested_steps(monkeypatch):
     return requested
 
 
-@pytest.mark.parametrize("damage", ["truncate_array", "remove_commit_marker"])
+@pytest.mark.parametrize("damage", [
+    pytest.param("truncate_array", marks=pytest.mark.slow),  # the other damage runs by default
+    "remove_commit_marker",
+])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tiny_config, tmp_path,
                                                                 monkeypatch, capsys):
     tiny_config.train.steps, tiny_config.checkpoint.every = 30, 10

@@ -18,6 +18,7 @@ def _load_bench():
     return module
 
 
+@pytest.mark.slow  # compiles four step variants per row
 def test_train_bench_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     _load_bench().main(["--d-models", "32,64", "--aspect", "32", "--head-dim", "16",

@@ -57,6 +57,7 @@ def test_varpro_and_full_fit_agree_on_chinchilla_data():
     assert (projected.varpro["objective"] < full.objective * 1.5).all()
 
 
+@pytest.mark.slow  # bootstrap refits of both fitters
 def test_varpro_with_a_pinned_coefficient_and_bootstrap():
     law = get_law("saturating")
     x = np.logspace(0, 4, 40)
