@@ -28,6 +28,10 @@ from scaling.laws import get_law
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
               ast.Div: operator.truediv, ast.Pow: operator.pow, ast.USub: operator.neg}
 _BRACKETED = re.compile(r"\[([^\]]+)\]")
+# The fitter's search runs in float32: past this, powers of the values
+# overflow and a fit can report convergence on a wrong answer.
+MAX_MAGNITUDE = 1e30
+MAX_EXPRESSION = 1000
 
 
 def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: int = 0,
@@ -70,12 +74,26 @@ def csv_arrays(path, law_name: str, x_cols: list[str], y_col: str, exclude_top: 
 def _read(path: Path) -> tuple[list[dict], list[str]]:
     if not path.is_file():
         raise UserError(f"no CSV file at {path}; check the path")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    try:
+        # utf-8-sig: a byte-order mark (as spreadsheets write) is not part of the first name.
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") \
+            from None
+    except csv.Error as e:
+        raise UserError(f"{path} is not a readable CSV file ({e})") from None
     if not rows:
         raise UserError(f"{path} has no data rows; it needs a header line and one row per point")
+    for i, row in enumerate(rows):
+        # DictReader files extra fields under None and fills missing ones with None.
+        if None in row or None in row.values():
+            n = len(row.get(None) or []) + sum(v is not None for k, v in row.items() if k)
+            raise UserError(f"{path}, data row {i + 1} has {n} fields but the header has "
+                            f"{len(columns)}; decimal commas (1,5) split a number in two: "
+                            "write decimals with '.'")
     return rows, columns
 
 
@@ -88,26 +106,39 @@ def _column(rows, columns, spec: str, path) -> np.ndarray:
                         "(write expressions as e.g. '[Training FLOP] / (6 * [Model Size])')")
     if spec in columns:
         return np.array([_number(row, spec, i, path) for i, row in enumerate(rows)])
+    if len(spec) > MAX_EXPRESSION:
+        raise UserError(f"x column expression is {len(spec):,} characters long; keep it under "
+                        f"{MAX_EXPRESSION:,} (compute long inputs into a column of the file)")
     variables = {f"_{j}": n for j, n in enumerate(dict.fromkeys(names))}
     source = spec
     for var, name in variables.items():
         source = source.replace(f"[{name}]", var)
     try:
         tree = ast.parse(source, mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, RecursionError):
         raise UserError(f"cannot read x column {spec!r}: give a column name or arithmetic "
                         "over [bracketed] column names") from None
-    return np.array([_evaluate(tree, {var: _number(row, name, i, path)
-                                      for var, name in variables.items()}, spec)
-                     for i, row in enumerate(rows)])
+    values = np.array([_evaluate(tree, {var: _number(row, name, i, path)
+                                        for var, name in variables.items()}, spec)
+                       for i, row in enumerate(rows)])
+    bad = np.flatnonzero(~(np.abs(values) <= MAX_MAGNITUDE))
+    if len(bad):
+        raise UserError(f"{path}, data row {bad[0] + 1}: x column {spec!r} evaluates to "
+                        f"{values[bad[0]]:g}, outside +-{MAX_MAGNITUDE:g}; rescale its inputs")
+    return values
 
 
 def _number(row, name, index, path) -> float:
     try:
-        return float(row[name])
+        value = float(row[name])
     except (TypeError, ValueError):
         raise UserError(f"{path}, data row {index + 1}: column {name!r} holds {row[name]!r}, "
                         "not a number; fix or remove the row") from None
+    if not abs(value) <= MAX_MAGNITUDE:  # also NaN and inf
+        raise UserError(f"{path}, data row {index + 1}: column {name!r} holds {row[name]!r}, "
+                        f"outside +-{MAX_MAGNITUDE:g}, which the fitter cannot represent; "
+                        "rescale the column (e.g. FLOPs in units of 1e18)")
+    return value
 
 
 def _evaluate(node, values: dict, spec: str) -> float:

@@ -76,13 +76,19 @@ def _numbers(name, values) -> np.ndarray:
                         "convert it first") from None
 
 
+# Every resample is a fit held in memory at once: beyond this the fitter asks
+# for more memory than a workstation has, and the intervals gain nothing.
+MAX_BOOTSTRAP = 100_000
+
+
 def check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts):
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if not (math.isfinite(delta) and delta > 0):
         raise UserError(f"delta = {delta} must be a positive number (Chinchilla uses 1e-3)")
-    if int(bootstrap) != bootstrap or bootstrap < 0:
-        raise UserError(f"bootstrap = {bootstrap} must be a whole number >= 0")
+    if int(bootstrap) != bootstrap or not 0 <= bootstrap <= MAX_BOOTSTRAP:
+        raise UserError(f"bootstrap = {bootstrap} must be a whole number from 0 to "
+                        f"{MAX_BOOTSTRAP:,} (1000 gives 95% intervals to about 1%)")
     if int(max_iter) != max_iter or max_iter < 1:
         raise UserError(f"max_iter = {max_iter} must be a whole number >= 1")
     if not (math.isfinite(tol) and tol >= 0):

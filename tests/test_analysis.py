@@ -104,3 +104,34 @@ def test_fit_of_finished_runs_without_evals_is_one_line(tmp_path, capsys):
     assert main(["fit", "--store", store, "--sweep", "e", "--law", "saturating"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: none of the 1 finished runs has an eval") and "\n" not in err
+
+
+@pytest.mark.parametrize(("content", "extra", "message"), [
+    ("N,loss\n1000,52,05\n2000,40,1\n", [], "decimal commas"),
+    ("N,loss\n1e40,2.0\n1e41,1.9\n1e42,1.8\n", [], "outside"),
+    ("N,loss\n1000,nan\n2000,1.9\n3000,1.8\n", [], "outside"),
+    ("N,loss\n1000,3.0\n2000,2.5\n4000,2.2\n", ["--bootstrap", "100000000"], "bootstrap"),
+    ("N,loss\n1000,3.0\n2000,2.5\n4000,2.2\n", ["--x", "[N]" + " + [N]" * 5000], "characters"),
+])
+def test_fit_csv_refuses_bad_files_with_one_line(content, extra, message, tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    args = ["fit", "--law", "power", "--csv", str(path), "--y", "loss", *extra]
+    if "--x" not in extra:
+        args += ["--x", "N"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_fit_csv_reads_a_byte_order_mark_and_refuses_latin_1(tmp_path, capsys):
+    path = tmp_path / "bom.csv"
+    x = np.geomspace(1e3, 1e6, 8)
+    path.write_bytes(b"\xef\xbb\xbf" + ("N,loss\n" + "".join(
+        f"{v},{(1e4 / v) ** 0.1}\n" for v in x)).encode())
+    assert main(["fit", "--law", "power", "--csv", str(path), "--x", "N", "--y", "loss",
+                 "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["params"]["alpha"] - 0.1) < 1e-3
+    path.write_bytes("N,loss,note\n1000,3.0,caf\xe9\n".encode("latin-1"))
+    assert main(["fit", "--law", "power", "--csv", str(path), "--x", "N", "--y", "loss"]) == 2
+    assert "is not UTF-8" in capsys.readouterr().err
