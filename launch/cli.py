@@ -119,6 +119,10 @@ def _parser():
     fit.add_argument("--exclude-top", type=int, default=0,
                      help="CSV: leave out the K rows with the highest loss (Epoch drops 5)")
     fit.add_argument("--bootstrap", type=int, default=200, help="resamples for intervals (0: none)")
+    fit.add_argument("--resample", default="auto", choices=["auto", "cases", "residuals"],
+                     help="what a bootstrap resample draws: the points, or the fit's residuals "
+                          "on the same x (auto: residuals for per-token curves, whose "
+                          "positions T = 1..n_ctx are a fixed design; points otherwise)")
     fit.add_argument("--objective", default="huber", choices=["huber", "lsq"])
     fit.add_argument("--fix", action="append", metavar="NAME=VALUE",
                      help="pin a parameter (repeatable, or comma-separated), e.g. E=1.69")
@@ -452,7 +456,8 @@ def _fit(args, overrides):
         records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
                                      bootstrap=args.bootstrap, objective=args.objective,
                                      fixed=fixed or None, convention=args.convention,
-                                     varpro=args.varpro, keep_starts=args.keep_starts)
+                                     varpro=args.varpro, keep_starts=args.keep_starts,
+                                     resample=None if args.resample == "auto" else args.resample)
     _print_fits(records, args.json)
 
 

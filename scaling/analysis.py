@@ -27,12 +27,18 @@ from scaling.store import FitRecord, Store
 def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
               bootstrap: int = 200, objective: str = "huber", seed: int = 0,
               fixed: dict | None = None, convention: str | None = None,
-              varpro: bool = False, keep_starts: int | None = None) -> list[FitRecord]:
+              varpro: bool = False, keep_starts: int | None = None,
+              resample: str | None = None) -> list[FitRecord]:
     """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve.
 
     fixed: name -> value pinned (not fitted); convention: the FLOP convention
-    the runs' compute is read under (default: the one they were recorded in).
+    the runs' compute is read under (default: the one they were recorded in);
+    resample: what a bootstrap resample draws (`scaling.fit.fit`); None picks
+    residuals for per-token curves, whose positions are a fixed design, and
+    the points (cases) otherwise.
     """
+    if resample is None:
+        resample = "residuals" if what == "per-token" else "cases"
     law = get_law(law_name)
     runs = sweep_runs(store, sweep)
     finished = [r for r in runs if r.status == "finished"]
@@ -46,13 +52,14 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     size = {r.run_id: r.n_params for r in finished}
     x, y, mask = _pad(xs, ys)
     result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed,
-                 fixed=fixed, varpro=varpro, keep_starts=keep_starts)
+                 fixed=fixed, varpro=varpro, keep_starts=keep_starts, resample=resample)
     settings = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
-                "n_params": "kaplan_nonembedding"}
+                "resample": resample, "n_params": "kaplan_nonembedding"}
     if fixed:
         settings["fixed"] = {k: float(v) for k, v in fixed.items()}
     optimizer = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
-                 **OPTIMIZER_DEFAULTS, "keep_starts": keep_starts, "varpro": bool(result.varpro)}
+                 "resample": resample, **OPTIMIZER_DEFAULTS, "keep_starts": keep_starts,
+                 "varpro": bool(result.varpro)}
     records = []
     for i, label in enumerate(labels):
         record = FitRecord(

@@ -16,7 +16,13 @@ jitted program whose answers are float64 (the search runs in float32):
 - Bootstrap: each resample draws a curve's valid points with replacement
   (multinomial counts used as weights, so padding never enters), is refitted
   in the same program from the full-data best and its curvature estimate,
-  and percentiles of the refits give the intervals.
+  and percentiles of the refits give the intervals.  With
+  `resample="residuals"` each resample is instead the fitted curve plus the
+  fit's own log residuals drawn with replacement, every x kept: the
+  bootstrap for a fixed design such as the positions T = 1..n_ctx of a
+  per-token curve, where drawing the points themselves leaves out T = 1 in
+  37% of resamples and so asks what the fit would be without the points
+  that determine it.
 
 Inputs: `x` holds the law's inputs in natural units, [n_curves, n_points,
 n_inputs]; for one-input laws also [n_points] or [n_curves, n_points], and
@@ -55,6 +61,9 @@ NEAR_TIE = 0.25
 SCREEN_EVALS = 8
 # The optimizer settings `fit` uses unless told otherwise (recorded in provenance).
 OPTIMIZER_DEFAULTS = {"max_iter": 500, "tol": 1e-9, "keep_starts": None}
+# What a bootstrap resample draws: the points (x and y together), or the
+# residuals of the full-data fit on the same x.
+RESAMPLES = ("cases", "residuals")
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         bootstrap: int = 0, seed: int = 0, max_iter: int = 500, tol: float = 1e-9,
         init_grid: Mapping | None = None, fixed: Mapping | None = None,
         confidence: float = 0.95, keep_starts: int | None = None, varpro: bool = False,
-        starts=None) -> FitResult:
+        starts=None, resample: str = "cases") -> FitResult:
     """Fit `law` to each curve of (x, y) where `mask` is true; see the module docstring.
 
     objective: "huber" (with `delta`, on log residuals) or "lsq".
@@ -138,10 +147,21 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         (`scaling.varpro`; saturating and chinchilla).
     starts: fitted-space starting points per curve [n_curves, n_starts, n_free]
         (free parameters in law order), replacing the grid.
+    resample: "cases" draws each curve's points with replacement; "residuals"
+        keeps every x and draws the full-data fit's log residuals (a fixed
+        design, such as the positions of a per-token curve).
     """
     law = get_law(law)
     x, y, mask = as_curves(law, x, y, mask)
     check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts)
+    if resample not in RESAMPLES:
+        raise UserError(f"resample {resample!r} is not one of {', '.join(RESAMPLES)}")
+    if resample == "residuals" and bootstrap:
+        options = dict(objective=objective, delta=delta, max_iter=max_iter, tol=tol,
+                       init_grid=init_grid, fixed=fixed, confidence=confidence,
+                       keep_starts=keep_starts, varpro=varpro, starts=starts)
+        point = fit(law, x, y, mask, **options)
+        return _residual_bootstrap(point, x, y, mask, bootstrap, seed, options)
     fixed_values = check_fixed(law, fixed, len(y))
     free = tuple(k for k in law.param_names if k not in fixed_values)
     n_points = mask.sum(axis=1)
@@ -530,6 +550,53 @@ def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResul
                      n_points.astype(int), n_starts, out["n_starts_converged"].astype(int),
                      int(out["evaluations"]), spec.fixed, confidence, boot, boot_objective,
                      derived, derived_intervals)
+
+
+def _residual_bootstrap(point: FitResult, x, y, mask, n_resamples: int, seed: int,
+                        options: dict) -> FitResult:
+    """`point` with intervals from refits of (fitted curve x resampled residual ratios).
+
+    The resamples are ordinary curves to the fitter (n_resamples x n_curves of
+    them, one batch), each drawing its curve's valid log residuals with
+    replacement onto the same x; padding stays padding.
+    """
+    law, n_curves = point.law, len(y)
+    params = {k: np.asarray(v, float) for k, v in point.params.items()}
+    columns = {k: v[:, None] for k, v in params.items()}  # each curve's, against its points
+    log_fitted = np.log(np.asarray(law.predict(columns, x), float))
+    residual = np.where(mask, np.log(y) - log_fitted, 0.0)
+    rng = np.random.default_rng(seed)
+    order, n_valid = (np.asarray(a) for a in _valid_first(mask))
+    picks = np.floor(rng.random((n_resamples, n_curves, y.shape[1]))
+                     * n_valid[None, :, None]).astype(int)
+    drawn = np.take_along_axis(residual[None], np.take_along_axis(
+        np.broadcast_to(order, picks.shape), picks, axis=2), axis=2)
+    resampled = np.exp(log_fitted[None] + drawn)
+    resampled = np.where(mask[None], resampled, y[None])
+    tile = lambda a: np.broadcast_to(a, (n_resamples, *a.shape)).reshape(-1, *a.shape[1:])  # noqa: E731
+    fixed, starts = options.pop("fixed"), options.pop("starts")
+    if fixed:
+        fixed = {k: np.tile(np.broadcast_to(np.asarray(v, float), (n_curves,)), n_resamples)
+                 for k, v in fixed.items()}
+    if starts is not None and np.ndim(starts) == 3:  # one grid per curve
+        starts = tile(np.asarray(starts, float))
+    refits = fit(law, tile(x), resampled.reshape(-1, y.shape[1]), tile(mask), fixed=fixed,
+                 starts=starts, **options)
+    tail = 100 * (1 - point.confidence) / 2
+    free = [k for k in law.param_names if k not in point.fixed]
+    boot = {k: refits.params[k].reshape(n_resamples, n_curves) for k in free}
+    intervals = {k: np.nanpercentile(v, [tail, 100 - tail], axis=0).T for k, v in boot.items()}
+    derived_intervals = {}
+    if law.derived is not None:
+        derived_intervals = {
+            k: np.nanpercentile(np.asarray(v, float), [tail, 100 - tail], axis=0).T
+            for k, v in law.derived(boot | {k: np.broadcast_to(params[k], (n_resamples,
+                                                                          n_curves))
+                                            for k in point.fixed}).items()}
+    return dataclasses.replace(point, intervals=intervals, bootstrap_params=boot,
+                               bootstrap_objective=refits.objective.reshape(n_resamples,
+                                                                            n_curves),
+                               derived_intervals=derived_intervals)
 
 
 def _to_natural(spec, theta, fixed_values) -> dict[str, np.ndarray]:

@@ -267,3 +267,25 @@ def test_fit_csv_bad_input_is_a_user_error(small_csv, args, message):
     path = small_csv[0] if args[0] is None else small_csv[0].parent / args[0]
     with pytest.raises(UserError, match=message):
         fit_csv(path, *args[1:])
+
+
+def test_residual_bootstrap_keeps_the_design_and_covers_the_truth():
+    # Per-token curves: T = 1..128 is a fixed design whose first few points set alpha.
+    rng = np.random.default_rng(7)
+    T = np.arange(1, 129, dtype=float)
+    truth = {"E": 1.8, "A": 0.9, "alpha": 1.2}
+    clean = truth["E"] + truth["A"] * T**-truth["alpha"]
+    y = noisy(np.broadcast_to(clean, (24, len(T))), rng, sigma=0.005)
+    residuals = fit("saturating", T, y, bootstrap=100, resample="residuals")
+    cases = fit("saturating", T, y, bootstrap=100, resample="cases")
+    low, high = residuals.intervals["alpha"].T
+    assert np.all(low <= residuals.params["alpha"]) and np.all(residuals.params["alpha"] <= high)
+    assert np.mean((low <= truth["alpha"]) & (truth["alpha"] <= high)) >= 0.85
+    np.testing.assert_allclose(residuals.params["alpha"], cases.params["alpha"])
+    # Drawing the points leaves T = 1 out of about a third of the resamples:
+    # their refits do not know where the curve starts, and the intervals widen.
+    c_low, c_high = cases.intervals["alpha"].T
+    assert np.median(high / low) < np.median(c_high / c_low)
+    assert residuals.bootstrap_params["alpha"].shape == (100, 24)
+    with pytest.raises(UserError, match="resample 'rows' is not one of"):
+        fit("saturating", T, y[0], bootstrap=10, resample="rows")
