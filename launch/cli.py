@@ -397,17 +397,17 @@ def _prepare(args, overrides):
 
 
 def _status(args, overrides):
-    from scaling import report
+    from scaling import status
 
     if args.bucket:
         from launch import sync
 
         rows = sync.status_rows(args.bucket, args.sweep)
-        print(json.dumps(rows, indent=1) if args.json else report.status_table(rows))
+        print(json.dumps(rows, indent=1) if args.json else status.status_table(rows))
         return
     with _open_store(_store_path(args, overrides)) as store:
-        rows = report.status_rows(store, args.sweep)
-    print(json.dumps(rows, indent=1) if args.json else report.status_table(rows))
+        rows = status.status_rows(store, args.sweep)
+    print(json.dumps(rows, indent=1) if args.json else status.status_table(rows))
 
 
 def _fit(args, overrides):

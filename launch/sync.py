@@ -49,7 +49,7 @@ def sync(store: Store, bucket: str, sweep: str) -> dict[str, int]:
 
 
 def status_rows(bucket: str, sweep: str | None) -> list[dict]:
-    """The rows of `scaling status` (scaling/report.status_rows) read from the bucket."""
+    """The rows of `scaling status` (scaling/status.status_rows) read from the bucket."""
     rows = []
     for remote in remote_runs(bucket, sweep):
         run, status, evals = remote["run"], remote["status"] or {}, remote["evals"]
