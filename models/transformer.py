@@ -9,8 +9,8 @@ Every parameter carries logical axis names (`embed`, `heads`, `mlp`, ...);
 `nn.scan`, so compile time does not grow with depth, and the stacked
 parameters get the extra logical axis `layers`.
 
-Tensor names carry their shape: B batch, L length, D d_model, N heads,
-H head_dim, F d_ff, V vocab.
+Tensor names carry their shape: B batch, L length, D d_model, H heads,
+K head_dim, F d_ff, V vocab (N stays Kaplan's parameter count).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class ModelConfig:
 
         cuDNN's fused (flash) attention on a GPU where it applies: half
         precision, head_dim a multiple of 8 up to 128. It never writes the
-        [B, N, L, L] scores to memory, which XLA's attention does on a GPU.
+        [B, H, L, L] scores to memory, which XLA's attention does on a GPU.
         On a single CPU device, the chunked kernel of models/attention.py,
         which keeps a few sequences' scores in cache (with the batch split
         over several devices its chunk loop would cut across them). Elsewhere
@@ -187,20 +187,20 @@ class Block(nn.Module):
         w_qkv = _param(self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"),
                        (d, 3, n, h), pdt)
         b_qkv = _param(self, "qkv_bias", zeros, ("qkv", "heads", "head_dim"), (3, n, h), pdt)
-        qkv_BxLx3xNxH = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt))
-        qkv_BxLx3xNxH = qkv_BxLx3xNxH + b_qkv.astype(cdt)[None, None]
-        q, k, v = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
+        qkv_BxLx3xHxK = jnp.einsum("bld,dthk->blthk", y_BxLxD, w_qkv.astype(cdt))
+        qkv_BxLx3xHxK = qkv_BxLx3xHxK + b_qkv.astype(cdt)[None, None]
+        q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         kernel = self.config.attention_kernel
         if kernel == "chunked":
-            attn_BxLxNxH = chunked_attention(q, k, v)
+            attn_BxLxHxK = chunked_attention(q, k, v)
         else:
-            attn_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+            attn_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation=kernel)
         w_out = _param(self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"),
                        (n, h, d), pdt)
         b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)
-        attn_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxNxH, w_out.astype(cdt))
+        attn_BxLxD = jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w_out.astype(cdt))
         x_BxLxD = x_BxLxD + attn_BxLxD + b_out.astype(cdt)[None, None]
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
