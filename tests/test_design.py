@@ -94,3 +94,9 @@ def test_check_command_warns_on_the_tiny_study(capsys):
 def test_check_command_refuses_an_unknown_law(capsys, law):
     assert cli.main(["check", "experiments/local_cpu.py", "--law", law]) == 2
     assert "unknown law" in capsys.readouterr().err
+
+
+def test_the_main_study_passes_its_design_checks_for_the_law_it_fits(capsys):
+    # The README's main command fits L(N) = (N_c / N)^alpha to the local study.
+    assert cli.main(["check", "experiments/local_cpu.py", "--law", "power"]) == 0
+    assert capsys.readouterr().out.strip() == "design checks passed"
