@@ -1,11 +1,11 @@
 """Keep freed host memory for reuse, so XLA:CPU's per-step buffers cost no page faults.
 
-XLA:CPU allocates an execution's temporaries as one block (150 MB for a train
-step at d_model 128 and 4,096 tokens) and frees it when the step ends. glibc
-serves a block that large from a thread's arena with mmap and unmaps it on
-free, so every step faults its pages in afresh: a quarter of the process's
-CPU time went to the kernel. Told to use one arena, never mmap and never trim,
-glibc hands the same pages back step after step.
+XLA:CPU allocates an execution's temporaries as one block (a hundred MB or
+more for a small train step) and frees it when the step ends. glibc serves a
+block that large from a thread's arena with mmap and unmaps it on free, so
+every step faults its pages in afresh, and the kernel's time shows as `sys`
+(the README's Performance section has the figures). Told to use one arena,
+never mmap and never trim, glibc hands the same pages back step after step.
 
 It must run before JAX starts its thread pools (the first computation), so the
 command line calls it first thing; a notebook calls it before touching JAX.

@@ -264,8 +264,7 @@ class _Data(NamedTuple):
 def _chunk_size(n_points: int) -> int:
     # About 2^17 point-evaluations per batched step: enough to amortise the
     # loop's fixed cost per step, few enough that finished tasks idle briefly
-    # (measured on 1,024 curves of 1,024 points, every start: 2^16 took 1.25x
-    # as long, 2^18 the same).
+    # (bench/fit_bench.py compares the neighbours).
     return int(np.clip(2**17 // max(n_points, 1), 16, 1024))
 
 
@@ -305,8 +304,8 @@ GRID, FINISH, POLISH, BOOT = 0, 1, 2, 3
 SEARCH_DTYPE = jnp.float32
 # The search's gradient tolerance per valid point never goes below this.
 # The search only has to find the basins (the polish makes the answer
-# accurate); measured on both benchmark fits, 1e-7 (about float32's rounding
-# of a thousand-point sum) took 1.4-1.8x the evaluations for the same optima.
+# accurate); a tighter one, near float32's rounding of a thousand-point sum,
+# costs more evaluations for the same optima.
 SEARCH_TOL = 1e-6
 # Each curve's best search results (distinct local minima first) that the
 # float64 refinement polishes to `tol`: more than one, so that two minima
@@ -362,10 +361,10 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
     def run_phases(phases, dtype, gtol_per_point, task_fns, results=None):
         """Run `phases` in order with one solver traced at `dtype`; returns phase -> Solution."""
         n_tasks = max(groups[p] * members[p] for p in phases)
-        # Lanes no wider than the smallest phase: 32 kept starts of a screened
-        # grid on 546 lanes would pay for 546 every iteration, for hundreds of
-        # iterations (Chinchilla with keep_starts=32: 2x faster this way; a big
-        # phase loses little at the narrower width).
+        # Lanes no wider than the smallest phase: a few kept starts of a
+        # screened grid on lanes sized for the whole grid would pay for every
+        # lane every iteration, for hundreds of iterations; a big phase loses
+        # little at the narrower width.
         smallest = min(groups[p] * members[p] for p in phases)
         chunk = min(spec.chunk, max(16, -(-smallest // 8) * 8))
         task = jnp.arange(n_tasks)
@@ -465,8 +464,7 @@ def _compiled_program():
     if jax.default_backend() == "cpu":
         # XLA:CPU vectorises for 256-bit registers unless told otherwise; on a
         # CPU with AVX-512 the objective's exp/log loops then run at half
-        # width.  Measured on both benchmark fits, interleaved: 1.25-1.35x
-        # faster at 512.  A preference only: CPUs without AVX-512 ignore it.
+        # width.  A preference only: CPUs without AVX-512 ignore it.
         options["xla_cpu_prefer_vector_width"] = "512"
     return jax.jit(_fit_program, static_argnames=("spec",), compiler_options=options)
 
@@ -511,8 +509,8 @@ def _distinct_minima(x, f, converged, h, scaled, *, k, near_tie, converged_only=
     Bootstrap refits start from them too (NEAR_TIE): a resample moves the
     optimum only a little, so its refit starts from the full-data best and its
     curvature rather than from the whole grid (the grid is there to find the
-    basin, which is known by now), for Chinchilla about 20 evaluations per
-    resample instead of 4,500 starts' worth.  A resample reweights points by
+    basin, which is known by now), a few dozen evaluations per resample
+    instead of the whole grid's worth.  A resample reweights points by
     ~1/sqrt(n), which can reorder local minima whose objectives are close, so
     near-tied minima refit too.
     """

@@ -6,9 +6,9 @@ block of `scaling.fit`, traced inside its jit.
 
 Why not `optax.lbfgs` with its zoom line search under `jax.vmap`?  Both loops
 (iterations and line-search steps) become batched while-loops that run until
-the slowest member of the batch is done, every member paying for every step;
-for the 4,500-start Chinchilla grid that took 18 minutes on a 2-core CPU.  The
-design here costs about the sum of the work the tasks need instead:
+the slowest member of the batch is done, every member paying for every step
+(the README gives the cost on the 4,500-start Chinchilla grid).  The design
+here costs about the sum of the work the tasks need instead:
 
 - One objective evaluation per iteration.  The line search is spread over
   iterations: a trial point that fails the Armijo condition is rejected and
