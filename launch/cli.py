@@ -32,9 +32,7 @@ import sys
 from launch.backends.local import pin_from_environment
 from launch.host_memory import keep_freed_memory
 from scaling.errors import UserError
-from scaling.store import check_sweep_name
-
-DEFAULT_STORE = "results/scaling.sqlite"
+from scaling.store import DEFAULT_STORE, check_sweep_name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from launch.data import default_data_config
 from models.sizes import ModelShape
 from models.transformer import ModelConfig
 from scaling.errors import UserError
-from scaling.store import check_sweep_name
+from scaling.store import DEFAULT_STORE, check_sweep_name
 
 # Keys that say where results go, how they are shown, where and how fast the
 # work runs, or what is measured on the side, not what is trained: they are
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # seeds parameter init and the data order
     c.sweep_name = ""  # "" = the study file's name
-    c.store = "results/scaling.sqlite"  # path of the SQLite results store
+    c.store = DEFAULT_STORE  # path of the SQLite results store
     c.workdir = "results/runs"  # checkpoints and run files, one folder per run id
     c.progress = True  # progress bars and lines on stderr
 

@@ -21,7 +21,7 @@ from scaling.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.fit_warnings import record_warnings
 from scaling.laws import LAWS, get_law
 from scaling.provenance import fit_provenance, run_convention
-from scaling.store import FitRecord, Store
+from scaling.store import FitRecord, Store, sweep_runs
 
 
 def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
@@ -48,7 +48,7 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
         raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
 
     convention = run_convention(finished, convention)
-    labels, xs, ys, used = _select(store, finished, law, what)
+    labels, xs, ys, used = select_curves(store, finished, law, what)
     size = {r.run_id: r.n_params for r in finished}
     x, y, mask = _pad(xs, ys)
     result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed,
@@ -85,20 +85,11 @@ def sweep_arrays(store: Store, sweep: str, law_name: str, what: str = "final"):
     finished = [r for r in sweep_runs(store, sweep) if r.status == "finished"]
     if not finished:
         raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
-    labels, xs, ys, _ = _select(store, finished, get_law(law_name), what)
+    labels, xs, ys, _ = select_curves(store, finished, get_law(law_name), what)
     return (labels, *_pad(xs, ys))
 
 
-def sweep_runs(store: Store, sweep: str) -> list:
-    """The sweep's runs; UserError naming the sweeps there are when it has none."""
-    runs = store.runs(sweep)
-    if not runs:
-        known = ", ".join(store.sweeps()) or "none"
-        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
-    return runs
-
-
-def _select(store, runs, law, what):
+def select_curves(store, runs, law, what):
     """(labels, xs, ys, used): per curve, inputs [n, n_inputs], losses [n] and the run ids."""
     if what == "final":
         columns = {"power": ["N"], "saturating": ["N"], "kaplan_ns": ["N", "S"]}.get(

@@ -93,7 +93,7 @@ def backtest_sweep(store: Store, sweep: str, law_name: str, holdout_largest: int
         raise UserError(f"--by {by!r} is not one of {', '.join(BY)}")
     runs = [r for r in analysis.sweep_runs(store, sweep) if r.status == "finished"]
     convention = run_convention(runs, convention)
-    labels, xs, ys, used = analysis._select(store, runs, law, "final")
+    labels, xs, ys, used = analysis.select_curves(store, runs, law, "final")
     by_id = {r.run_id: r for r in runs}
     ids = used[0]
     size = np.array([by_id[i].n_params if by == "n" else run_flops(by_id[i], convention)

@@ -21,11 +21,10 @@ import dataclasses
 
 import numpy as np
 
-from scaling.analysis import sweep_runs
 from scaling.errors import UserError
 from scaling.fit import fit
 from scaling.laws import get_law
-from scaling.store import FitRecord, Store
+from scaling.store import FitRecord, Store, sweep_runs
 
 WHAT = "critical-batch"
 

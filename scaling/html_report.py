@@ -16,7 +16,7 @@ from pathlib import Path
 from scaling.errors import UserError
 from scaling.plot_common import png_bytes
 from scaling.plots import KINDS, make_plot
-from scaling.store import Store
+from scaling.store import Store, sweep_runs
 
 DESCRIPTIONS = {
     "per-token": "Per-token eval loss at the last eval against the token's position T in "
@@ -71,10 +71,7 @@ def write_report(store: Store, sweep: str, path: str | Path | None = None) -> tu
 
 def build_report(store: Store, sweep: str) -> tuple[str, list]:
     """(the HTML page, the plots drawn for it)."""
-    runs = store.runs(sweep)
-    if not runs:
-        known = ", ".join(store.sweeps()) or "none"
-        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
+    runs = sweep_runs(store, sweep)
     plots, skipped = [], []
     for kind in KINDS:
         try:

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.store import FitRecord, Store
+from scaling.store import FitRecord, Store, sweep_runs
 
 WHAT, LAW = "isoflop", "compute_optimal"
 
@@ -83,7 +83,6 @@ def optimum(profile_list) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0) -> FitRecord:
     """Approach 2 on the sweep's final losses; the fit is saved and returned."""
-    from scaling.analysis import sweep_runs
 
     found = profiles(store, sweep_runs(store, sweep))
     budgets, n_opt = optimum(found)
@@ -120,7 +119,6 @@ def plot_isoflop(store: Store, sweep: str, out_dir, vector: str = "svg") -> tupl
     """Draw the profiles into out_dir/isoflop-total.png (+ vector); returns (paths, notes)."""
     from pathlib import Path
 
-    from scaling.analysis import sweep_runs
     from scaling.plot_common import save
 
     notes: list[str] = []

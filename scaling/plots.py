@@ -59,7 +59,7 @@ from scaling.plot_data import (
     stored_or_new_fits,
     tokens_per_step,
 )
-from scaling.store import Store
+from scaling.store import Store, sweep_runs
 
 KINDS = ("per-token", "per-token-steps", "learning-curves", "size", "compute", "isoflop")
 VECTOR_FORMATS = ("svg", "pdf")
@@ -84,8 +84,6 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
         _check_kind(kind)
     if vector not in VECTOR_FORMATS:
         raise UserError(f"vector format {vector!r} is not one of {', '.join(VECTOR_FORMATS)}")
-    from scaling.analysis import sweep_runs  # lazily: it loads the fitter (JAX)
-
     runs = sweep_runs(store, sweep)
     if run is not None and run not in {r.run_id for r in runs}:
         raise UserError(f"run {run!r} is not in sweep {sweep!r}; its runs: "
@@ -108,8 +106,6 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
 def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None) -> Plot:
     """One figure of `sweep`; raises UserError when the sweep's data does not allow it."""
     _check_kind(kind)
-    from scaling.analysis import sweep_runs  # lazily: it loads the fitter (JAX)
-
     runs = sweep_runs(store, sweep)
     plot = Plot(kind)
     with matplotlib.rc_context(STYLE):

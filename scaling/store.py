@@ -164,6 +164,19 @@ def check_sweep_name(name) -> str:
     return name
 
 
+# Where results go unless a config or --store says otherwise.
+DEFAULT_STORE = "results/scaling.sqlite"
+
+
+def sweep_runs(store: Store, sweep: str) -> list:
+    """The sweep's runs; UserError naming the sweeps there are when it has none."""
+    runs = store.runs(sweep)
+    if not runs:
+        known = ", ".join(store.sweeps()) or "none"
+        raise UserError(f"no runs in sweep {sweep!r}; sweeps in this store: {known}")
+    return runs
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """UserError unless a store could be created or written at `path`; creates nothing.
 
