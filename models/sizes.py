@@ -14,7 +14,6 @@ Conventions (Kaplan et al. 2020, section 2.1):
 from __future__ import annotations
 
 import dataclasses
-import math
 
 # How training FLOPs per token are counted. Papers differ, and a fit made
 # under one convention is not comparable with one made under another:
@@ -122,39 +121,3 @@ def kaplan_nonembedding_params(n_layer: int, d_model: int, d_ff: int | None = No
 def train_flops_per_token(n_params: int, n_layer: int, n_ctx: int, d_model: int) -> int:
     """Training FLOPs per token: 6 N for the weights plus 6 n_layer n_ctx d_model for attention."""
     return 6 * n_params + 6 * n_layer * n_ctx * d_model
-
-
-def shape_for_params(
-    target_params: float,
-    *,
-    aspect_ratio: float,
-    n_ctx: int,
-    vocab_size: int,
-    head_dim: int = 32,
-) -> ModelShape:
-    """The shape whose Kaplan N is closest to `target_params` at d_model/n_layer ~= aspect_ratio.
-
-    From N = 12 L d^2 and d = r L: L = (N / (12 r^2))^(1/3). Depth is rounded to
-    an integer and width to a multiple of `head_dim`; of the neighbouring
-    depths the one whose N lands closest (in log) to the target wins.
-    """
-    if target_params <= 0 or aspect_ratio <= 0:
-        raise ValueError(
-            f"target_params={target_params} and aspect_ratio={aspect_ratio} must be positive"
-        )
-    ideal_layers = (target_params / (12 * aspect_ratio**2)) ** (1 / 3)
-    best = None
-    for n_layer in {max(1, math.floor(ideal_layers)), max(1, math.ceil(ideal_layers))}:
-        width = math.sqrt(target_params / (12 * n_layer))
-        d_model = max(head_dim, head_dim * round(width / head_dim))
-        shape = ModelShape(
-            n_layer=n_layer,
-            d_model=d_model,
-            n_heads=d_model // head_dim,
-            n_ctx=n_ctx,
-            vocab_size=vocab_size,
-        )
-        miss = abs(math.log(shape.n_params_kaplan / target_params))
-        if best is None or miss < best[0]:
-            best = (miss, shape)
-    return best[1]
