@@ -7,6 +7,8 @@ written through the Agg-family canvases.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from pathlib import Path
 
@@ -40,7 +42,25 @@ CMAP = colors.ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.
                              name="viridis_dark")
 
 
+# Axes a caller gave to draw on (`drawing_on`): builders draw there instead of
+# on a new figure, and keep their legend inside it.
+_TARGET_AXES = contextvars.ContextVar("target_axes", default=None)
+
+
+@contextlib.contextmanager
+def drawing_on(ax):
+    """Within the block, `new_figure` returns (ax.figure, ax) when ax is not None."""
+    token = _TARGET_AXES.set(ax)
+    try:
+        yield
+    finally:
+        _TARGET_AXES.reset(token)
+
+
 def new_figure(figsize=FIGSIZE) -> tuple[Figure, object]:
+    ax = _TARGET_AXES.get()
+    if ax is not None:
+        return ax.figure, ax
     fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots()
 
@@ -95,7 +115,7 @@ def add_legend(fig, ax, loc: str = "best", max_inside: int = 6, **kwargs):
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return
-    if len(handles) <= max_inside:
+    if len(handles) <= max_inside or _TARGET_AXES.get() is not None:  # not the caller's figure
         ax.legend(loc=loc, **kwargs)
         return
     rows = -(-len(handles) // 2)

@@ -33,6 +33,7 @@ from scaling.plot_common import (
     STYLE,
     add_legend,
     colorbar,
+    drawing_on,
     interval_text,
     law_formula,
     legend_texts,
@@ -103,12 +104,14 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
     return plots
 
 
-def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None) -> Plot:
-    """One figure of `sweep`; raises UserError when the sweep's data does not allow it."""
+def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None,
+              ax=None) -> Plot:
+    """One figure of `sweep` (drawn onto `ax` when given); raises UserError when the
+    sweep's data does not allow it."""
     _check_kind(kind)
     runs = sweep_runs(store, sweep)
     plot = Plot(kind)
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE), drawing_on(ax):
         plot.figure = _BUILDERS[kind](store, sweep, runs, plot, run)
     plot.legend = legend_texts(plot.figure)
     return plot
