@@ -124,7 +124,7 @@ def _run_args(tmp: Path, store: Path, workdir: Path, paths: str,
     settings = {
         "model.n_layer": 1, "model.d_model": 32, "model.n_heads": 2, "model.n_ctx": 16,
         "train.steps": 4, "train.warmup_steps": 1, "train.batch_size": 8,
-        "eval.batches": 2, "eval.points": 2, "checkpoint.every": 2,
+        "eval.batches": 2, "eval.final_batches": 0, "eval.points": 2, "checkpoint.every": 2,
         "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
         "data.corpus": "text", "data.paths": paths, "data.val_fraction": 0.2,
         "data.cache_dir": str(tmp / "cache"), "store": str(store), "workdir": str(workdir),
