@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import flax.linen as nn
@@ -136,8 +137,30 @@ def _tensorboard_writer(run_dir: Path, start_step: int):
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 
 
-def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus,
-           records: remote_records.RunRecords | None):
+@dataclasses.dataclass
+class _Run:
+    """What the loop needs, built once: the compiled steps, the state and where it goes."""
+
+    config: object
+    shape: object
+    mesh: object
+    rules: object
+    put: Callable  # a process's rows of a global batch -> a sharded device array
+    train_step: Callable
+    noise_step: Callable | None  # the same update, also measuring the noise scale
+    evaluate: Callable  # (params, n_batches) -> (per-token mean, stderr, n_sequences)
+    eval_batches: tuple[int, int]  # (during training, at the last step)
+    state: object
+    start_step: int
+    ckpt: checkpoints.Checkpointer
+    run_dir: Path  # config.json and checkpoints (in the bucket when there is one)
+    local_dir: Path  # TensorBoard's events (always on this disk)
+
+
+def _build(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus,
+           eval_at: set) -> _Run:
+    """Mesh, shardings, compiled steps, the fixed eval set on the devices, and the state,
+    restored from the run's last checkpoint; refuses layouts and histories that cannot work."""
     _use_compilation_cache(config.data.cache_dir)
     model_cfg = config_lib.model_config(config)
     shape = model_cfg.shape
@@ -163,11 +186,10 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
     train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn,
                                                 noise_scale=False)
-    # Every noise_every-th step also measures the gradient noise scale (same
-    # update, ~5% dearer); the others leave its moving averages as they are.
+    # Every noise_scale_every-th step also measures the gradient noise scale
+    # (same update, a little dearer); the others leave its moving averages as they are.
     noise_step = (steps.compile_train_step(state_shardings, mesh, rules, noise_scale=True)
                   if config.train.noise_scale else None)
-    noise_every = config.train.noise_scale_every
 
     local_dir = Path(config.workdir) / run_id
     # With a bucket, checkpoints live there so a new slice resumes from them.
@@ -175,115 +197,187 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                else local_dir)
     ckpt = checkpoints.Checkpointer(run_dir / "checkpoints", config.checkpoint.max_to_keep)
     state, start_step = ckpt.restore_latest(state, state_shardings, corpus.fingerprint)
-    eval_at = set(eval_schedule(config.train.steps, config.eval.points))
     try:
         _check_history(config, run_id, store if is_writer else None, start_step, eval_at,
                        run_dir / "checkpoints")
     except UserError:
         ckpt.close()
         raise
-    if is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-
-    total = config.train.steps
-    schedule = steps.learning_rate_schedule(config.train)
-    tokens_per_step = config.train.batch_size * shape.n_ctx
-    peak = matmul_peak_flops(model_cfg.compute_dtype) if is_writer else float("nan")
-
-    def put(batch_np):
-        return jax.make_array_from_process_local_data(batch_sharding, batch_np)
 
     rows = config.train.batch_size // jax.process_count()
     first_row = jax.process_index() * rows
+
+    def put(batch_np):
+        return jax.make_array_from_process_local_data(batch_sharding, batch_np)
 
     # The fixed eval set goes to the devices once; each process puts its own
     # rows of every global eval batch.
     eval_arrays = [put(b[first_row:first_row + rows]) for b in eval_set]
 
     def evaluate(params, n_batches):
-        """(mean loss [L], its standard error [L], sequences) over the first n_batches."""
         sums_2xL = sum(eval_step(params, batch) for batch in eval_arrays[:n_batches])
         n_sequences = n_batches * eval_set.shape[1]
         return (*steps.per_token_mean_and_stderr(sums_2xL, n_sequences), n_sequences)
 
-    bar = tqdm(total=total, initial=start_step, desc=f"{run_id} N={shape.n_params_kaplan:,}",
+    return _Run(config, shape, mesh, rules, put, train_step, noise_step, evaluate,
+                (eval_every_n, eval_last_n), state, start_step, ckpt, run_dir, local_dir)
+
+
+class _Writers:
+    """Where an eval's row goes: the store, the bucket's records and TensorBoard on
+    process 0; nowhere on the others (decided here, once)."""
+
+    def __init__(self, run: _Run, run_id: str, store: Store, is_writer: bool,
+                 records: remote_records.RunRecords | None):
+        self.run_id, self.store, self.records = run_id, store, records
+        self.active = is_writer
+        self.tensorboard = _tensorboard_writer(run.local_dir, run.start_step) if is_writer \
+            else None
+        if is_writer:
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
+
+    def log(self, step: int, row: dict, per_token_L, stderr_L, n_sequences: int):
+        if not self.active:
+            return
+        self.store.log_eval(self.run_id, step, row, per_token_L, stderr_L, n_sequences)
+        if self.records:
+            self.records.eval(step, row, per_token_L, stderr_L, n_sequences)
+        for name, value in row.items():
+            self.tensorboard.add_scalar(name, value, step, walltime=row["wall_time"])
+        self.tensorboard.flush()
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+class _NanWatch:
+    """Train losses not yet checked for NaN. Every `every` steps it checks those from
+    before the last `every` steps, which the device has computed by then (no stall)."""
+
+    def __init__(self, every: int):
+        self.every, self.unchecked = every, []  # (step, device train loss)
+
+    def add(self, step: int, loss):
+        self.unchecked.append((step, loss))
+        if step % self.every == 0:
+            _check_finite(self.unchecked[:-self.every])
+            del self.unchecked[:-self.every]
+
+    def check_all(self):
+        """Before an eval or a checkpoint: names the first bad step, if any."""
+        _check_finite(self.unchecked)
+        self.unchecked.clear()
+
+
+class _EvalWindow:
+    """The steps since the last eval: their metrics (device scalars, fetched only at the
+    eval) and their wall time, for the eval's row."""
+
+    def __init__(self, carried_losses: list):
+        # Train losses from before the checkpoint this run resumed from, so the
+        # first eval after a resume logs the same mean as without one.
+        self.carried = list(carried_losses)
+        self.metrics = []
+        self.start, self.steps = time.perf_counter(), 0
+
+    def add(self, metrics):
+        self.metrics.append(metrics)
+        self.steps += 1
+
+    def train_losses(self) -> list[float]:
+        """What a checkpoint saves, so a resumed run's next eval mean is unchanged."""
+        return self.carried + [float(m["train_loss"]) for m in self.metrics]
+
+    def close(self) -> tuple[float, float, int, float]:
+        """(mean train loss, last grad norm, steps, seconds) of the window; starts a new one."""
+        train_loss = float(np.mean(self.carried + [m["train_loss"] for m in self.metrics]))
+        grad_norm = float(self.metrics[-1]["grad_norm"])
+        window = (train_loss, grad_norm, self.steps, time.perf_counter() - self.start)
+        self.carried, self.metrics = [], []
+        return window
+
+    def restart_clock(self):
+        self.start, self.steps = time.perf_counter(), 0
+
+
+def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus,
+           records: remote_records.RunRecords | None):
+    total = config.train.steps
+    eval_at = set(eval_schedule(total, config.eval.points))
+    run = _build(config, run_id, store, is_writer, corpus, eval_at)
+    writers = _Writers(run, run_id, store, is_writer, records)
+    peak = matmul_peak_flops(config_lib.model_config(config).compute_dtype) if is_writer \
+        else float("nan")
+    nan_watch = _NanWatch(config.train.nan_check_every)
+    window = _EvalWindow(run.ckpt.restored_loop.get("train_losses", []))
+    bar = tqdm(total=total, initial=run.start_step,
+               desc=f"{run_id} N={run.shape.n_params_kaplan:,}",
                disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
-    pending_metrics = []  # device scalars since the last eval: fetched only when logging
-    unchecked = []  # (step, device train loss) not yet checked for NaN
-    # Train losses since the last eval from before the checkpoint this run resumed
-    # from, so the first eval after a resume logs the same mean as without one.
-    carried_losses = list(ckpt.restored_loop.get("train_losses", []))
-    check_every = config.train.nan_check_every
-    window_start, window_steps = time.perf_counter(), 0
-    tensorboard = _tensorboard_writer(local_dir, start_step) if is_writer else None
+    state = run.state
     # Closing the checkpointer waits for an async save in flight, also when
     # the loop stops early (interrupt, divergence), so no save is cut short.
-    with (jax.set_mesh(mesh), nn.logical_axis_rules(rules), contextlib.closing(bar),
-          contextlib.closing(ckpt),
-          contextlib.closing(tensorboard) if tensorboard else contextlib.nullcontext()):
-        for step in range(start_step, total):
-            local = data.train_batch(corpus.train, step, config.train.batch_size, shape.n_ctx,
-                                     config.seed, jax.process_index(), jax.process_count())
-            measure = noise_step is not None and step % noise_every == 0
-            state, metrics = (noise_step if measure else train_step)(state, put(local))
-            faults.point("train_step")  # tests: a kill while the step runs
-            pending_metrics.append(metrics)
-            window_steps += 1
+    with (jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), contextlib.closing(bar),
+          contextlib.closing(run.ckpt), contextlib.closing(writers)):
+        for step in range(run.start_step, total):
+            state, metrics = _do_step(run, state, step, corpus)
             done = step + 1
-            unchecked.append((done, metrics["train_loss"]))
-            if done % check_every == 0:
-                # The losses from before the last check_every steps are computed by
-                # now: fetching them does not wait for the device.
-                _check_finite(unchecked[:-check_every])
-                del unchecked[:-check_every]
+            window.add(metrics)
+            nan_watch.add(done, metrics["train_loss"])
             bar.update(1)
             if done in eval_at:
-                _check_finite(unchecked)  # names the first bad step, if any
-                unchecked.clear()
-                train_loss = float(np.mean(carried_losses
-                                           + [m["train_loss"] for m in pending_metrics]))
-                carried_losses.clear()
-                grad_norm = float(pending_metrics[-1]["grad_norm"])
-                pending_metrics.clear()
-                if not math.isfinite(train_loss):
-                    raise DivergedError(f"train loss became {train_loss} by step {done}; "
-                                        "lower train.learning_rate")
-                elapsed = time.perf_counter() - window_start  # includes compile on the first
-                per_token_L, stderr_L, n_sequences = evaluate(
-                    state.params, eval_last_n if done == total else eval_every_n)
-                tokens_per_s = window_steps * tokens_per_step / elapsed
-                row = {
-                    "eval_loss": float(per_token_L.mean()),
-                    "train_loss": train_loss,
-                    "grad_norm": grad_norm,
-                    "learning_rate": float(schedule(done - 1)),
-                    "tokens": done * tokens_per_step,
-                    "flops": float(done * tokens_per_step * shape.train_flops_per_token),
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": tokens_per_s * shape.train_flops_per_token / peak,
-                    "wall_time": time.time(),
-                }
-                if config.train.noise_scale:  # B_simple in tokens, over ~50 measurements
-                    row["noise_scale"] = float(state.noise_ema["trace"] / state.noise_ema["g2"])
-                if not math.isfinite(row["eval_loss"]):
-                    raise DivergedError(f"eval loss became {row['eval_loss']} at step {done}; "
-                                        "lower train.learning_rate")
-                if is_writer:
-                    store.log_eval(run_id, done, row, per_token_L, stderr_L, n_sequences)
-                    if records:
-                        records.eval(done, row, per_token_L, stderr_L, n_sequences)
-                    for name, value in row.items():
-                        tensorboard.add_scalar(name, value, done, walltime=row["wall_time"])
-                    tensorboard.flush()
+                nan_watch.check_all()
+                row, per_token = _eval_row(run, state, done, window, peak)
+                writers.log(done, row, *per_token)
                 bar.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", mfu=f"{row['mfu']:.0%}")
-                window_start, window_steps = time.perf_counter(), 0
+                window.restart_clock()
             if done % config.checkpoint.every == 0 or done == total:
-                # Never save a diverged state: the last checkpoint stays a good one.
-                _check_finite(unchecked)
-                unchecked.clear()
-                losses = carried_losses + [float(m["train_loss"]) for m in pending_metrics]
-                ckpt.save(done, state, corpus.fingerprint, {"train_losses": losses})
+                nan_watch.check_all()  # never save a diverged state
+                run.ckpt.save(done, state, corpus.fingerprint,
+                              {"train_losses": window.train_losses()})
+
+
+def _do_step(run: _Run, state, step: int, corpus: data.Corpus):
+    """Step `step`'s batch (this process's rows of it) through the train step."""
+    config = run.config
+    local = data.train_batch(corpus.train, step, config.train.batch_size, run.shape.n_ctx,
+                             config.seed, jax.process_index(), jax.process_count())
+    measure = run.noise_step is not None and step % config.train.noise_scale_every == 0
+    state, metrics = (run.noise_step if measure else run.train_step)(state, run.put(local))
+    faults.point("train_step")  # tests: a kill while the step runs
+    return state, metrics
+
+
+def _eval_row(run: _Run, state, done: int, window: _EvalWindow, peak: float):
+    """The eval at step `done`: its row of scalars and (per-token mean, stderr, sequences)."""
+    config, shape = run.config, run.shape
+    train_loss, grad_norm, window_steps, elapsed = window.close()  # elapsed: compile too, first
+    if not math.isfinite(train_loss):
+        raise DivergedError(f"train loss became {train_loss} by step {done}; "
+                            "lower train.learning_rate")
+    every_n, last_n = run.eval_batches
+    per_token_L, stderr_L, n_sequences = run.evaluate(
+        state.params, last_n if done == config.train.steps else every_n)
+    tokens_per_step = config.train.batch_size * shape.n_ctx
+    tokens_per_s = window_steps * tokens_per_step / elapsed
+    row = {
+        "eval_loss": float(per_token_L.mean()),
+        "train_loss": train_loss,
+        "grad_norm": grad_norm,
+        "learning_rate": float(steps.learning_rate_schedule(config.train)(done - 1)),
+        "tokens": done * tokens_per_step,
+        "flops": float(done * tokens_per_step * shape.train_flops_per_token),
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * shape.train_flops_per_token / peak,
+        "wall_time": time.time(),
+    }
+    if config.train.noise_scale:  # B_simple in tokens, over ~50 measurements
+        row["noise_scale"] = float(state.noise_ema["trace"] / state.noise_ema["g2"])
+    if not math.isfinite(row["eval_loss"]):
+        raise DivergedError(f"eval loss became {row['eval_loss']} at step {done}; "
+                            "lower train.learning_rate")
+    return row, (per_token_L, stderr_L, n_sequences)
 
 
 def _check_history(config, run_id: str, store: Store | None, start_step: int, eval_at: set,
