@@ -1,6 +1,6 @@
-"""Kaplan et al. 2020's Figure 20 at GPU scale: five sizes on one H100 in about eight minutes.
+"""Kaplan et al. 2020's Figure 20 at GPU scale: six sizes on one H100 in about eight minutes.
 
-Five decoder-only sizes from 885k to 135M non-embedding parameters (152x),
+Six decoder-only sizes from 393k to 135M non-embedding parameters (343x),
 context 512, each trained on 100M bytes of the Linux kernel's C source (the
 drivers of four Ethernet vendors: 1,006 files, 29.2M bytes), so no byte is
 seen more than four times (3.5 passes). Per-token
@@ -24,9 +24,11 @@ corpus and the fits before the GPU's time is spent.
 from launch.config import base_config
 
 # (n_layer, d_model, n_heads): head size 64, d_model / n_layer from 64 to 96,
-# inside the range where Kaplan's Figure 5 finds the loss flat in shape.
+# inside the range where Kaplan's Figure 5 finds the loss flat in shape; six
+# sizes, so that a two-parameter L(N) has three points per parameter.
 SIZES = (
-    (2, 192, 3),  # N = 885k
+    (2, 128, 2),  # N = 393k
+    (2, 192, 3),  # 885k
     (4, 320, 5),  # 4.92M
     (6, 512, 8),  # 18.9M
     (10, 640, 10),  # 49.2M
