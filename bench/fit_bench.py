@@ -1,4 +1,4 @@
-"""Benchmark `scaling.fit` against SciPy doing the same work.
+"""Benchmark `scaling.fitting.fit` against SciPy doing the same work.
 
     python bench/fit_bench.py [--quick]
 
@@ -46,8 +46,8 @@ from scipy.optimize import minimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaling.fit import bootstrap_weights, fit  # noqa: E402
-from scaling.laws import get_law  # noqa: E402
+from scaling.fitting.fit import bootstrap_weights, fit  # noqa: E402
+from scaling.fitting.laws import get_law  # noqa: E402
 
 DELTA, TOL, MAX_ITER = 1e-3, 1e-9, 500
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chinchilla_fig4_epoch.csv"

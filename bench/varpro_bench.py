@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import varpro as vp
-from scaling.fit import fit
-from scaling.laws import get_law
+from scaling.fitting import varpro as vp
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = (ROOT.parent / "shared" / "data", ROOT.parents[1] / "shared" / "data")

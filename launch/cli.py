@@ -395,7 +395,7 @@ def _prepare(args, overrides):
 
 
 def _status(args, overrides):
-    from scaling import status
+    from scaling.figures import status
 
     if args.bucket:
         from launch import sync
@@ -409,14 +409,14 @@ def _status(args, overrides):
 
 
 def _fit(args, overrides):
-    from scaling import analysis
-    from scaling.sensitivity import parse_fix
+    from scaling.checks.sensitivity import parse_fix
+    from scaling.studies import analysis
 
     fixed = parse_fix(args.fix)
     if args.csv:
         if args.sweep or not (args.x and args.y):
             raise UserError("fit --csv needs --x COL[,COL] and --y COL, and no --sweep")
-        from scaling.csvfit import fit_csv
+        from scaling.studies.csvfit import fit_csv
 
         if args.sensitivity:
             return _sensitivity(args, fixed, None)
@@ -431,7 +431,7 @@ def _fit(args, overrides):
     if "isoflop" in (args.what, args.law) or args.law == "compute_optimal":
         if args.law != "compute_optimal" or args.what != "isoflop":
             raise UserError("--what isoflop goes with --law compute_optimal")
-        from scaling import isoflop
+        from scaling.studies import isoflop
 
         with _open_store(_store_path(args, overrides)) as store:
             records = [isoflop.fit_isoflop(store, args.sweep, bootstrap=args.bootstrap)]
@@ -441,7 +441,7 @@ def _fit(args, overrides):
         if args.law != "b_crit":
             raise UserError("--what critical-batch fits law b_crit (then kaplan_ns on S_min); "
                             "give --law b_crit")
-        from scaling import critical_batch
+        from scaling.studies import critical_batch
 
         with _open_store(_store_path(args, overrides)) as store:
             records = critical_batch.fit_critical_batch(
@@ -463,8 +463,9 @@ def _sensitivity(args, fixed, store):
     """`fit --sensitivity`: refits printed (not stored, so they never replace the sweep's fit)."""
     import numpy as np
 
-    from scaling import analysis, sensitivity
-    from scaling.csvfit import csv_arrays
+    from scaling.checks import sensitivity
+    from scaling.studies import analysis
+    from scaling.studies.csvfit import csv_arrays
 
     name, values = sensitivity.parse_range(args.sensitivity)
     if store is None:
@@ -479,7 +480,7 @@ def _sensitivity(args, fixed, store):
 
 
 def _backtest(args, overrides):
-    from scaling import backtest
+    from scaling.checks import backtest
 
     with _open_store(_store_path(args, overrides)) as store:
         outcome = backtest.backtest_sweep(
@@ -501,7 +502,7 @@ def _check(args, overrides):
 
 
 def _query(args, overrides):
-    from scaling import analysis
+    from scaling.studies import analysis
 
     with _open_store(_store_path(args, overrides)) as store:
         records = analysis.latest_fits(store, args.sweep, args.law)
@@ -510,7 +511,7 @@ def _query(args, overrides):
 
 
 def _print_fits(records, as_json: bool, provenance: bool = False):
-    from scaling import analysis
+    from scaling.studies import analysis
 
     if as_json:
         print(json.dumps([analysis.fit_as_dict(r) for r in records]))
@@ -520,16 +521,16 @@ def _print_fits(records, as_json: bool, provenance: bool = False):
 
 def _plot(args, overrides):
     check_sweep_name(args.sweep)  # it becomes a file name
-    from scaling import plots
+    from scaling.figures import plots
 
     if args.kind == "isoflop-total":
         from pathlib import Path
 
-        from scaling import isoflop
+        from scaling.figures import isoflop_total
 
         out = args.out or Path("results/plots") / args.sweep
         with _open_store(_store_path(args, overrides)) as store:
-            paths, notes = isoflop.plot_isoflop(store, args.sweep, out, args.vector)
+            paths, notes = isoflop_total.plot_isoflop(store, args.sweep, out, args.vector)
         print("\n".join(notes + [f"wrote {', '.join(str(p) for p in paths)}"]))
         return
     with _open_store(_store_path(args, overrides)) as store:
@@ -546,7 +547,7 @@ def _plot(args, overrides):
 
 def _report(args, overrides):
     check_sweep_name(args.sweep)  # it becomes a file name
-    from scaling import html_report
+    from scaling.figures import html_report
 
     with _open_store(_store_path(args, overrides)) as store:
         path, drawn = html_report.write_report(store, args.sweep, args.out)

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from launch import config as config_lib
 from launch import preflight, train
-from scaling import design
+from scaling.checks import design
 from scaling.store import Store
 
 SKIP, TRAIN = 0, 1
@@ -93,7 +93,7 @@ def member_statuses(path: str, overrides: dict) -> dict[str, str]:
 
 
 def design_warnings(members, law: str | None = None) -> list[str]:
-    """`scaling.design.check_design` on the members' N, D, C and eval steps.
+    """`scaling.checks.design.check_design` on the members' N, D, C and eval steps.
 
     law: the law the sweep is for; by default chinchilla when D varies across
     the members, else saturating (L(N)).

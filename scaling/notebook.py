@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scaling import plots
 from scaling.errors import UserError
-from scaling.fit import fit
-from scaling.laws import get_law
+from scaling.figures import plots
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
 from scaling.store import Store, sweep_runs
 
 RUN_COLUMNS = ("run_id", "status", "step", "n_params", "n_params_total", "n_layer", "d_model",
@@ -113,7 +113,7 @@ def fits(store: Store, sweep: str | None = None, law: str | None = None) -> pd.D
 def fit_frame(frame: pd.DataFrame, law: str, x: str | list[str], y: str, *,
               by: str | None = None, **options) -> pd.DataFrame:
     """Fit `law` to columns `x` (one per input) and `y` of `frame`, one curve per value of
-    column `by` (or one curve); `options` go to `scaling.fit.fit` (bootstrap, resample,
+    column `by` (or one curve); `options` go to `scaling.fitting.fit.fit` (bootstrap, resample,
     fixed, objective, ...). Returns one row per curve: each parameter, and its interval
     as NAME_low and NAME_high when bootstrapped."""
     law = get_law(law)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from launch import cli
-from scaling.backtest import backtest_arrays, backtest_sweep
+from scaling.checks.backtest import backtest_arrays, backtest_sweep
 from scaling.errors import UserError
-from scaling.laws import get_law
+from scaling.fitting.laws import get_law
 from scaling.store import RunRecord, Store
 
 TRUTH = {"E": 1.7, "A": 40.0, "alpha": 0.3}

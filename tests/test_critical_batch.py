@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from launch.cli import main
-from scaling import critical_batch
-from scaling.fit import fit
-from scaling.laws import get_law
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
 from scaling.store import RunRecord, Store
+from scaling.studies import critical_batch
 
 B_STAR, ALPHA_B = 2e8, 0.21  # Kaplan et al. 2020, equation 5.3
 NS = {"N_c": 8.8e13, "alpha_N": 0.076, "S_c": 2.1e3, "alpha_S": 0.76}  # equation 5.6 / table

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from launch import cli
-from scaling.design import EPOCH_PRIOR, check_design, iso_groups
-from scaling.laws import compute_optimal
+from scaling.checks.design import EPOCH_PRIOR, check_design, iso_groups
+from scaling.fitting.laws import compute_optimal
 
 
 def good_design():

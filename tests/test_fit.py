@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from scaling.csvfit import fit_csv
 from scaling.errors import UserError
-from scaling.fit import bootstrap_weights, fit
-from scaling.laws import get_law
+from scaling.fitting.fit import bootstrap_weights, fit
+from scaling.fitting.laws import get_law
+from scaling.studies.csvfit import fit_csv
 
 # ../shared/data beside the checkout (or beside the folder of worktrees), or $SCALING_SHARED_DATA.
 _ROOT = Path(__file__).resolve().parents[1]

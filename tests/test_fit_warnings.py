@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from launch.cli import main
-from scaling.fit_warnings import fit_warnings, per_token_bins, rises
-from scaling.laws import get_law
+from scaling.fitting.laws import get_law
 from scaling.store import RunRecord, Store
+from scaling.studies.fit_warnings import fit_warnings, per_token_bins, rises
 
 N_CTX = 64
 
@@ -98,7 +98,7 @@ def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves
 
 
 def test_the_report_shows_the_warnings(store_with_curves, tmp_path):
-    from scaling.html_report import write_report
+    from scaling.figures.html_report import write_report
 
     assert main(["fit", "--sweep", "s", "--law", "saturating", "--what", "per-token",
                  "--store", store_with_curves, "--bootstrap", "20"]) == 0

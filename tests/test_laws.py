@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from scaling.errors import UserError
-from scaling.fit import fit
-from scaling.laws import LAWS, Law, compute_optimal, get_law, register
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import LAWS, Law, compute_optimal, get_law, register
 
 RNG = np.random.default_rng(0)
 

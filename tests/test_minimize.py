@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling.minimize import minimize_tasks
+from scaling.fitting.minimize import minimize_tasks
 
 CENTRE = jnp.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.0]])
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from scaling import plots
 from scaling.errors import UserError
-from scaling.plot_common import law_formula, num
+from scaling.figures import plots
+from scaling.figures.plot_common import law_formula, num
 from scaling.store import FitRecord, RunRecord, Store
 
 SIZES = [10_000, 30_000, 100_000, 300_000, 1_000_000]
@@ -195,7 +195,7 @@ def test_all_draws_every_kind_that_applies_and_says_why_not_the_rest(single, tmp
 
 def test_missing_fits_are_fitted_saved_and_said(tmp_path, monkeypatch):
     """The plumbing, with a stand-in fitter; the real one is in the slow test below."""
-    from scaling import analysis
+    from scaling.studies import analysis
 
     def fake_fit_sweep(store, sweep, law, what):
         record = _fit(sweep, law, what, "run0", {"E": 3.0, "A": 1.5, "alpha": 0.6})
@@ -282,7 +282,7 @@ window.addEventListener("load", () => {
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium package")
 def test_report_opens_in_headless_chromium_with_every_figure(single, tmp_path):
-    from scaling.html_report import write_report
+    from scaling.figures.html_report import write_report
 
     path, drawn = write_report(single, "one", tmp_path / "one.html")
     # A copy with a probe that records script errors, console errors, failed

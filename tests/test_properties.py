@@ -12,7 +12,7 @@ from launch import config as config_lib
 from launch import preflight
 from launch.cli import main
 from scaling.errors import UserError
-from scaling.fit import fit
+from scaling.fitting.fit import fit
 
 FAST = settings(max_examples=25, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

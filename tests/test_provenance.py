@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from launch import cli
-from scaling import analysis
 from scaling.errors import UserError
-from scaling.laws import get_law
-from scaling.provenance import project_version
+from scaling.fitting.laws import get_law
 from scaling.store import RunRecord, Store
+from scaling.studies import analysis
+from scaling.studies.provenance import project_version
 
 
 def _store(path, convention="6N+attention"):

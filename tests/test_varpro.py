@@ -5,9 +5,9 @@ import pytest
 from scipy.optimize import nnls as scipy_nnls
 
 from scaling.errors import UserError
-from scaling.fit import fit
-from scaling.laws import get_law
-from scaling.varpro import nnls
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
+from scaling.fitting.varpro import nnls
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -20,12 +20,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import analysis
 from scaling.errors import UserError
-from scaling.fit import OPTIMIZER_DEFAULTS, fit
-from scaling.laws import get_law
-from scaling.provenance import fit_provenance, run_convention, run_flops
+from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
+from scaling.fitting.laws import get_law
 from scaling.store import FitRecord, Store
+from scaling.studies import analysis
+from scaling.studies.provenance import fit_provenance, run_convention, run_flops
 
 BY = ("n", "compute")
 

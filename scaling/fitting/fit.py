@@ -6,7 +6,7 @@ jitted program whose answers are float64 (the search runs in float32):
 - Objective (Hoffmann et al. 2022; Epoch's replication): the sum over a
   curve's valid points of Huber_delta(log y - log L_predicted), delta = 1e-3,
   or with objective="lsq" the sum of (log y - log L_predicted)^2 / 2.
-- Search: BFGS (`scaling.minimize`) from every point of the law's init grid
+- Search: BFGS (`scaling.fitting.minimize`) from every point of the law's init grid
   (or `init_grid`), batched over starts and curves, in float32.  Parameters
   in `law.positive` are searched as logarithms.  `keep_starts=k` screens the
   grid instead: a few evaluations per start, then only the k best of each
@@ -46,11 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scaling import varpro as vp
 from scaling.errors import UserError
-from scaling.inputs import as_curves, check_fixed, check_settings, merged_grid
-from scaling.laws import Law, get_law
-from scaling.minimize import Solution, minimize_tasks
+from scaling.fitting import varpro as vp
+from scaling.fitting.inputs import as_curves, check_fixed, check_settings, merged_grid
+from scaling.fitting.laws import Law, get_law
+from scaling.fitting.minimize import Solution, minimize_tasks
 
 # Bootstrap resamples of a curve start from its full-data best and from up to
 # this many - 1 other local minima within NEAR_TIE of it (see `_distinct_minima`).
@@ -144,7 +144,7 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
         recipe's optimum whenever that start is among the k after screening.
     varpro: search only the exponents, with the coefficients by non-negative
         least squares inside the objective, then polish with a full fit
-        (`scaling.varpro`; saturating and chinchilla).
+        (`scaling.fitting.varpro`; saturating and chinchilla).
     starts: fitted-space starting points per curve [n_curves, n_starts, n_free]
         (free parameters in law order), replacing the grid.
     resample: "cases" draws each curve's points with replacement; "residuals"

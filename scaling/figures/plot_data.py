@@ -11,6 +11,7 @@ import numpy as np
 
 from scaling.errors import UserError
 from scaling.store import RunRecord
+from scaling.studies import analysis
 
 
 def tokens_per_step(store, runs) -> float | None:
@@ -61,10 +62,8 @@ def chinchilla_fit(store, sweep):
 
 def stored_fits(store, sweep, what, law=None) -> list:
     """The newest stored fit of each (law, curve) of `what` (of `law`, or of any law)."""
-    from scaling.analysis import latest_fits
-
     try:
-        records = latest_fits(store, sweep, law)
+        records = analysis.latest_fits(store, sweep, law)
     except UserError:
         return []
     return [r for r in records if r.what == what]
@@ -85,10 +84,8 @@ def stored_or_new_fits(store, sweep, law, what, plot, keep=None) -> list:
         plot.notes.append(f"{plot.kind}: drawing the stored {what} fits ({', '.join(laws)}, "
                           f"{len(fits)} curve(s))")
         return fits
-    from scaling.analysis import fit_sweep
-
     try:
-        records = fit_sweep(store, sweep, law, what)
+        records = analysis.fit_sweep(store, sweep, law, what)
     except UserError as e:
         plot.notes.append(f"{plot.kind}: no {what} fit stored and none could be made ({e})")
         return []

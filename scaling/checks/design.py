@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scaling.laws import compute_optimal, get_law
+from scaling.fitting.laws import compute_optimal, get_law
 
 COLLINEAR = 0.95
 ISO_RATIO = 1.1

@@ -82,7 +82,7 @@ def fit_warnings(law, params: dict, intervals: dict, n_points: int, y=None,
                  what: str | None = None, x=None) -> list[str]:
     """One line per reason not to read the fit as a result (none: the fit is determined).
 
-    law: the fitted `scaling.laws.Law`; params, intervals: the fit's values
+    law: the fitted `scaling.fitting.laws.Law`; params, intervals: the fit's values
     and 95% intervals by name; y: the losses it was fitted to (for the bound
     check); what: the selection ("per-token" also checks that the curve falls
     with T, from x and y).

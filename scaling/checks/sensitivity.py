@@ -13,8 +13,8 @@ import math
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.fit import fit
-from scaling.laws import get_law
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
 
 
 def parse_fix(items: list[str] | None) -> dict[str, float]:

@@ -22,8 +22,8 @@ import dataclasses
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.fit import fit
-from scaling.laws import get_law
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
 from scaling.store import FitRecord, Store, sweep_runs
 
 WHAT = "critical-batch"

@@ -36,7 +36,7 @@ def project_version() -> str:
 
 def fit_provenance(result, curve: int, *, x, y, mask, run_ids, fit_settings: dict,
                    convention: str | None) -> dict:
-    """JSON-ready provenance of curve `curve` of a `scaling.fit.FitResult`.
+    """JSON-ready provenance of curve `curve` of a `scaling.fitting.fit.FitResult`.
 
     x [C, P, n_inputs], y [C, P], mask [C, P] are the arrays the fit saw;
     run_ids labels the curve's points (one id per valid point, or one for all).

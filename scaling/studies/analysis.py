@@ -17,11 +17,11 @@ import math
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.fit import OPTIMIZER_DEFAULTS, fit
-from scaling.fit_warnings import record_warnings
-from scaling.laws import LAWS, get_law
-from scaling.provenance import fit_provenance, run_convention
+from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
+from scaling.fitting.laws import LAWS, get_law
 from scaling.store import FitRecord, Store, sweep_runs
+from scaling.studies.fit_warnings import record_warnings
+from scaling.studies.provenance import fit_provenance, run_convention
 
 
 def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
@@ -33,7 +33,7 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
 
     fixed: name -> value pinned (not fitted); convention: the FLOP convention
     the runs' compute is read under (default: the one they were recorded in);
-    resample: what a bootstrap resample draws (`scaling.fit.fit`); None picks
+    resample: what a bootstrap resample draws (`scaling.fitting.fit.fit`); None picks
     residuals for per-token curves, whose positions are a fixed design, and
     the points (cases) otherwise.
     """
@@ -199,7 +199,7 @@ def provenance_line(record: FitRecord) -> str:
 
 
 def warnings_of(record: FitRecord) -> list[str]:
-    """`scaling.fit_warnings.record_warnings` of a fit of a registered law (else none)."""
+    """`scaling.studies.fit_warnings.record_warnings` of a fit of a registered law (else none)."""
     law = LAWS.get(record.law)
     return record_warnings(record, law) if law is not None else []
 

@@ -2,7 +2,7 @@
 
 A `Law` says how the loss L depends on one or more positive inputs (N
 parameters, D tokens, S steps, T token position, ...).  The fitter
-(`scaling.fit`) needs three things from it:
+(`scaling.fitting.fit`) needs three things from it:
 
 - `predict_log(params, log_x) -> log L`: a pure `jax.numpy` function.  `params`
   maps every parameter name to its value in natural units (scalars, or arrays
@@ -20,7 +20,7 @@ parameters, D tokens, S steps, T token position, ...).  The fitter
 Registering a law of your own takes a few lines::
 
     import jax.numpy as jnp
-    from scaling.laws import Law, register
+    from scaling.fitting.laws import Law, register
 
     register(Law(
         name="offset_power",
@@ -68,7 +68,7 @@ class Law:
     # For laws that are linear in some coefficients once the other parameters
     # (the exponents) are fixed: (coefficient names, basis(params, log_x) ->
     # [..., n_coefficients]), with L = basis @ coefficients.  Enables
-    # variable projection (`scaling.varpro`).
+    # variable projection (`scaling.fitting.varpro`).
     linear: tuple[tuple[str, ...], Callable] | None = field(default=None)
 
     def __post_init__(self):

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 from scaling.errors import UserError
-from scaling.plot_common import png_bytes
-from scaling.plots import KINDS, make_plot
+from scaling.figures.plot_common import png_bytes
+from scaling.figures.plots import KINDS, make_plot
 from scaling.store import Store, sweep_runs
+from scaling.studies.analysis import latest_fits, param_cells, warnings_of
 
 DESCRIPTIONS = {
     "per-token": "Per-token eval loss at the last eval against the token's position T in "
@@ -78,8 +79,6 @@ def build_report(store: Store, sweep: str) -> tuple[str, list]:
             plots.append(make_plot(store, sweep, kind))
         except UserError as e:
             skipped.append((kind, str(e)))
-    from scaling.analysis import latest_fits
-
     try:
         fits = latest_fits(store, sweep)
     except UserError:
@@ -148,8 +147,6 @@ def _runs_table(store, runs) -> str:
 
 
 def _fits_table(fits) -> str:
-    from scaling.analysis import param_cells, warnings_of
-
     if not fits:
         return "<p>No fits stored; run <code>scaling fit --sweep NAME --law LAW</code>.</p>"
     levels = {f.settings.get("confidence", 0.95) for f in fits}

@@ -1,4 +1,4 @@
-"""Checks and normalises what `scaling.fit.fit` is given; every mistake is a UserError.
+"""Checks and normalises what `scaling.fitting.fit.fit` is given; every mistake is a UserError.
 
 Each message names the problem, the curve (and point) where there is one,
 and the fix.
@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.laws import Law
+from scaling.fitting.laws import Law
 
 OBJECTIVES = ("huber", "lsq")
 

@@ -28,7 +28,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from scaling.errors import UserError
-from scaling.plot_common import (
+from scaling.figures.plot_common import (
     CMAP,
     STYLE,
     add_legend,
@@ -47,7 +47,7 @@ from scaling.plot_common import (
     save,
     short,
 )
-from scaling.plot_data import (
+from scaling.figures.plot_data import (
     bin_means,
     by_curve,
     chinchilla_fit,

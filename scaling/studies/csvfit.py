@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.fit import fit
-from scaling.laws import get_law
+from scaling.fitting.fit import fit
+from scaling.fitting.laws import get_law
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
               ast.Div: operator.truediv, ast.Pow: operator.pow, ast.USub: operator.neg}
@@ -42,7 +42,7 @@ def fit_csv(path, law_name: str, x_cols: list[str], y_col: str, *, bootstrap: in
     Returns {"law", "params": {name: value}, "intervals": {name: [low, high]}
     (empty without bootstrap), "objective", "converged", "n_points"}, plus
     "derived" and "derived_intervals" for laws with derived quantities
-    (chinchilla: a, b).  Values are natural units; see `scaling.fit.fit`.
+    (chinchilla: a, b).  Values are natural units; see `scaling.fitting.fit.fit`.
     """
     x, y = csv_arrays(path, law_name, x_cols, y_col, exclude_top)
     result = fit(law_name, x, y, bootstrap=bootstrap, objective=objective, fixed=fixed,

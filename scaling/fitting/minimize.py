@@ -2,7 +2,7 @@
 
 `minimize_tasks` runs quasi-Newton (BFGS) on T independent tasks of P
 parameters each (P is small: a scaling law has 2 to 5).  It is a building
-block of `scaling.fit`, traced inside its jit.
+block of `scaling.fitting.fit`, traced inside its jit.
 
 Why not `optax.lbfgs` with its zoom line search under `jax.vmap`?  Both loops
 (iterations and line-search steps) become batched while-loops that run until

@@ -1,4 +1,4 @@
-"""What every figure of `scaling.plots` shares: style, colours, law formulas, saving.
+"""What every figure of `scaling.figures.plots` shares: style, colours, law formulas, saving.
 
 Figures are built with `matplotlib.figure.Figure` directly (no pyplot), so
 nothing global changes and no display is needed: PNG and SVG/PDF files are
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import math
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import matplotlib
 import numpy as np
 from matplotlib import colors, ticker
 from matplotlib.figure import Figure
+
+from scaling.fitting.laws import LAWS, get_law
 
 # Sized for a paper: 6.4 x 4.2 inches is a full text width; at that size the
 # fonts below read as 8-10 pt.
@@ -149,7 +152,6 @@ def save(fig: Figure, out_dir: Path, name: str, vector: str = "svg") -> list[Pat
 
 
 def png_bytes(fig: Figure) -> bytes:
-    import io
 
     buffer = io.BytesIO()
     with matplotlib.rc_context(STYLE):
@@ -214,14 +216,10 @@ def interval_text(record, name: str) -> str:
 
 def predict(law: str, params: dict, x) -> np.ndarray:
     """The law's loss at inputs x ([n] for one-input laws, [n, 2] for two), as numpy."""
-    from scaling.laws import get_law
-
     return np.asarray(get_law(law).predict(params, np.asarray(x, float)), float)
 
 
 def one_input(law: str) -> bool:
-    from scaling.laws import LAWS
-
     return law in LAWS and LAWS[law].n_inputs == 1
 
 
