@@ -349,23 +349,23 @@ def _launch(args, overrides, backend_name: str):
     from launch.backends import get_backend, runner
 
     backend = get_backend(backend_name)
-    plan = runner.make_plan(args.config, overrides, retry_failed=args.retry_failed,
-                            strict=not args.dry_run)
+    work = runner.prepare_launch(args.config, overrides, retry_failed=args.retry_failed,
+                                 strict=not args.dry_run)
     # What the sweep will cost, before anything remote starts (stderr: a dry
     # run's stdout is the commands alone, one per line).
-    from launch import plan as cost
+    from launch import plan
 
-    accelerator = plan.launch.get("accelerator") or None
-    print(cost.totals_line(cost.make_plan(args.config, overrides, accelerator)),
+    accelerator = work.launch.get("accelerator") or None
+    print(plan.totals_line(plan.make_plan(args.config, overrides, accelerator)),
           file=sys.stderr)
     if args.dry_run:
-        runner.dry_run(backend, plan)
+        runner.dry_run(backend, work)
         return 0
-    outcome = runner.execute(backend, plan)
+    outcome = runner.execute(backend, work)
     failed = {r: o for r, o in outcome.items() if o.startswith("failed")}
-    print(f"sweep {plan.sweep_name} done on {backend_name}: {len(outcome) - len(failed)} "
-          f"finished or skipped, {len(failed)} failed; `scaling sync {plan.sweep_name} "
-          f"--bucket {plan.launch['bucket']}` fetches the results")
+    print(f"sweep {work.sweep_name} done on {backend_name}: {len(outcome) - len(failed)} "
+          f"finished or skipped, {len(failed)} failed; `scaling sync {work.sweep_name} "
+          f"--bucket {work.launch['bucket']}` fetches the results")
     return 1 if failed else 0
 
 

@@ -7,7 +7,7 @@ rows). A run that diverges is marked failed with its reason and the sweep
 goes on; failed runs are not retried unless asked (`retry_failed`).
 
 When the sweep runs as several processes (hosts), process 0 alone reads the
-store and decides what to train; the others follow its plan, so every
+store and decides what to train; the others follow its decisions, so every
 process enters the same runs in the same order.
 """
 
@@ -45,15 +45,15 @@ def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[st
     try:
         if is_writer:
             stores = _open_stores(members, ids, overrides, str(path))
-            plan = [_decide(members[i], ids[i], stores[members[i].store], retry_failed,
+            actions = [_decide(members[i], ids[i], stores[members[i].store], retry_failed,
                             f"[{i + 1}/{len(members)}]") for i in range(len(members))]
         else:
-            plan = [SKIP] * len(members)
+            actions = [SKIP] * len(members)
         if jax.process_count() > 1:
-            plan = multihost_utils.broadcast_one_to_all(np.array(plan, np.int32)).tolist()
+            actions = multihost_utils.broadcast_one_to_all(np.array(actions, np.int32)).tolist()
 
         outcome = {}
-        for config, run_id, action in zip(members, ids, plan, strict=True):
+        for config, run_id, action in zip(members, ids, actions, strict=True):
             store = stores.get(config.store)
             if action == TRAIN:
                 try:

@@ -128,7 +128,7 @@ def test_dry_run_prints_every_command_in_order_and_runs_nothing(tmp_path, fake, 
 def test_hostile_values_reach_the_trainer_as_one_argument(tmp_path, fake, monkeypatch):
     """The remote command, run by a real shell, gives the trainer the exact values."""
     bucket = tmp_path / "bucket with 'quotes'; and spaces"
-    plan = runner.make_plan(STUDY, _overrides(bucket))
+    plan = runner.prepare_launch(STUDY, _overrides(bucket))
     backend = get_backend("tpu")
     step = backend.train(plan, 0, plan.members[0])[0]
     (tmp_path / "home" / "scaling-suite").mkdir(parents=True)
@@ -144,7 +144,7 @@ def test_hostile_values_reach_the_trainer_as_one_argument(tmp_path, fake, monkey
 def test_a_preempted_slice_is_requested_again_and_the_run_resumes(tmp_path, fake):
     bucket = tmp_path / "bucket"
     fake.arm("preempt", 2)  # the first two trainer ssh calls lose the slice
-    plan = runner.make_plan(STUDY, _overrides(bucket))
+    plan = runner.prepare_launch(STUDY, _overrides(bucket))
     slept = []
     outcome = runner.execute(get_backend("tpu"), plan, sleep=slept.append, say=lambda _: None)
     assert set(outcome.values()) == {"finished"}
@@ -177,7 +177,7 @@ def test_preemption_retries_are_bounded_and_reported(tmp_path, fake, capsys):
 
 def test_a_failed_run_is_reported_with_its_reason_and_not_retried(tmp_path, fake):
     bucket = tmp_path / "bucket"
-    plan = runner.make_plan(STUDY, _overrides(bucket))
+    plan = runner.prepare_launch(STUDY, _overrides(bucket))
     first = plan.members[0].run_id
     remote_records.RunRecords(str(bucket), first).status(
         "failed", 7, "train loss became nan by step 7; lower train.learning_rate")
@@ -187,7 +187,7 @@ def test_a_failed_run_is_reported_with_its_reason_and_not_retried(tmp_path, fake
     assert [outcome[m.run_id] for m in plan.members[1:]] == ["finished", "finished"]
     assert len([a for a in fake("gcloud") if "create" in a]) == 1
     # Relaunching reports it again instead of training it again.
-    again = runner.make_plan(STUDY, _overrides(bucket))
+    again = runner.prepare_launch(STUDY, _overrides(bucket))
     assert first in again.skipped and "failed earlier (train loss" in again.skipped[first]
     assert first not in [m.run_id for m in again.members]
 
@@ -206,12 +206,12 @@ def test_relaunch_skips_finished_runs(tmp_path, fake, capsys):
 def test_direct_slice_and_best_effort_commands(tmp_path):
     bucket = tmp_path / "bucket"
     tpu = get_backend("tpu")
-    direct = runner.make_plan(STUDY, _overrides(bucket, queued="false"))
+    direct = runner.prepare_launch(STUDY, _overrides(bucket, queued="false"))
     steps = launch_steps(tpu, direct)
     assert steps[1].args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", NAME]
     assert "--version" in steps[1].args and "--spot" in steps[1].args
     assert steps[-1].args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", NAME]
-    best = runner.make_plan(STUDY, _overrides(bucket, spot="false", best_effort="true",
+    best = runner.prepare_launch(STUDY, _overrides(bucket, spot="false", best_effort="true",
                                               keep_slice="true"))
     steps = launch_steps(tpu, best)
     assert steps[1].args[:3] == ["gcloud", "alpha", "compute"] and "--best-effort" in steps[1].args
@@ -221,7 +221,7 @@ def test_direct_slice_and_best_effort_commands(tmp_path):
 def test_xpk_creates_one_workload_per_run_and_waits_for_it(tmp_path, fake):
     bucket = tmp_path / "bucket"
     over = _overrides(bucket, backend="xpk", cluster="my-cluster", spot="true", max_retries=4)
-    plan = runner.make_plan(STUDY, over)
+    plan = runner.prepare_launch(STUDY, over)
     outcome = runner.execute(get_backend("xpk"), plan, sleep=pytest.fail, say=lambda _: None)
     assert set(outcome.values()) == {"finished"}
     calls = fake("xpk")
@@ -281,7 +281,7 @@ def test_real_gcloud_accepts_every_generated_command(tmp_path):
                 _overrides(bucket, queued="false")]
     unique = {}
     for over in variants:
-        for step in launch_steps(tpu, runner.make_plan(STUDY, over)):
+        for step in launch_steps(tpu, runner.prepare_launch(STUDY, over)):
             if step.args[0] == "gcloud":
                 unique[tuple(a for a in step.args if not a.startswith("--command"))] = step.args
     env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),

@@ -1,6 +1,6 @@
 """Where a sweep's runs go: one interface, one module per launcher.
 
-A backend turns a sweep plan (the members still to train) into argument
+A backend turns a Launch (the members still to train) into argument
 lists for the tools users already run: nothing here schedules jobs itself.
 
     local  this machine: `python -m launch.cli run ...` per member
@@ -42,7 +42,7 @@ class Step:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepPlan:
+class Launch:
     """A sweep ready to launch: the study, its overrides, where it goes, what is left."""
 
     study: str  # the study file (with :arg), relative to the repository root
@@ -55,17 +55,17 @@ class SweepPlan:
 
 
 class Backend(Protocol):
-    def prepare(self, plan: SweepPlan) -> list[Step]: ...
+    def prepare(self, plan: Launch) -> list[Step]: ...
 
-    def groups(self, plan: SweepPlan) -> list[list[Member]]: ...
+    def groups(self, plan: Launch) -> list[list[Member]]: ...
 
-    def acquire(self, plan: SweepPlan, slice_index: int) -> list[Step]: ...
+    def acquire(self, plan: Launch, slice_index: int) -> list[Step]: ...
 
-    def train(self, plan: SweepPlan, slice_index: int, member: Member) -> list[Step]: ...
+    def train(self, plan: Launch, slice_index: int, member: Member) -> list[Step]: ...
 
-    def release(self, plan: SweepPlan, slice_index: int) -> list[Step]: ...
+    def release(self, plan: Launch, slice_index: int) -> list[Step]: ...
 
-    def state(self, plan: SweepPlan, slice_index: int) -> Step | None: ...
+    def state(self, plan: Launch, slice_index: int) -> Step | None: ...
 
     def preempted(self, state_output: str, returncode: int) -> bool: ...
 
@@ -75,7 +75,7 @@ def get_backend(name: str) -> Backend:
     return importlib.import_module(f"launch.backends.{name}")
 
 
-def launch_steps(backend: Backend, plan: SweepPlan) -> list[Step]:
+def launch_steps(backend: Backend, plan: Launch) -> list[Step]:
     """Every command of a launch without failures, in order (what --dry-run prints)."""
     steps: list[Step] = list(backend.prepare(plan))
     for i, group in enumerate(backend.groups(plan)):

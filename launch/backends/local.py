@@ -18,31 +18,31 @@ import subprocess
 import sys
 import time
 
-from launch.backends import Member, Step, SweepPlan
+from launch.backends import Launch, Member, Step
 from launch.backends.commands import trainer_args
 
 
-def prepare(plan: SweepPlan) -> list[Step]:
+def prepare(plan: Launch) -> list[Step]:
     return []
 
 
-def groups(plan: SweepPlan) -> list[list[Member]]:
+def groups(plan: Launch) -> list[list[Member]]:
     return [plan.members] if plan.members else []
 
 
-def acquire(plan: SweepPlan, slice_index: int) -> list[Step]:
+def acquire(plan: Launch, slice_index: int) -> list[Step]:
     return []
 
 
-def train(plan: SweepPlan, slice_index: int, member: Member) -> list[Step]:
+def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
     return [Step(trainer_args(sys.executable, plan, member))]
 
 
-def release(plan: SweepPlan, slice_index: int) -> list[Step]:
+def release(plan: Launch, slice_index: int) -> list[Step]:
     return []
 
 
-def state(plan: SweepPlan, slice_index: int) -> None:
+def state(plan: Launch, slice_index: int) -> None:
     return None
 
 
@@ -118,7 +118,7 @@ def train_parallel(study: str, overrides: dict, parallel: int, retry_failed: boo
     from launch.backends import runner  # noqa: PLC0415 - runner imports this module
 
     todo = set(sweep.members_to_train(study, overrides, retry_failed))
-    plan = runner.make_plan(study, overrides, retry_failed)
+    plan = runner.prepare_launch(study, overrides, retry_failed)
     flops = {config_lib.run_id(c): train.run_record(c, "").flops
              for c in config_lib.study_sweep(study, overrides)}
     queue = sorted((m for m in plan.members if m.run_id in todo),

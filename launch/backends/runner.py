@@ -19,7 +19,7 @@ from pathlib import Path
 
 from launch import config as config_lib
 from launch import remote_records
-from launch.backends import Backend, Member, Step, SweepPlan, launch_steps
+from launch.backends import Backend, Launch, Member, Step, launch_steps
 from scaling.errors import UserError
 
 # Wait states that will never become ready by themselves.
@@ -30,13 +30,13 @@ class _Unavailable(Exception):
     """The slice could not be had or was lost: retried with backoff."""
 
 
-def make_plan(study: str, overrides: dict, retry_failed: bool = False,
-              strict: bool = True) -> SweepPlan:
+def prepare_launch(study: str, overrides: dict, retry_failed: bool = False,
+              strict: bool = True) -> Launch:
     """The sweep's members (validated) and what to skip, from the bucket's records.
 
     A bucket that cannot be read is an error, unless not `strict` (a dry run,
     which must work without credentials): then every member is planned and
-    the plan's `notes` say why.
+    the launch's `notes` say why.
     """
     configs = config_lib.study_sweep(study, overrides)
     module, arg, _ = config_lib.load_study(study)
@@ -59,7 +59,7 @@ def make_plan(study: str, overrides: dict, retry_failed: bool = False,
             skipped[run_id] = why
         else:
             members.append(Member(run_id, dict(own)))
-    return SweepPlan(study=_repo_relative(study, launch["backend"]), overrides=dict(overrides),
+    return Launch(study=_repo_relative(study, launch["backend"]), overrides=dict(overrides),
                      launch=launch, sweep_name=configs[0].sweep_name, members=members,
                      skipped=skipped, notes=notes)
 
@@ -88,7 +88,7 @@ def _repo_relative(study: str, backend: str) -> str:
     return str(relative) + colon + arg
 
 
-def dry_run(backend: Backend, plan: SweepPlan, out=print):
+def dry_run(backend: Backend, plan: Launch, out=print):
     """Print every command the launch would run, in order, one per line; run nothing."""
     for note in plan.notes:
         out(f"# {note}")
@@ -107,7 +107,7 @@ def _run(args: list[str], capture: bool) -> tuple[int, str]:
     return done.returncode, (done.stdout or "") if capture else ""
 
 
-def execute(backend: Backend, plan: SweepPlan, run=_run, sleep=time.sleep,
+def execute(backend: Backend, plan: Launch, run=_run, sleep=time.sleep,
             say=lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, str]:
     """Run the launch; returns {run_id: "finished" | "failed: reason" | "skipped: why"}."""
     launch = plan.launch
@@ -178,7 +178,7 @@ def _train(backend, plan, i, member: Member, run) -> str:
     return "finished"
 
 
-def _reason(plan: SweepPlan, run_id: str, returncode: int) -> str:
+def _reason(plan: Launch, run_id: str, returncode: int) -> str:
     """The run's own failure reason from its records, else the exit code."""
     if plan.launch["bucket"]:
         status = remote_records.latest_status(

@@ -30,24 +30,24 @@ import os
 import shlex
 import tempfile
 
-from launch.backends import Member, Step, SweepPlan, split
+from launch.backends import Launch, Member, Step, split
 from launch.backends.commands import remote_shell, trainer_args
 
 ARCHIVE = "scaling-suite.tar.gz"  # in each worker's home
 LIVE = {"ACTIVE", "READY"}
 
 
-def prepare(plan: SweepPlan) -> list[Step]:
+def prepare(plan: Launch) -> list[Step]:
     """Pack the committed code (HEAD) once; every slice gets this archive."""
     return [Step(["git", "archive", "--format=tar.gz", f"--output={local_archive(plan)}",
                   "HEAD"])]
 
 
-def groups(plan: SweepPlan) -> list[list[Member]]:
+def groups(plan: Launch) -> list[list[Member]]:
     return split(plan.members, plan.launch["runs_per_slice"])
 
 
-def slice_name(plan: SweepPlan, slice_index: int) -> str:
+def slice_name(plan: Launch, slice_index: int) -> str:
     if len(groups(plan)) <= 1:
         return plan.launch["tpu_name"]
     return f"{plan.launch['tpu_name']}-{slice_index}"
@@ -58,11 +58,11 @@ def _where(launch: dict) -> list[str]:
     return ["--zone", launch["zone"], *project]
 
 
-def local_archive(plan: SweepPlan) -> str:
+def local_archive(plan: Launch) -> str:
     return os.path.join(tempfile.gettempdir(), f"{plan.launch['tpu_name']}-{ARCHIVE}")
 
 
-def acquire(plan: SweepPlan, slice_index: int) -> list[Step]:
+def acquire(plan: Launch, slice_index: int) -> list[Step]:
     launch, name = plan.launch, slice_name(plan, slice_index)
     where = _where(launch)
     if launch["queued"]:
@@ -92,7 +92,7 @@ def acquire(plan: SweepPlan, slice_index: int) -> list[Step]:
     ]
 
 
-def train(plan: SweepPlan, slice_index: int, member: Member) -> list[Step]:
+def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
     launch = plan.launch
     # SCALING_DISTRIBUTED=auto: every worker joins the others (launch/distributed.py).
     command = remote_shell(launch["remote_dir"], trainer_args(launch["python"], plan, member),
@@ -100,7 +100,7 @@ def train(plan: SweepPlan, slice_index: int, member: Member) -> list[Step]:
     return [_ssh(plan, slice_name(plan, slice_index), command)]
 
 
-def release(plan: SweepPlan, slice_index: int) -> list[Step]:
+def release(plan: Launch, slice_index: int) -> list[Step]:
     launch, name = plan.launch, slice_name(plan, slice_index)
     if launch["keep_slice"]:
         return []
@@ -112,7 +112,7 @@ def release(plan: SweepPlan, slice_index: int) -> list[Step]:
                   "--quiet"])]
 
 
-def state(plan: SweepPlan, slice_index: int) -> Step:
+def state(plan: Launch, slice_index: int) -> Step:
     return Step(_describe(plan, slice_index))
 
 
@@ -120,7 +120,7 @@ def preempted(state_output: str, returncode: int) -> bool:
     return returncode != 0 or state_output.strip() not in LIVE
 
 
-def _describe(plan: SweepPlan, slice_index: int) -> list[str]:
+def _describe(plan: Launch, slice_index: int) -> list[str]:
     launch, name = plan.launch, slice_name(plan, slice_index)
     if launch["queued"]:
         return ["gcloud", "compute", "tpus", "queued-resources", "describe", name,
@@ -129,7 +129,7 @@ def _describe(plan: SweepPlan, slice_index: int) -> list[str]:
             "--format=value(state)"]
 
 
-def _ssh(plan: SweepPlan, name: str, command: str) -> Step:
+def _ssh(plan: Launch, name: str, command: str) -> Step:
     return Step(["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *_where(plan.launch),
                  "--worker=all", "--command", command])
 

@@ -18,29 +18,29 @@ from __future__ import annotations
 
 import shlex
 
-from launch.backends import Member, Step, SweepPlan
+from launch.backends import Launch, Member, Step
 from launch.backends.commands import trainer_args
 
 
-def prepare(plan: SweepPlan) -> list[Step]:
+def prepare(plan: Launch) -> list[Step]:
     return []
 
 
-def groups(plan: SweepPlan) -> list[list[Member]]:
+def groups(plan: Launch) -> list[list[Member]]:
     return [plan.members] if plan.members else []
 
 
-def workload_name(plan: SweepPlan, member: Member) -> str:
+def workload_name(plan: Launch, member: Member) -> str:
     # Kubernetes names: lower case, at most 40 characters for xpk.
     prefix = (plan.launch["tpu_name"] or "scaling")[:26].rstrip("-")
     return f"{prefix}-{member.run_id}"
 
 
-def acquire(plan: SweepPlan, slice_index: int) -> list[Step]:
+def acquire(plan: Launch, slice_index: int) -> list[Step]:
     return []
 
 
-def train(plan: SweepPlan, slice_index: int, member: Member) -> list[Step]:
+def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
     launch, name = plan.launch, workload_name(plan, member)
     where = ["--zone", launch["zone"]] + (["--project", launch["project"]]
                                           if launch["project"] else [])
@@ -61,11 +61,11 @@ def train(plan: SweepPlan, slice_index: int, member: Member) -> list[Step]:
     ]
 
 
-def release(plan: SweepPlan, slice_index: int) -> list[Step]:
+def release(plan: Launch, slice_index: int) -> list[Step]:
     return []
 
 
-def state(plan: SweepPlan, slice_index: int) -> None:
+def state(plan: Launch, slice_index: int) -> None:
     return None
 
 
