@@ -23,9 +23,9 @@ import numpy as np
 from scaling.errors import UserError
 from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.fitting.laws import get_law
-from scaling.store import FitRecord, Store
+from scaling.store import Store
 from scaling.studies import analysis
-from scaling.studies.provenance import fit_provenance, run_convention, run_flops
+from scaling.studies.provenance import run_convention, run_flops, save_fit_result
 
 BY = ("n", "compute")
 
@@ -124,23 +124,15 @@ def backtest_sweep(store: Store, sweep: str, law_name: str, holdout_largest: int
                 "n_params": "kaplan_nonembedding"}
     optimizer = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
                  **OPTIMIZER_DEFAULTS}
-    provenance = fit_provenance(result, 0, x=x, y=y, mask=~held[None], run_ids=train_ids,
-                                fit_settings=optimizer, convention=convention)
     outcome = {"law": law.name, "by": by, "holdout_largest": k, "confidence": confidence,
                "holdout": rows, "inside_fraction": float(np.mean([r["inside"] for r in rows]))}
-    provenance["backtest"] = outcome
-    record = FitRecord(
-        sweep=sweep, law=law.name, what="backtest", curve="all",
-        params={name: float(v[0]) for name, v in result.params.items()},
-        intervals={name: [float(v[0][0]), float(v[0][1])] for name, v in
-                   result.intervals.items()},
-        objective=float(result.objective[0]), converged=bool(result.converged[0]),
-        n_points=int(result.n_points[0]),
+    record = save_fit_result(
+        store, result, 0, sweep=sweep, what="backtest", label="all",
         selection={"runs": train_ids, "held_out": [r["run_id"] for r in rows], "n_params": None,
                    "left_out": {}},
-        settings=settings, provenance=provenance)
-    fit_id = store.save_fit(record)
-    return {"fit_id": fit_id, **outcome, "params": record.params}
+        settings=settings, x=x, y=y, mask=~held[None], run_ids=train_ids,
+        fit_settings=optimizer, convention=convention, extra={"backtest": outcome})
+    return {"fit_id": record.fit_id, **outcome, "params": record.params}
 
 
 def backtest_table(outcome: dict) -> str:

@@ -11,7 +11,6 @@ Failed runs are left out, and the fit's selection says which and why.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -21,7 +20,7 @@ from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.fitting.laws import LAWS, get_law
 from scaling.store import FitRecord, Store, sweep_runs
 from scaling.studies.fit_warnings import record_warnings
-from scaling.studies.provenance import fit_provenance, run_convention
+from scaling.studies.provenance import run_convention, save_fit_result
 
 
 def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
@@ -60,24 +59,14 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     optimizer = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
                  "resample": resample, **OPTIMIZER_DEFAULTS, "keep_starts": keep_starts,
                  "varpro": bool(result.varpro)}
-    records = []
-    for i, label in enumerate(labels):
-        record = FitRecord(
-            sweep=sweep, law=law.name, what=what, curve=label,
-            params={k: float(v[i]) for k, v in result.params.items()},
-            intervals={k: [float(v[i][0]), float(v[i][1])] for k, v in result.intervals.items()},
-            objective=float(result.objective[i]),
-            converged=bool(result.converged[i]),
-            n_points=int(result.n_points[i]),
+    return [
+        save_fit_result(
+            store, result, i, sweep=sweep, what=what, label=label,
             selection={"runs": [r.run_id for r in finished] if what == "final" else [label],
                        "n_params": size.get(label), "left_out": left_out},
-            settings=settings,
-            provenance=fit_provenance(result, i, x=x, y=y, mask=mask, run_ids=used[i],
-                                      fit_settings=optimizer, convention=convention),
-        )
-        fit_id = store.save_fit(record)
-        records.append(_with_id(record, fit_id))
-    return records
+            settings=settings, x=x, y=y, mask=mask, run_ids=used[i], fit_settings=optimizer,
+            convention=convention)
+        for i, label in enumerate(labels)]
 
 
 def sweep_arrays(store: Store, sweep: str, law_name: str, what: str = "final"):
@@ -141,10 +130,6 @@ def _pad(xs, ys):
     for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
         x[i, : len(yi)], y[i, : len(yi)], mask[i, : len(yi)] = xi, yi, True
     return x, y, mask
-
-
-def _with_id(record: FitRecord, fit_id: int) -> FitRecord:
-    return dataclasses.replace(record, fit_id=fit_id)
 
 
 def latest_fits(store: Store, sweep: str, law: str | None = None) -> list[FitRecord]:

@@ -22,9 +22,10 @@ import dataclasses
 import numpy as np
 
 from scaling.errors import UserError
-from scaling.fitting.fit import fit
+from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.fitting.laws import get_law
 from scaling.store import FitRecord, Store, sweep_runs
+from scaling.studies.provenance import save_fit_result
 
 WHAT = "critical-batch"
 
@@ -102,16 +103,13 @@ def fit_critical_batch(store: Store, sweep: str, *, bootstrap: int = 200,
                  bootstrap=bootstrap, objective=objective, seed=seed)
     ranges = {"S_min": [float(s_min.min()), float(s_min.max())],
               "E_min": [float(e_min.min()), float(e_min.max())]}
-    records = []
-    for law, result, curve in (("b_crit", b_crit_fit, "L -> B_noise"),
-                               ("kaplan_ns", ns_fit, "N, S_min")):
-        record = FitRecord(
-            sweep=sweep, law=law, what=WHAT, curve=curve,
-            params={k: float(v[0]) for k, v in result.params.items()},
-            intervals={k: [float(v[0][0]), float(v[0][1])] for k, v in result.intervals.items()},
-            objective=float(result.objective[0]), converged=bool(result.converged[0]),
-            n_points=int(result.n_points[0]), selection={**selection, **ranges},
-            settings=settings,
-        )
-        records.append(dataclasses.replace(record, fit_id=store.save_fit(record)))
-    return records
+    optimizer = {**settings, **OPTIMIZER_DEFAULTS}
+    every = np.ones((1, len(points.loss)), bool)
+    return [
+        save_fit_result(store, result, 0, sweep=sweep, what=WHAT, label=curve,
+                        selection={**selection, **ranges}, settings=settings, x=x[None],
+                        y=y[None], mask=every, run_ids=points.run_id.tolist(),
+                        fit_settings=optimizer, convention=None)
+        for result, curve, x, y in (
+            (b_crit_fit, "L -> B_noise", points.loss[:, None], points.noise_scale),
+            (ns_fit, "N, S_min", np.stack([points.n_params, s_min], axis=1), points.loss))]

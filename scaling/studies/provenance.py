@@ -9,6 +9,7 @@ checkout, else the package version).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import subprocess
 from importlib import metadata
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from scaling.errors import UserError
+from scaling.store import FitRecord, Store
 
 
 @functools.cache
@@ -82,3 +84,22 @@ def run_flops(run, convention: str) -> float:
     if convention == run.flop_convention:
         return float(run.flops)
     return float(run.flops_by_convention[convention])
+
+
+def save_fit_result(store: Store, result, curve: int, *, sweep: str, what: str, label: str,
+                    selection: dict, settings: dict, x, y, mask, run_ids, fit_settings: dict,
+                    convention: str | None, extra: dict | None = None) -> FitRecord:
+    """Curve `curve` of a `FitResult` saved as one FitRecord with its provenance (and
+    `extra` provenance keys); returns the record with its fit id. Every caller that
+    stores a fit goes through here, so no stored fit lacks where it came from."""
+    provenance = fit_provenance(result, curve, x=x, y=y, mask=mask, run_ids=run_ids,
+                                fit_settings=fit_settings, convention=convention)
+    record = FitRecord(
+        sweep=sweep, law=result.law.name, what=what, curve=label,
+        params={k: float(v[curve]) for k, v in result.params.items()},
+        intervals={k: [float(v[curve][0]), float(v[curve][1])]
+                   for k, v in result.intervals.items()},
+        objective=float(result.objective[curve]), converged=bool(result.converged[curve]),
+        n_points=int(result.n_points[curve]), selection=selection, settings=settings,
+        provenance=provenance | (extra or {}))
+    return dataclasses.replace(record, fit_id=store.save_fit(record))
