@@ -374,8 +374,11 @@ def _sync(args, overrides):
 
     with _open_store(_store_path(args, overrides), must_exist=False) as store:
         counts = sync.sync(store, args.bucket, args.sweep)
+    for run_id, reason in counts["skipped"].items():
+        print(f"skipped {run_id[:40]!r}: {reason}", file=sys.stderr)
     print(f"synced {counts['runs']} runs ({counts['evals']} evals) of {args.sweep} "
           f"into {store.path}")
+    return 1 if counts["skipped"] else 0
 
 
 def _plan(args, overrides):

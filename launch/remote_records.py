@@ -18,6 +18,7 @@ and the store's keyed writes make ingesting it twice a no-op.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -98,12 +99,20 @@ def run_ids(bucket: str) -> list[str]:
 
 
 def read_run(bucket: str, run_id: str) -> dict:
-    """{"run": run.json, "status": newest status or None, "evals": [eval, ...] by step}."""
+    """{"run": run.json, "status": newest status or None, "evals": [eval, ...] by step,
+    "symlinks": [paths that are symbolic links]} (a local bucket can hold links; the
+    trainer never writes one, so `scaling sync` refuses a run that has any)."""
     directory = records_dir(bucket, run_id)
-    evals = []
+    evals, paths = [], [run_dir(bucket, run_id), directory, directory / RUN]
     if (directory / EVAL).exists():
         for path in sorted(directory.joinpath(EVAL).iterdir(), key=lambda p: p.name):
             if path.name.endswith(".json") and not path.name.startswith("."):
+                paths.append(path)
                 evals.append(json.loads(path.read_text()))
     return {"run": json.loads((directory / RUN).read_text()),
-            "status": latest_status(directory), "evals": evals}
+            "status": latest_status(directory), "evals": evals,
+            "symlinks": [str(p) for p in paths if _is_link(p)]}
+
+
+def _is_link(path: epath.Path) -> bool:
+    return not str(path).startswith("gs://") and os.path.islink(str(path))

@@ -8,6 +8,8 @@ sync run any number of times leaves exactly one copy of every record.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 from launch import remote_records
 from scaling.errors import UserError
@@ -16,23 +18,109 @@ from scaling.store import RunRecord, Store
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunRecord)}
 
 
-def remote_runs(bucket: str, sweep: str | None) -> list[dict]:
-    """The records of every run in the bucket (of one sweep, if named)."""
+_STATUSES = {"pending", "running", "finished", "failed"}
+_INT_FIELDS = ("n_params", "n_params_total", "n_layer", "d_model", "n_heads", "n_ctx", "tokens")
+# A run id is the 12 hex digits of launch.config.run_id; anything else in a
+# bucket's runs/ folder was not written by the trainer.
+_RUN_ID = re.compile(r"[0-9a-f]{12}")
+
+
+class BadRecord(Exception):
+    """A run's records that cannot be ingested; the message says which file and why."""
+
+
+def remote_runs(bucket: str, sweep: str | None, skipped: dict | None = None) -> list[dict]:
+    """The checked records of every run in the bucket (of one sweep, if named). A run whose
+    records are unreadable or malformed is left out, its reason in `skipped` (run id ->
+    reason); a bucket that cannot be read at all is a UserError."""
     try:
-        runs = [remote_records.read_run(bucket, i) for i in remote_records.run_ids(bucket)]
+        ids = remote_records.run_ids(bucket)
     except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
-        raise UserError(f"cannot read the records in {bucket} ({type(e).__name__}: "
+        raise UserError(f"cannot list the records in {bucket} ({type(e).__name__}: "
                         f"{str(e)[:120]}); for gs:// `pip install gcsfs` and `gcloud auth "
                         "application-default login`") from None
-    return [r for r in runs if sweep is None or r["run"]["config"].get("sweep_name") == sweep]
+    runs = []
+    for run_id in ids:
+        try:
+            remote = _checked(run_id, remote_records.read_run(bucket, run_id))
+        except (BadRecord, OSError, ValueError, TypeError, KeyError) as e:
+            if skipped is not None:
+                skipped[run_id] = f"{type(e).__name__}: {e}" if not isinstance(e, BadRecord) \
+                    else str(e)
+            continue
+        if sweep is None or remote["run"]["config"].get("sweep_name") == sweep:
+            runs.append(remote)
+    return runs
 
 
-def sync(store: Store, bucket: str, sweep: str) -> dict[str, int]:
-    """Ingest one sweep's remote runs; returns {"runs": n, "evals": n}."""
-    runs = remote_runs(bucket, sweep)
+def _checked(folder: str, remote: dict) -> dict:
+    """`remote` if it is what the trainer writes, else BadRecord naming the first problem."""
+    if not _RUN_ID.fullmatch(folder):
+        raise BadRecord(f"runs/{folder[:40]!r} is not a run id (12 hex digits)")
+    if remote.get("symlinks"):
+        raise BadRecord(f"{remote['symlinks'][0]} is a symbolic link; records are plain files")
+    run = remote["run"]
+    if not isinstance(run, dict) or run.get("run_id") != folder:
+        named = str(run.get("run_id") if isinstance(run, dict) else run)[:40]
+        raise BadRecord(f"run.json names run {named!r}, not its folder's {folder}")
+    if not isinstance(run.get("config"), dict) or not isinstance(
+            run["config"].get("sweep_name"), str):
+        raise BadRecord("run.json has no config with a sweep_name")
+    for key in _INT_FIELDS:
+        if not _is_int(run.get(key)) or run[key] < 1:
+            raise BadRecord(f"run.json: {key} = {str(run.get(key))[:40]!r} is not a positive "
+                            "whole number")
+    if not _is_number(run.get("flops")) or run["flops"] <= 0:
+        raise BadRecord(f"run.json: flops = {str(run.get('flops'))[:40]!r} is not a positive "
+                        "number")
+    n_ctx = run["n_ctx"]
+    for row in remote["evals"]:
+        where = f"eval {str(row.get('step') if isinstance(row, dict) else row)[:20]}"
+        if not isinstance(row, dict) or not _is_int(row.get("step")) or row["step"] < 0:
+            raise BadRecord(f"{where}: the step is not a whole number >= 0")
+        scalars = row.get("scalars")
+        if not isinstance(scalars, dict) or not all(
+                isinstance(k, str) and _is_number(v) for k, v in scalars.items()) \
+                or "eval_loss" not in scalars:
+            raise BadRecord(f"{where}: scalars must be finite numbers, eval_loss among them")
+        for key in ("per_token", "per_token_stderr"):
+            values = row.get(key)
+            if key == "per_token_stderr" and values is None:
+                continue
+            if not isinstance(values, list) or len(values) != n_ctx or not all(
+                    _is_number(v) for v in values):
+                raise BadRecord(f"{where}: {key} must be {n_ctx} finite numbers (n_ctx)")
+        if row.get("per_token_stderr") is not None and (
+                not _is_int(row.get("n_sequences")) or row["n_sequences"] < 1):
+            raise BadRecord(f"{where}: n_sequences is not a positive whole number")
+    status = remote["status"]
+    if status is not None and (
+            not isinstance(status, dict) or status.get("status") not in _STATUSES
+            or not (status.get("step") is None or _is_int(status["step"]))
+            or not (status.get("reason") is None or isinstance(status["reason"], str))):
+        raise BadRecord(f"the newest status record is not one the trainer writes "
+                        f"({str(status)[:60]})")
+    return remote
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def sync(store: Store, bucket: str, sweep: str) -> dict:
+    """Ingest one sweep's remote runs; returns {"runs": n, "evals": n, "skipped": {id: why}}.
+    Every run is checked whole before anything of it is written."""
+    skipped: dict[str, str] = {}
+    runs = remote_runs(bucket, sweep, skipped)
     if not runs:
+        why = "".join(f"; {i} skipped: {r}" for i, r in list(skipped.items())[:3])
         raise UserError(f"no runs of sweep {sweep!r} under {bucket}/runs; check the sweep "
-                        "name (config.sweep_name) and --bucket")
+                        f"name (config.sweep_name) and --bucket{why}")
     evals = 0
     for remote in runs:
         record = RunRecord(**{k: v for k, v in remote["run"].items() if k in _RUN_FIELDS})
@@ -45,11 +133,11 @@ def sync(store: Store, bucket: str, sweep: str) -> dict[str, int]:
         if status is not None:
             store.set_status(record.run_id, status["status"], step=status["step"],
                              reason=status["reason"])
-    return {"runs": len(runs), "evals": evals}
+    return {"runs": len(runs), "evals": evals, "skipped": skipped}
 
 
 def status_rows(bucket: str, sweep: str | None) -> list[dict]:
-    """The rows of `scaling status` (scaling/status.status_rows) read from the bucket."""
+    """The rows of `scaling status` (scaling/figures/status.status_rows) read from the bucket."""
     rows = []
     for remote in remote_runs(bucket, sweep):
         run, status, evals = remote["run"], remote["status"] or {}, remote["evals"]

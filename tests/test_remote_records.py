@@ -27,7 +27,7 @@ def trained(tmp_path_factory, data_cache):
         "data.cache_dir": data_cache, "model.n_layer": 1, "model.d_model": 32,
         "model.n_heads": 2, "model.n_ctx": 32, "train.steps": 20, "train.batch_size": 8,
         "train.warmup_steps": 2, "eval.batches": 2, "eval.points": 4, "checkpoint.every": 10,
-        "launch.bucket": str(tmp / "bucket"), "sweep_name": "remote 'sweep'; one"})
+        "launch.bucket": str(tmp / "bucket"), "sweep_name": "remote-sweep.one"})
     return config, train_and_evaluate(config)
 
 
@@ -130,3 +130,67 @@ def test_sync_of_an_unknown_sweep_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: no runs of sweep 'nope'") and err.count("\n") == 1
     assert sync.remote_runs(str(tmp_path), None) == []
+
+
+def _poisoned_bucket(config, run_id, tmp_path) -> tuple[Path, dict]:
+    """A copy of the bucket beside the good run with one bad run per way a record can lie."""
+    import shutil
+
+    bucket = tmp_path / "bucket"
+    shutil.copytree(config.launch.bucket, bucket)
+    good = bucket / "runs" / run_id
+    bad = {}
+
+    def clone(new_id):
+        shutil.copytree(good, bucket / "runs" / new_id,
+                        ignore=shutil.ignore_patterns("checkpoints"))
+        records = bucket / "runs" / new_id / "records"
+        run = json.loads((records / "run.json").read_text())
+        run["run_id"] = new_id
+        (records / "run.json").write_text(json.dumps(run))
+        return records, run
+
+    records, run = clone("aaaaaaaaaaa1")
+    run["n_params"] = "lots"
+    (records / "run.json").write_text(json.dumps(run))
+    bad["aaaaaaaaaaa1"] = "n_params"
+    records, _ = clone("aaaaaaaaaaa2")
+    first = sorted((records / "eval").iterdir())[0]
+    row = json.loads(first.read_text())
+    row["scalars"]["eval_loss"] = float("nan")
+    first.write_text(json.dumps(row))
+    bad["aaaaaaaaaaa2"] = "finite numbers"
+    records, _ = clone("aaaaaaaaaaa3")
+    own = records / "eval" / first.name
+    row = json.loads(own.read_text())
+    row["per_token"] = row["per_token"] * 1000
+    own.write_text(json.dumps(row))
+    bad["aaaaaaaaaaa3"] = "per_token must be 32"
+    records, _ = clone("aaaaaaaaaaa4")
+    (records / "run.json").write_text((records / "run.json").read_text()[:40])
+    bad["aaaaaaaaaaa4"] = "JSONDecodeError"
+    records, _ = clone("aaaaaaaaaaa5")
+    (records / "run.json").unlink()
+    (records / "run.json").symlink_to(good / "records" / "run.json")
+    bad["aaaaaaaaaaa5"] = "is a symbolic link"
+    clone("..evil_run")
+    bad["..evil_run"] = "not a run id"
+    return bucket, bad
+
+
+def test_sync_skips_poisoned_records_and_keeps_the_good_run(remote_run, tmp_path, capsys):
+    config, run_id = remote_run
+    bucket, bad = _poisoned_bucket(config, run_id, tmp_path)
+    store = tmp_path / "laptop.sqlite"
+    assert main(["sync", config.sweep_name, "--bucket", str(bucket), "--store", str(store)]) == 1
+    captured = capsys.readouterr()
+    assert "synced 1 runs (4 evals)" in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == len(bad)
+    for bad_id, why in bad.items():
+        assert any(bad_id[:12] in line and why in line for line in lines), bad_id
+    with Store(store) as synced:
+        assert [r.run_id for r in synced.runs()] == [run_id]
+    assert main(["status", "--store", str(store), "--sweep", config.sweep_name]) == 0
+    assert main(["fit", "--store", str(store), "--sweep", config.sweep_name, "--law",
+                 "saturating", "--what", "per-token", "--bootstrap", "0"]) == 0
