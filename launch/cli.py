@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 
 from launch.backends.local import pin_from_environment
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, overrides) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as e:  # a store damaged after it was opened
+        print(f"error: the results store is damaged (sqlite: {e}); restore it from a copy, "
+              "or give another with --store / --config.store", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume", file=sys.stderr)
@@ -285,14 +290,14 @@ def _store_path(args, overrides) -> str:
     return DEFAULT_STORE
 
 
-def _open_store(path: str, must_exist: bool = True):
+def _open_store(path: str, must_exist: bool = True, readonly: bool = False):
     from pathlib import Path
 
     from scaling.store import Store
 
     if must_exist and not Path(path).exists():
         raise UserError(f"no results store at {path!r}; run a sweep first or pass --store PATH")
-    return Store(path)
+    return Store(path, readonly=readonly)
 
 
 def _run(args, overrides):
@@ -406,7 +411,7 @@ def _status(args, overrides):
         rows = sync.status_rows(args.bucket, args.sweep)
         print(json.dumps(rows, indent=1) if args.json else status.status_table(rows))
         return
-    with _open_store(_store_path(args, overrides)) as store:
+    with _open_store(_store_path(args, overrides), readonly=True) as store:
         rows = status.status_rows(store, args.sweep)
     print(json.dumps(rows, indent=1) if args.json else status.status_table(rows))
 
@@ -507,7 +512,7 @@ def _check(args, overrides):
 def _query(args, overrides):
     from scaling.studies import analysis
 
-    with _open_store(_store_path(args, overrides)) as store:
+    with _open_store(_store_path(args, overrides), readonly=True) as store:
         records = analysis.latest_fits(store, args.sweep, args.law)
     records = analysis.same_convention(records, args.convention)
     _print_fits(records, args.json, provenance=True)

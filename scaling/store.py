@@ -199,10 +199,18 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 class Store:
-    """A handle on one store file; creates it (and its folder) on first use."""
+    """A handle on one store file; creates it (and its folder) on first use.
 
-    def __init__(self, path: str | os.PathLike):
+    readonly=True opens an existing store for reading only (`scaling status`,
+    `scaling query`), so a store on a read-only disk, or one made immutable to
+    keep it safe, can still be read; nothing is created, migrated or written.
+    """
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
+        if readonly:
+            self._open_readonly()
+            return
         check_writable(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +236,32 @@ class Store:
                 f"cannot open store {str(self.path)!r} ({e}); "
                 "give a writable path with --config.store=PATH"
             ) from None
+
+    def _open_readonly(self):
+        if not self.path.is_file():
+            raise UserError(f"no results store at {str(self.path)!r}; run a sweep first or "
+                            "pass --store PATH")
+        uri = self.path.resolve().as_uri()
+        try:
+            try:
+                self._conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+                tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}
+            except sqlite3.OperationalError:
+                # A WAL store in a folder we cannot write (no -shm to create): read the
+                # file as it stands, which is what a read-only copy holds.
+                self._conn = sqlite3.connect(f"{uri}?immutable=1", uri=True,
+                                             isolation_level=None)
+                tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}
+            version = (self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+                       if "schema_version" in tables else None)
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{str(self.path)!r} is not a readable results store ({e}); "
+                            "restore it from a copy or give another with --store") from None
+        if version != SCHEMA_VERSION:
+            self._conn.close()
+            raise UserError(f"store {str(self.path)!r} has schema version {version}, this suite "
+                            f"reads {SCHEMA_VERSION}; open it once where it is writable (any "
+                            "`scaling fit`) to upgrade it, or upgrade the suite")
 
     def _check_or_create_schema(self):
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}

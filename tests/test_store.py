@@ -196,3 +196,37 @@ def test_writability_is_checked_without_creating_anything(tmp_path):
         check_writable(blocker / "s.sqlite")
     with pytest.raises(UserError, match="not writable"):
         check_writable(tmp_path)  # a folder where the file should be
+
+
+def test_a_read_only_store_is_read_and_never_written(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        store.register_run(RunRecord("r1", {}, 10, 20, 1, 8, 1, 16, 100, 1e6), sweep="sw")
+    before = path.read_bytes()
+    with Store(path, readonly=True) as store:
+        assert [r.run_id for r in store.runs("sw")] == ["r1"]
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            store.set_status("r1", "finished", step=5)
+    assert path.read_bytes() == before
+    with pytest.raises(UserError, match="no results store"):
+        Store(tmp_path / "missing.sqlite", readonly=True)
+    assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_a_damaged_store_is_one_line_for_every_reader(tmp_path, capsys):
+    from launch.cli import main
+
+    path = tmp_path / "s.sqlite"
+    with Store(path) as store:
+        for i in range(50):
+            store.register_run(RunRecord(f"r{i}", {"x": "y" * 500}, 10, 20, 1, 8, 1, 16, 100,
+                                         1e6), sweep="sw")
+    with path.open("r+b") as f:  # random bytes over the data pages, as `dd` would
+        f.seek(3 * 4096)
+        f.write(np.random.default_rng(0).bytes(20 * 4096))
+    for command in (["status", "--sweep", "sw"], ["query", "--sweep", "sw"],
+                    ["fit", "--sweep", "sw", "--law", "power", "--what", "final"]):
+        assert main([*command, "--store", str(path)]) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("damaged" in err or "not a readable" in err
+                                               or "not a results store" in err), err
