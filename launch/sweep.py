@@ -60,6 +60,10 @@ def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[st
                     train.train_and_evaluate(config, store)
                 except train.DivergedError as e:
                     _say(config, f"{run_id}: failed: {e}")
+                except train.RunBusy as e:  # another sweep trains it now: go on to the next
+                    print(f"{run_id}: skipped: {e}", file=sys.stderr, flush=True)
+                    outcome[run_id] = "busy"
+                    continue
             outcome[run_id] = store.run(run_id).status if is_writer else "followed"
         return outcome
     finally:

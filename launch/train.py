@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import sys
@@ -34,6 +35,34 @@ from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling import faults
 from scaling.errors import UserError
 from scaling.store import RunRecord, Store, check_writable
+
+
+class RunBusy(UserError):
+    """Another process on this machine is training the same run (it holds the run's lock)."""
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str, run_id: str):
+    """Hold <workdir>/<run_id>/train.lock for the block, or raise RunBusy at once.
+
+    Two sweeps started over the same workdir would otherwise train the same
+    member side by side and collide in its checkpoint folder. The lock is the
+    kernel's (flock): it goes with the process, also when the process is killed.
+    """
+    folder = Path(workdir) / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"run {run_id} is being trained by another process on this machine "
+                          f"(it holds {path}); wait for it to finish, or stop it and "
+                          "relaunch") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class DivergedError(Exception):
@@ -99,21 +128,23 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
             if is_writer:
                 print(f"run {run_id} finished earlier; nothing to train", file=sys.stderr)
             return run_id
-        if is_writer:
-            mark("running")
-        try:
-            _train(config, run_id, store, is_writer, corpus, records)
-        except DivergedError as e:
+        # A busy run (RunBusy) is left as its other trainer has it: nothing is marked.
+        with run_lock(config.workdir, run_id) if is_writer else contextlib.nullcontext():
             if is_writer:
-                mark("failed", reason=str(e))
-            raise
-        except (KeyboardInterrupt, UserError) as e:
-            # Not the run's fault: it stays pending and trains on the next launch.
+                mark("running")
+            try:
+                _train(config, run_id, store, is_writer, corpus, records)
+            except DivergedError as e:
+                if is_writer:
+                    mark("failed", reason=str(e))
+                raise
+            except (KeyboardInterrupt, UserError) as e:
+                # Not the run's fault: it stays pending and trains on the next launch.
+                if is_writer:
+                    mark("pending", reason=str(e) or "interrupted")
+                raise
             if is_writer:
-                mark("pending", reason=str(e) or "interrupted")
-            raise
-        if is_writer:
-            mark("finished", step=config.train.steps)
+                mark("finished", step=config.train.steps)
     finally:
         if own_store:
             store.close()

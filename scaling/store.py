@@ -164,6 +164,15 @@ def check_sweep_name(name) -> str:
     return name
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 # Where results go unless a config or --store says otherwise.
 DEFAULT_STORE = "results/scaling.sqlite"
 
@@ -226,6 +235,7 @@ class Store:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._check_or_create_schema()
+            self._identity = _file_identity(self.path)
         except sqlite3.DatabaseError as e:
             raise UserError(
                 f"{str(self.path)!r} is not a results store ({e}); it was left untouched: "
@@ -296,6 +306,15 @@ class Store:
             self._conn.execute("UPDATE schema_version SET version = ?", (version,))
 
     def _transaction(self):
+        # SQLite keeps writing to a file removed (or replaced) under it, and the
+        # writes vanish with it: check it is still the file we opened, every write.
+        if getattr(self, "_identity", None) is not None and \
+                _file_identity(self.path) != self._identity:
+            raise UserError(f"the store file {str(self.path)!r} was removed or replaced while "
+                            "this process was using it, so what it writes now would be lost; "
+                            "nothing more was written. Restore the store (or give a new "
+                            "--config.store) and relaunch: finished runs resume from their "
+                            "checkpoints")
         return _Transaction(self._conn)
 
     def close(self):

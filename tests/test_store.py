@@ -230,3 +230,15 @@ def test_a_damaged_store_is_one_line_for_every_reader(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and ("damaged" in err or "not a readable" in err
                                                or "not a results store" in err), err
+
+
+def test_a_store_removed_under_a_writer_refuses_the_next_write(tmp_path):
+    path = tmp_path / "store" / "s.sqlite"
+    store = Store(path)
+    store.register_run(RunRecord("r1", {}, 10, 20, 1, 8, 1, 16, 100, 1e6), sweep="sw")
+    import shutil
+
+    shutil.rmtree(path.parent)  # `rm -rf` of the store's folder mid-sweep
+    with pytest.raises(UserError, match="was removed or replaced while this process"):
+        store.log_eval("r1", 1, {"eval_loss": 2.0}, np.ones(16, np.float32))
+    store.close()

@@ -213,3 +213,30 @@ def test_a_finished_run_is_not_touched_by_a_relaunch(tiny_config):
     assert train.train_and_evaluate(tiny_config) == run_id
     with Store(tiny_config.store) as store:
         assert store.run(run_id).status == "finished"
+
+
+def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, tmp_path,
+                                                                    capsys):
+    """Two sweeps over one workdir: the member the other holds is left to it, untouched."""
+    from launch import config as config_lib
+
+    study = _study(tmp_path, tiny_config)
+    busy, free = [config_lib.run_id(c) for c in config_lib.study_sweep(study)]
+    with train.run_lock(tiny_config.workdir, busy):  # as the other sweep's trainer holds it
+        assert main(["sweep", study, "--parallel", "1"]) == 1
+        out = capsys.readouterr()
+        assert "sweep done: 1 busy, 1 finished" in out.out
+        assert f"{busy}: skipped: run {busy} is being trained by another process" in out.err
+        with Store(tiny_config.store) as store:
+            assert store.run(busy).status == "pending" and store.run(busy).step == 0
+            assert store.run(free).status == "finished"
+        assert not (Path(tiny_config.workdir) / busy / "checkpoints").exists()
+        one = config_lib.study_sweep(study)[0]
+        args = ["run", study, *(f"--config.{k}={v}" for k, v in
+                                {"model.d_model": 16, "model.n_heads": 1}.items())]
+        assert config_lib.run_id(one) == busy
+        assert main(args) == 75
+        assert "is being trained by another process" in capsys.readouterr().err
+    assert main(["sweep", study, "--parallel", "1"]) == 0  # the lock went with its holder
+    with Store(tiny_config.store) as store:
+        assert store.run(busy).status == "finished"

@@ -21,6 +21,10 @@ import time
 from launch.backends import Launch, Member, Step
 from launch.backends.commands import trainer_args
 
+# The exit code of `scaling run` when another process trains the same run
+# (launch.train.RunBusy): the parallel sweep reports the member as busy, not failed.
+BUSY_EXIT_CODE = 75  # EX_TEMPFAIL
+
 
 def prepare(plan: Launch) -> list[Step]:
     return []
@@ -139,5 +143,5 @@ def train_parallel(study: str, overrides: dict, parallel: int, retry_failed: boo
                 del running[run_id]
         if running:
             time.sleep(wait_s)
-    return {run_id: "finished" if code == 0 else f"failed (exit code {code})"
-            for run_id, code in codes.items()}
+    return {run_id: "finished" if code == 0 else "busy" if code == BUSY_EXIT_CODE
+            else f"failed (exit code {code})" for run_id, code in codes.items()}
