@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -117,19 +118,44 @@ def load_study(path: str):
     spec = importlib.util.spec_from_file_location(f"study_{file_path.stem}", file_path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the study file's own error, said in one line
+        raise UserError(f"study file {file!r} failed to load: {_where(e, file_path)}") from None
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {file!r} has no get_config(); see experiments/local_cpu.py")
     return module, (arg or None), file_path.stem
 
 
 def _call(fn, arg):
-    return fn(arg) if arg is not None else fn()
+    """A study function's result; its own exception becomes one line naming it."""
+    try:
+        return fn(arg) if arg is not None else fn()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the study file's own error, said in one line
+        file = Path(fn.__code__.co_filename)
+        raise UserError(f"{fn.__name__}({'' if arg is None else repr(arg)}) of {str(file)!r} "
+                        f"failed: {_where(e, file)}") from None
+
+
+def _where(error: Exception, file: Path) -> str:
+    """`Type: message (line N)`, the line being the study file's last in the traceback."""
+    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+    frame = error.__traceback__
+    while frame is not None:
+        if Path(frame.tb_frame.f_code.co_filename) == file:
+            line = frame.tb_lineno
+        frame = frame.tb_next
+    return f"{type(error).__name__}: {error}" + (f" (line {line})" if line else "")
 
 
 def _study_base(module, arg, stem: str):
     """get_config(arg), its sweep named after the study file unless it names one."""
     config = _call(module.get_config, arg)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"get_config() of {stem!r} returned a {type(config).__name__}; it must "
+                        "return a ConfigDict (start from launch.config.base_config())")
     if not config.sweep_name:
         config.sweep_name = stem
     return config
@@ -152,8 +178,13 @@ def study_sweep(path: str, overrides: dict[str, str] | None = None):
     module, arg, stem = load_study(path)
     if not hasattr(module, "get_sweep"):
         raise UserError(f"config file {path!r} has no get_sweep(); use `scaling run` for one run")
+    sweep = _call(module.get_sweep, arg)
+    if not isinstance(sweep, list | tuple) or not sweep or not all(
+            isinstance(m, dict) for m in sweep):
+        raise UserError(f"get_sweep() of {path!r} returned {str(sweep)[:60]!r}; it must return "
+                        "a non-empty list of dicts of overrides, one per member")
     members = []
-    for i, member in enumerate(_call(module.get_sweep, arg)):
+    for i, member in enumerate(sweep):
         config = _study_base(module, arg, stem)
         apply_overrides(config, member, where=f"get_sweep() member {i}")
         apply_overrides(config, overrides or {})
@@ -222,6 +253,11 @@ def _coerce(value, kind):
     return kind(value)
 
 
+# Step and eval counts beyond this are typos (Kaplan's longest runs took 2.5e5
+# steps); past it, schedules and eval sets would not fit in memory.
+MAX_COUNT = 100_000_000
+
+
 def validate(config):
     """Raise UserError for the first thing that is wrong, naming the key."""
     if config.sweep_name:  # "" = the study file's name, filled in when a study loads
@@ -237,8 +273,17 @@ def validate(config):
     if config.eval.final_batches < 0:
         raise UserError(f"config.eval.final_batches={config.eval.final_batches} must be 0 "
                         "(the same as eval.batches) or more")
-    if not config.train.learning_rate > 0:
-        raise UserError(f"config.train.learning_rate={config.train.learning_rate} must be > 0")
+    if not (config.train.learning_rate > 0 and math.isfinite(config.train.learning_rate)):
+        raise UserError(f"config.train.learning_rate={config.train.learning_rate} must be a "
+                        "finite number > 0")
+    for key in ("train.steps", "eval.points", "eval.batches", "eval.final_batches"):
+        group, leaf = key.split(".")
+        if config[group][leaf] > MAX_COUNT:
+            raise UserError(f"config.{key}={config[group][leaf]:,} is more than "
+                            f"{MAX_COUNT:,}; no study here needs that many (a typo?)")
+    if config.eval.points > config.train.steps:
+        raise UserError(f"config.eval.points={config.eval.points} is more than "
+                        f"train.steps={config.train.steps}; there is at most one eval a step")
     if not 0 <= config.train.warmup_steps < config.train.steps:
         raise UserError(f"config.train.warmup_steps={config.train.warmup_steps} must be in "
                         f"[0, train.steps={config.train.steps})")

@@ -113,3 +113,37 @@ def test_plain_sweep_names_pass():
     for name in ("local_cpu", "kaplan2020", "a.b-c_1", "x" * 64):
         config = config_lib.study_config("experiments/local_cpu.py:tiny", {"sweep_name": name})
         assert config.sweep_name == name
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
+     "    return []\n", "get_sweep\\(\\) of .* returned '\\[\\]'"),
+    ("def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
+     "    return None\n", "get_sweep\\(\\) of .* returned 'None'"),
+    ("def get_config(arg=None):\n    return {'a': 1}\ndef get_sweep(arg=None):\n"
+     "    return [{}]\n", "get_config\\(\\) of 'bad' returned a dict"),
+    ("def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
+     "    return [1, 2]\n", "must return a non-empty list of dicts"),
+    ("def get_config(arg=None):\n    raise RuntimeError('no GPU here')\n"
+     "def get_sweep(arg=None):\n    return [{}]\n",
+     "get_config\\(\\) of .*bad.py' failed: RuntimeError: no GPU here \\(line 3\\)"),
+    ("def get_config(arg=None)\n    return 1\n", "failed to load: SyntaxError: .*line 2"),
+    ("import not_a_module_anywhere\n", "failed to load: ModuleNotFoundError"),
+])
+def test_study_files_that_return_nothing_usable_are_one_line(body, message, tmp_path):
+    study = tmp_path / "bad.py"
+    study.write_text("from launch.config import base_config\n" + body)
+    with pytest.raises(UserError, match=message):
+        config_lib.study_sweep(str(study))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.learning_rate": "inf"}, "must be a finite number > 0"),
+    ({"train.learning_rate": "nan"}, "must be a finite number > 0"),
+    ({"train.steps": "1000000000000"}, "is more than 100,000,000"),
+    ({"eval.points": "1000000000"}, "is more than 100,000,000"),
+    ({"eval.points": "500", "train.steps": "100"}, "at most one eval a step"),
+])
+def test_values_out_of_range_are_refused_before_anything_runs(overrides, message):
+    with pytest.raises(UserError, match=message):
+        config_lib.study_config("experiments/local_cpu.py:tiny", overrides)
