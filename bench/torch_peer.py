@@ -39,8 +39,9 @@ def _model(torch, n_layer: int, d_model: int, n_heads: int, n_ctx: int, vocab: i
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, N, L, H]
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x_BxLxD = x_BxLxD + self.attn_out(attn.transpose(1, 2).reshape(b, length, d))
-            return x_BxLxD + self.mlp_out(F.gelu(self.mlp_in(self.ln_mlp(x_BxLxD)),
-                                                 approximate="tanh"))
+            return x_BxLxD + self.mlp_out(
+                F.gelu(self.mlp_in(self.ln_mlp(x_BxLxD)), approximate="tanh")
+            )
 
     class Decoder(nn.Module):
         def __init__(self):
@@ -59,8 +60,16 @@ def _model(torch, n_layer: int, d_model: int, n_heads: int, n_ctx: int, vocab: i
     return Decoder()
 
 
-def measure(n_layer: int, d_model: int, n_heads: int, n_ctx: int, batch: int, vocab: int = 256,
-            repeats: int = 5, threads: int = 0) -> dict:
+def measure(
+    n_layer: int,
+    d_model: int,
+    n_heads: int,
+    n_ctx: int,
+    batch: int,
+    vocab: int = 256,
+    repeats: int = 5,
+    threads: int = 0,
+) -> dict:
     import torch
 
     if threads:
@@ -69,15 +78,18 @@ def measure(n_layer: int, d_model: int, n_heads: int, n_ctx: int, batch: int, vo
     model = _model(torch, n_layer, d_model, n_heads, n_ctx, vocab)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-3, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+    )
     tokens = torch.randint(1, vocab, (batch, n_ctx + 1))
 
     def step():
         logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
-                                                 tokens[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -92,8 +104,12 @@ def measure(n_layer: int, d_model: int, n_heads: int, n_ctx: int, batch: int, vo
             step()
         times.append((time.perf_counter() - start) / per_block)
     step_s = statistics.median(times)
-    return {"step_s": step_s, "tokens_per_s": batch * n_ctx / step_s,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "step_s": step_s,
+        "tokens_per_s": batch * n_ctx / step_s,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def main(argv=None):
@@ -107,8 +123,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
-    print(json.dumps(measure(args.n_layer, args.d_model, args.n_heads, args.n_ctx, args.batch,
-                             args.vocab, args.repeats, args.threads)))
+    print(
+        json.dumps(
+            measure(
+                args.n_layer,
+                args.d_model,
+                args.n_heads,
+                args.n_ctx,
+                args.batch,
+                args.vocab,
+                args.repeats,
+                args.threads,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

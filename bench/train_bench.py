@@ -71,9 +71,18 @@ from scaling.store import Store  # noqa: E402
 
 
 def _optimizer_config(total_steps: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        steps=total_steps, learning_rate=1e-3, warmup_steps=2, final_lr_fraction=0.1,
-        weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0))
+    return ml_collections.ConfigDict(
+        dict(
+            steps=total_steps,
+            learning_rate=1e-3,
+            warmup_steps=2,
+            final_lr_fraction=0.1,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            grad_clip=1.0,
+        )
+    )
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -119,10 +128,19 @@ def _steady_step_times(steps_to_time, state, batches, repeats: int):
     return [statistics.median(times) for times in block_times], state
 
 
-def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: str,
-               scan_unroll: int, attention: str, peak: float) -> dict:
-    model_cfg = ModelConfig(shape, compute_dtype=dtype, remat=remat, scan_unroll=scan_unroll,
-                            attention_impl=attention)
+def bench_size(
+    shape: ModelShape,
+    dtype: str,
+    batch: int,
+    repeats: int,
+    remat: str,
+    scan_unroll: int,
+    attention: str,
+    peak: float,
+) -> dict:
+    model_cfg = ModelConfig(
+        shape, compute_dtype=dtype, remat=remat, scan_unroll=scan_unroll, attention_impl=attention
+    )
     mesh = sharding.make_mesh(1, 1, 1)
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
@@ -131,22 +149,33 @@ def bench_size(shape: ModelShape, dtype: str, batch: int, repeats: int, remat: s
         train_step, eval_step = steps.compile_steps(shardings, mesh, rules, state.apply_fn)
         plain_eval = jax.jit(functools.partial(plain_eval_step, apply_fn=state.apply_fn))
         rng = np.random.default_rng(0)
-        batches = [jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)),
-                               jnp.int32) for _ in range(4)]
+        batches = [
+            jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)), jnp.int32)
+            for _ in range(4)
+        ]
 
         # The step that measures the gradient noise scale, the same step
         # without it (train.noise_scale=false), and the two as the loop runs
         # them: measuring on every k-th step.  A run compiles both.
         start = time.perf_counter()
         compiled = train_step.lower(state, batches[0]).compile()
-        plain = steps.compile_train_step(shardings, mesh, rules, noise_scale=False).lower(
-            state, batches[0]).compile()
+        plain = (
+            steps.compile_train_step(shardings, mesh, rules, noise_scale=False)
+            .lower(state, batches[0])
+            .compile()
+        )
         compile_s = time.perf_counter() - start
         every = base_config().train.noise_scale_every
         (noise_step_s, plain_step_s, step_s), state = _steady_step_times(
-            [lambda s, b, i: compiled(s, b), lambda s, b, i: plain(s, b),
-             lambda s, b, i: (compiled if i % every == 0 else plain)(s, b)],
-            state, batches, repeats)
+            [
+                lambda s, b, i: compiled(s, b),
+                lambda s, b, i: plain(s, b),
+                lambda s, b, i: (compiled if i % every == 0 else plain)(s, b),
+            ],
+            state,
+            batches,
+            repeats,
+        )
 
         eval_step(state.params, batches[0]).block_until_ready()
         plain_eval(state.params, batches[0]).block_until_ready()
@@ -178,9 +207,16 @@ def study_shapes(study: str) -> tuple[list[ModelShape], int]:
     """The model shapes of a study's sweep members, and its batch size."""
     load_study(study)  # a missing file is one line, not a traceback
     members = study_sweep(study, {})
-    shapes = [ModelShape(n_layer=c.model.n_layer, d_model=c.model.d_model,
-                         n_heads=c.model.n_heads, n_ctx=c.model.n_ctx,
-                         vocab_size=c.model.vocab_size) for c in members]
+    shapes = [
+        ModelShape(
+            n_layer=c.model.n_layer,
+            d_model=c.model.d_model,
+            n_heads=c.model.n_heads,
+            n_ctx=c.model.n_ctx,
+            vocab_size=c.model.vocab_size,
+        )
+        for c in members
+    ]
     return shapes, members[0].train.batch_size
 
 
@@ -195,25 +231,40 @@ def loop_step_seconds(shape: ModelShape, batch: int, repeats: int, model_kw: dic
         noise = steps.compile_train_step(shardings, mesh, rules, noise_scale=True)
         plain = steps.compile_train_step(shardings, mesh, rules, noise_scale=False)
         rng = np.random.default_rng(0)
-        batches = [jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)),
-                               jnp.int32) for _ in range(4)]
+        batches = [
+            jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)), jnp.int32)
+            for _ in range(4)
+        ]
         every = base_config().train.noise_scale_every
         (step_s,), _ = _steady_step_times(
-            [lambda s, b, i: (noise if i % every == 0 else plain)(s, b)], state, batches, repeats)
+            [lambda s, b, i: (noise if i % every == 0 else plain)(s, b)], state, batches, repeats
+        )
     return step_s
 
 
 def _shape_flags(shape: ModelShape) -> list[str]:
-    return ["--n-layer", str(shape.n_layer), "--d-model", str(shape.d_model),
-            "--n-heads", str(shape.n_heads), "--n-ctx", str(shape.n_ctx)]
+    return [
+        "--n-layer",
+        str(shape.n_layer),
+        "--d-model",
+        str(shape.d_model),
+        "--n-heads",
+        str(shape.n_heads),
+        "--n-ctx",
+        str(shape.n_ctx),
+    ]
 
 
 def _run_json(args: list[str], cpu: int = -1) -> dict:
     """Run a measuring process (optionally pinned to a core); its last stdout line as JSON,
     or {"error": why} when it could not run."""
     try:
-        result = subprocess.run(args + (["--cpu", str(cpu)] if cpu >= 0 else []),
-                                capture_output=True, text=True, cwd=ROOT)
+        result = subprocess.run(
+            args + (["--cpu", str(cpu)] if cpu >= 0 else []),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
     except OSError as e:
         return {"error": f"{args[0]}: {e.strerror}"}
     if result.returncode != 0:
@@ -223,34 +274,73 @@ def _run_json(args: list[str], cpu: int = -1) -> dict:
 
 def _run_pair(args: list[str]) -> list[dict]:
     """Two copies at once, on cores 0 and 1."""
-    procs = [subprocess.Popen(args + ["--cpu", str(cpu)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for cpu in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            args + ["--cpu", str(cpu)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for cpu in (0, 1)
+    ]
     outs = [p.communicate() for p in procs]
-    return [json.loads(out.strip().splitlines()[-1]) if p.returncode == 0
-            else {"error": (err.strip().splitlines() or ["no output"])[-1]}
-            for p, (out, err) in zip(procs, outs, strict=True)]
+    return [
+        json.loads(out.strip().splitlines()[-1])
+        if p.returncode == 0
+        else {"error": (err.strip().splitlines() or ["no output"])[-1]}
+        for p, (out, err) in zip(procs, outs, strict=True)
+    ]
 
 
-def torch_step(python: str, shape: ModelShape, batch: int, repeats: int, cpu: int = -1,
-               threads: int = 0) -> dict:
+def torch_step(
+    python: str, shape: ModelShape, batch: int, repeats: int, cpu: int = -1, threads: int = 0
+) -> dict:
     """The PyTorch peer's step (bench/torch_peer.py) in its own process."""
-    return _run_json([python, str(ROOT / "bench" / "torch_peer.py"), *_shape_flags(shape),
-                      "--batch", str(batch), "--vocab", str(shape.vocab_size),
-                      "--repeats", str(repeats), "--threads", str(threads)], cpu)
+    return _run_json(
+        [
+            python,
+            str(ROOT / "bench" / "torch_peer.py"),
+            *_shape_flags(shape),
+            "--batch",
+            str(batch),
+            "--vocab",
+            str(shape.vocab_size),
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(threads),
+        ],
+        cpu,
+    )
 
 
 def end_to_end(study: str, shape: ModelShape, batch: int, steps_: int) -> float:
     """tokens/s the trainer logs over its last eval window, `scaling run` on the real corpus."""
     with tempfile.TemporaryDirectory() as tmp:
-        flags = {"model.n_layer": shape.n_layer, "model.d_model": shape.d_model,
-                 "model.n_heads": shape.n_heads, "model.n_ctx": shape.n_ctx,
-                 "model.vocab_size": shape.vocab_size, "train.batch_size": batch,
-                 "train.steps": steps_, "train.warmup_steps": 2, "eval.points": 3,
-                 "eval.batches": 1, "checkpoint.every": steps_, "progress": False,
-                 "store": f"{tmp}/store.sqlite", "workdir": f"{tmp}/runs"}
-        result = subprocess.run([sys.executable, "-m", "launch.cli", "run", study]
-                                + [f"--config.{k}={v}" for k, v in flags.items()],
-                                capture_output=True, text=True, cwd=ROOT)
+        flags = {
+            "model.n_layer": shape.n_layer,
+            "model.d_model": shape.d_model,
+            "model.n_heads": shape.n_heads,
+            "model.n_ctx": shape.n_ctx,
+            "model.vocab_size": shape.vocab_size,
+            "train.batch_size": batch,
+            "train.steps": steps_,
+            "train.warmup_steps": 2,
+            "eval.points": 3,
+            "eval.batches": 1,
+            "checkpoint.every": steps_,
+            "progress": False,
+            "store": f"{tmp}/store.sqlite",
+            "workdir": f"{tmp}/runs",
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "launch.cli", "run", study]
+            + [f"--config.{k}={v}" for k, v in flags.items()],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if result.returncode != 0:
             raise SystemExit(f"scaling run failed: {result.stderr.strip().splitlines()[-1]}")
         with Store(f"{tmp}/store.sqlite") as store:
@@ -261,45 +351,82 @@ def end_to_end(study: str, shape: ModelShape, batch: int, steps_: int) -> float:
 
 def _worker(args) -> None:
     """--worker: one shape's loop step, in a process of its own (pinned by --cpu)."""
-    shape = ModelShape(n_layer=args.n_layer, d_model=args.d_model, n_heads=args.n_heads,
-                       n_ctx=args.n_ctx, vocab_size=args.vocab)
+    shape = ModelShape(
+        n_layer=args.n_layer,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_ctx=args.n_ctx,
+        vocab_size=args.vocab,
+    )
     step_s = loop_step_seconds(shape, args.batch, args.repeats, _model_kw(args))
     print(json.dumps({"step_s": step_s, "tokens_per_s": args.batch * args.n_ctx / step_s}))
 
 
 def _model_kw(args) -> dict:
-    return {"compute_dtype": args.dtype, "remat": args.remat, "scan_unroll": args.scan_unroll,
-            "attention_impl": args.attention}
+    return {
+        "compute_dtype": args.dtype,
+        "remat": args.remat,
+        "scan_unroll": args.scan_unroll,
+        "attention_impl": args.attention,
+    }
 
 
 def main(argv=None):
     keep_freed_memory()  # as the command line does (launch/host_memory.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--study", help="measure this study file's sweep members "
-                        "(its shapes, batch size and context) instead of the ladder")
+    parser.add_argument(
+        "--study",
+        help="measure this study file's sweep members "
+        "(its shapes, batch size and context) instead of the ladder",
+    )
     parser.add_argument("--d-models", default="128,256,512", help="the ladder's widths")
     parser.add_argument("--aspect", type=int, default=64, help="d_model / n_layer")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--n-ctx", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32, help="sequences per step")
     parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="compute dtype of the model (parameters stay float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of the model (parameters stay float32)",
+    )
     parser.add_argument("--remat", default="auto", help="model.remat")
     parser.add_argument("--attention", default="auto", help="model.attention_impl")
-    parser.add_argument("--scan-unroll", type=int, default=0,
-                        help="model.scan_unroll: 0 picks by depth and width, 1 keeps the loop")
+    parser.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=0,
+        help="model.scan_unroll: 0 picks by depth and width, 1 keeps the loop",
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--peak-size", type=int, default=0,
-                        help="side of the peak matmul (0: 2048 on CPU, 8192 on an accelerator)")
-    parser.add_argument("--torch-python", default=sys.executable,
-                        help="interpreter with PyTorch for the peer step ('' to skip it)")
-    parser.add_argument("--pair", action="store_true",
-                        help="also two copies at once, one per core (ours and PyTorch's)")
-    parser.add_argument("--e2e-steps", type=int, default=40,
-                        help="steps of the end-to-end `scaling run` per shape (0: skip)")
-    parser.add_argument("--e2e-study", default="experiments/local_cpu.py",
-                        help="the study file the end-to-end run starts from")
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=0,
+        help="side of the peak matmul (0: 2048 on CPU, 8192 on an accelerator)",
+    )
+    parser.add_argument(
+        "--torch-python",
+        default=sys.executable,
+        help="interpreter with PyTorch for the peer step ('' to skip it)",
+    )
+    parser.add_argument(
+        "--pair",
+        action="store_true",
+        help="also two copies at once, one per core (ours and PyTorch's)",
+    )
+    parser.add_argument(
+        "--e2e-steps",
+        type=int,
+        default=40,
+        help="steps of the end-to-end `scaling run` per shape (0: skip)",
+    )
+    parser.add_argument(
+        "--e2e-study",
+        default="experiments/local_cpu.py",
+        help="the study file the end-to-end run starts from",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("n-layer", "d-model", "n-heads"):
@@ -321,35 +448,57 @@ def main(argv=None):
         shapes, batch = study_shapes(args.study)
     else:
         batch = args.batch
-        shapes = [ModelShape(n_layer=max(1, d // args.aspect), d_model=d,
-                             n_heads=max(1, d // args.head_dim), n_ctx=args.n_ctx,
-                             vocab_size=args.vocab)
-                  for d in (int(d) for d in args.d_models.split(","))]
+        shapes = [
+            ModelShape(
+                n_layer=max(1, d // args.aspect),
+                d_model=d,
+                n_heads=max(1, d // args.head_dim),
+                n_ctx=args.n_ctx,
+                vocab_size=args.vocab,
+            )
+            for d in (int(d) for d in args.d_models.split(","))
+        ]
     pair = args.pair and len(os.sched_getaffinity(0)) >= 2
     # The peak is measured before and after the ladder and the higher kept: a
     # shared machine's momentary slowdown then lowers neither the peak nor,
     # by that, inflates the MFU.
     peaks = {d: _peak(d, args.peak_size) for d in dtypes}
     peak = peaks[args.dtype]
-    print(f"device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} "
-          f"device(s)); matmul peak " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
-                                                 for k, v in peaks.items()), flush=True)
-    print(f"{'d_model':>7} {'layers':>6} {'N':>11} {'step ms':>8} {'tokens/s':>10} "
-          f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'per meas.':>10} {'eval/plain':>10} "
-          f"{'eval/train':>10} {'remat':>13} {'attention':>9}",
-          flush=True)
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} "
+        f"device(s)); matmul peak "
+        + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()),
+        flush=True,
+    )
+    print(
+        f"{'d_model':>7} {'layers':>6} {'N':>11} {'step ms':>8} {'tokens/s':>10} "
+        f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'per meas.':>10} {'eval/plain':>10} "
+        f"{'eval/train':>10} {'remat':>13} {'attention':>9}",
+        flush=True,
+    )
     rows = []
     torch_note = None
     for shape in shapes:
-        row = bench_size(shape, args.dtype, batch, args.repeats, args.remat,
-                         args.scan_unroll, args.attention, peak)
+        row = bench_size(
+            shape,
+            args.dtype,
+            batch,
+            args.repeats,
+            args.remat,
+            args.scan_unroll,
+            args.attention,
+            peak,
+        )
         row["batch"], row["n_ctx"] = batch, shape.n_ctx
-        print(f"{row['d_model']:>7} {row['n_layer']:>6} {row['params']:>11,} "
-              f"{row['step_s'] * 1e3:>8.1f} {row['tokens_per_s']:>10,.0f} {row['mfu']:>6.1%} "
-              f"{row['compile_s']:>9.2f} {row['noise_scale_cost']:>+10.1%} "
-              f"{row['noise_step_cost']:>+10.1%} "
-              f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f} "
-              f"{row['remat']:>13} {row['attention']:>9}", flush=True)
+        print(
+            f"{row['d_model']:>7} {row['n_layer']:>6} {row['params']:>11,} "
+            f"{row['step_s'] * 1e3:>8.1f} {row['tokens_per_s']:>10,.0f} {row['mfu']:>6.1%} "
+            f"{row['compile_s']:>9.2f} {row['noise_scale_cost']:>+10.1%} "
+            f"{row['noise_step_cost']:>+10.1%} "
+            f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f} "
+            f"{row['remat']:>13} {row['attention']:>9}",
+            flush=True,
+        )
         extra = []
         if args.torch_python and not torch_note:
             peer = torch_step(args.torch_python, shape, batch, args.repeats)
@@ -360,23 +509,52 @@ def main(argv=None):
                 row["torch_tokens_per_s"] = peer["tokens_per_s"]
                 row["vs_torch"] = row["tokens_per_s"] / peer["tokens_per_s"]
                 row["torch_version"] = peer["torch"]
-                extra.append(f"PyTorch {peer['tokens_per_s']:,.0f} tokens/s "
-                             f"({peer['threads']} threads): ours x{row['vs_torch']:.2f}")
+                extra.append(
+                    f"PyTorch {peer['tokens_per_s']:,.0f} tokens/s "
+                    f"({peer['threads']} threads): ours x{row['vs_torch']:.2f}"
+                )
         if pair:
-            ours = _run_pair([sys.executable, str(ROOT / "bench" / "train_bench.py"), "--worker",
-                              *_shape_flags(shape), "--batch", str(batch), "--vocab",
-                              str(shape.vocab_size), "--repeats", str(args.repeats),
-                              "--dtype", args.dtype, "--remat", args.remat,
-                              "--attention", args.attention,
-                              "--scan-unroll", str(args.scan_unroll)])
+            ours = _run_pair(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "train_bench.py"),
+                    "--worker",
+                    *_shape_flags(shape),
+                    "--batch",
+                    str(batch),
+                    "--vocab",
+                    str(shape.vocab_size),
+                    "--repeats",
+                    str(args.repeats),
+                    "--dtype",
+                    args.dtype,
+                    "--remat",
+                    args.remat,
+                    "--attention",
+                    args.attention,
+                    "--scan-unroll",
+                    str(args.scan_unroll),
+                ]
+            )
             if all("error" not in r for r in ours):
                 row["pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in ours)
                 extra.append(f"two at once, a core each: {row['pair_tokens_per_s']:,.0f}")
             if "torch_tokens_per_s" in row:
-                peers = _run_pair([args.torch_python, str(ROOT / "bench" / "torch_peer.py"),
-                                   *_shape_flags(shape), "--batch", str(batch), "--vocab",
-                                   str(shape.vocab_size), "--repeats", str(args.repeats),
-                                   "--threads", "1"])
+                peers = _run_pair(
+                    [
+                        args.torch_python,
+                        str(ROOT / "bench" / "torch_peer.py"),
+                        *_shape_flags(shape),
+                        "--batch",
+                        str(batch),
+                        "--vocab",
+                        str(shape.vocab_size),
+                        "--repeats",
+                        str(args.repeats),
+                        "--threads",
+                        "1",
+                    ]
+                )
                 if all("error" not in r for r in peers):
                     row["torch_pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in peers)
                     extra.append(f"PyTorch two at once {row['torch_pair_tokens_per_s']:,.0f}")
@@ -384,29 +562,40 @@ def main(argv=None):
                     row["pair_vs_torch"] = row["pair_tokens_per_s"] / row["torch_tokens_per_s"]
                     extra.append(f"our pair / PyTorch's step x{row['pair_vs_torch']:.2f}")
         if args.e2e_steps:
-            row["e2e_tokens_per_s"] = end_to_end(args.study or args.e2e_study, shape, batch,
-                                                 args.e2e_steps)
+            row["e2e_tokens_per_s"] = end_to_end(
+                args.study or args.e2e_study, shape, batch, args.e2e_steps
+            )
             row["e2e_vs_step"] = row["e2e_tokens_per_s"] / row["tokens_per_s"]
-            extra.append(f"`scaling run` {row['e2e_tokens_per_s']:,.0f} tokens/s "
-                         f"(x{row['e2e_vs_step']:.2f} of the bare step)")
+            extra.append(
+                f"`scaling run` {row['e2e_tokens_per_s']:,.0f} tokens/s "
+                f"(x{row['e2e_vs_step']:.2f} of the bare step)"
+            )
         if extra:
             print("        " + "; ".join(extra), flush=True)
         rows.append(row)
     peaks = {d: max(peaks[d], _peak(d, args.peak_size)) for d in dtypes}
     if peaks[args.dtype] > peak:
-        print(f"the peak measured after the ladder was higher ({peaks[args.dtype] / 1e9:,.0f} "
-              "GFLOP/s): MFU below is against it")
+        print(
+            f"the peak measured after the ladder was higher ({peaks[args.dtype] / 1e9:,.0f} "
+            "GFLOP/s): MFU below is against it"
+        )
         for row in rows:
             row["mfu"] *= peak / peaks[args.dtype]
         peak = peaks[args.dtype]
         for row in rows:
             print(f"{row['d_model']:>7} MFU {row['mfu']:.1%}")
     if args.out:
-        result = {"peak_flops": peak, "peaks": peaks, "dtype": args.dtype,
-                  "device": f"{device.device_kind} ({jax.default_backend()})",
-                  "batch": batch, "n_ctx": shapes[0].n_ctx, "study": args.study,
-                  "torch": torch_note or "measured" if args.torch_python else "skipped",
-                  "rows": rows}
+        result = {
+            "peak_flops": peak,
+            "peaks": peaks,
+            "dtype": args.dtype,
+            "device": f"{device.device_kind} ({jax.default_backend()})",
+            "batch": batch,
+            "n_ctx": shapes[0].n_ctx,
+            "study": args.study,
+            "torch": torch_note or "measured" if args.torch_python else "skipped",
+            "rows": rows,
+        }
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
 

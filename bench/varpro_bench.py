@@ -59,8 +59,13 @@ def condition_numbers(law, params, x, y):
     log_x, log_y = jnp.log(x), jnp.log(y)
 
     def full(theta):
-        p = {"E": jnp.exp(theta[0]), "A": jnp.exp(theta[1]), "B": jnp.exp(theta[2]),
-             "alpha": theta[3], "beta": theta[4]}
+        p = {
+            "E": jnp.exp(theta[0]),
+            "A": jnp.exp(theta[1]),
+            "B": jnp.exp(theta[2]),
+            "alpha": theta[3],
+            "beta": theta[4],
+        }
         return huber(log_y - law.predict_log(p, log_x))
 
     def reduced(theta):
@@ -68,8 +73,15 @@ def condition_numbers(law, params, x, y):
         p.update(vp.coefficients(law, p, ("E", "A", "B"), log_x, log_y, jnp.ones_like(log_y)))
         return huber(log_y - vp.predict_log(law, p, log_x))
 
-    theta_full = jnp.array([np.log(params["E"]), np.log(params["A"]), np.log(params["B"]),
-                            params["alpha"], params["beta"]])
+    theta_full = jnp.array(
+        [
+            np.log(params["E"]),
+            np.log(params["A"]),
+            np.log(params["B"]),
+            params["alpha"],
+            params["beta"],
+        ]
+    )
     theta_red = jnp.array([params["alpha"], params["beta"]])
     out = {}
     for name, f, theta in (("full", full, theta_full), ("varpro", reduced, theta_red)):
@@ -80,9 +92,14 @@ def condition_numbers(law, params, x, y):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=next(
-        (p / "chinchilla_fig4_epoch.csv" for p in CANDIDATES if p.is_dir()),
-        CANDIDATES[0] / "chinchilla_fig4_epoch.csv"))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=next(
+            (p / "chinchilla_fig4_epoch.csv" for p in CANDIDATES if p.is_dir()),
+            CANDIDATES[0] / "chinchilla_fig4_epoch.csv",
+        ),
+    )
     args = parser.parse_args()
     x, y = epoch_data(args.data)
     law = get_law("chinchilla")
@@ -94,8 +111,10 @@ def main():
         start = time.perf_counter()
         r = fit(law, x, y, varpro=varpro)  # compiled now: the fit's own time
         results[name] = (r, first, time.perf_counter() - start)
-    print(f"{'':8} {'objective':>14} {'E':>7} {'A':>8} {'B':>8} {'alpha':>7} {'beta':>7} "
-          f"{'starts':>7} {'failed':>7} {'evals':>8} {'s, 1st':>7} {'s, 2nd':>7}")
+    print(
+        f"{'':8} {'objective':>14} {'E':>7} {'A':>8} {'B':>8} {'alpha':>7} {'beta':>7} "
+        f"{'starts':>7} {'failed':>7} {'evals':>8} {'s, 1st':>7} {'s, 2nd':>7}"
+    )
     for name, (r, first, seconds) in results.items():
         p = {k: float(v[0]) for k, v in r.params.items()}
         if name == "varpro":
@@ -103,18 +122,24 @@ def main():
             evals = r.varpro["n_evaluations"] + r.n_evaluations
         else:
             starts, conv, evals = r.n_starts, int(r.n_starts_converged[0]), r.n_evaluations
-        print(f"{name:8} {r.objective[0]:14.10g} {p['E']:7.4f} {p['A']:8.2f} {p['B']:8.1f} "
-              f"{p['alpha']:7.4f} {p['beta']:7.4f} {starts:7d} {starts - conv:7d} "
-              f"{evals:8d} {first:7.1f} {seconds:7.1f}")
+        print(
+            f"{name:8} {r.objective[0]:14.10g} {p['E']:7.4f} {p['A']:8.2f} {p['B']:8.1f} "
+            f"{p['alpha']:7.4f} {p['beta']:7.4f} {starts:7d} {starts - conv:7d} "
+            f"{evals:8d} {first:7.1f} {seconds:7.1f}"
+        )
     r = results["varpro"][0]
-    print(f"varpro before its polish: objective {r.varpro['objective'][0]:.10g} (NNLS fits "
-          "relative residuals, not the Huber objective on log residuals)")
+    print(
+        f"varpro before its polish: objective {r.varpro['objective'][0]:.10g} (NNLS fits "
+        "relative residuals, not the Huber objective on log residuals)"
+    )
     gap = results["varpro"][0].objective[0] / results["full"][0].objective[0] - 1
     print(f"polished varpro vs full objective: {gap:+.2e} relative")
     params = {k: float(v[0]) for k, v in results["full"][0].params.items()}
     for name, (cond, eig) in condition_numbers(law, params, x, y).items():
-        print(f"Hessian at the optimum, {name:6}: condition number {cond:.3g} "
-              f"(eigenvalues {', '.join(f'{e:.3g}' for e in eig)})")
+        print(
+            f"Hessian at the optimum, {name:6}: condition number {cond:.3g} "
+            f"(eigenvalues {', '.join(f'{e:.3g}' for e in eig)})"
+        )
 
 
 if __name__ == "__main__":

@@ -37,14 +37,36 @@ LOCAL_SIZES_PER_BUDGET = 5
 # (n_layer, d_model, n_heads) of the paper's Table A9 ladder (a selection from
 # 44M to 16B parameters; head size 64 or 128, d_model / n_layer from 20 to 100).
 LADDER = (
-    (8, 512, 8), (10, 640, 10), (12, 768, 12), (14, 896, 14), (16, 1024, 16),
-    (18, 1280, 10), (20, 1536, 12), (22, 1792, 14), (24, 2048, 16), (26, 2304, 18),
-    (28, 2560, 20), (30, 3072, 24), (32, 3584, 28), (36, 4096, 32), (40, 5120, 40),
+    (8, 512, 8),
+    (10, 640, 10),
+    (12, 768, 12),
+    (14, 896, 14),
+    (16, 1024, 16),
+    (18, 1280, 10),
+    (20, 1536, 12),
+    (22, 1792, 14),
+    (24, 2048, 16),
+    (26, 2304, 18),
+    (28, 2560, 20),
+    (30, 3072, 24),
+    (32, 3584, 28),
+    (36, 4096, 32),
+    (40, 5120, 40),
 )
 # Byte-level models for the local version: 1 to 4 layers, head size 8 or 16.
 LOCAL_LADDER = (
-    (1, 8, 1), (1, 12, 1), (1, 16, 1), (1, 24, 1), (1, 32, 2), (2, 32, 2), (2, 48, 3),
-    (2, 64, 4), (3, 64, 4), (3, 80, 5), (4, 96, 6), (4, 128, 8),
+    (1, 8, 1),
+    (1, 12, 1),
+    (1, 16, 1),
+    (1, 24, 1),
+    (1, 32, 2),
+    (2, 32, 2),
+    (2, 48, 3),
+    (2, 64, 4),
+    (3, 64, 4),
+    (3, 80, 5),
+    (4, 96, 6),
+    (4, 128, 8),
 )
 
 N_CTX, VOCAB = 2048, 32_000  # Hoffmann et al.: 2048-token context, 32k SentencePiece vocabulary
@@ -71,8 +93,9 @@ def get_config(arg=None):
         config.checkpoint.every = 500
         return config
     if arg not in (None, ""):
-        raise ValueError(f"unknown variant {arg!r} of chinchilla_isoflop; use "
-                         "chinchilla_isoflop.py or :local")
+        raise ValueError(
+            f"unknown variant {arg!r} of chinchilla_isoflop; use chinchilla_isoflop.py or :local"
+        )
     config.sweep_name = "chinchilla_isoflop"
     config.model.n_ctx, config.model.vocab_size = N_CTX, VOCAB
     config.model.param_dtype = "float32"
@@ -94,24 +117,31 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     local = arg == "local"
-    budgets, count = ((LOCAL_BUDGETS, LOCAL_SIZES_PER_BUDGET) if local
-                      else (BUDGETS, SIZES_PER_BUDGET))
+    budgets, count = (
+        (LOCAL_BUDGETS, LOCAL_SIZES_PER_BUDGET) if local else (BUDGETS, SIZES_PER_BUDGET)
+    )
     ladder = LOCAL_LADDER if local else LADDER
     n_ctx, vocab = (LOCAL_N_CTX, LOCAL_VOCAB) if local else (N_CTX, VOCAB)
     batch = LOCAL_BATCH if local else BATCH
-    shapes = [ModelShape(n_layer=l, d_model=d, n_heads=h, n_ctx=n_ctx, vocab_size=vocab)
-              for l, d, h in ladder]
+    shapes = [
+        ModelShape(n_layer=l, d_model=d, n_heads=h, n_ctx=n_ctx, vocab_size=vocab)
+        for l, d, h in ladder
+    ]
     members = []
     for budget in budgets:
         for shape in sizes_at(budget, shapes, count, LOCAL_TOKENS_PER_PARAM if local else 20):
             steps, batch_size = steps_for_budget(budget, shape.n_params, batch, n_ctx)
-            members.append({
-                "model.n_layer": shape.n_layer, "model.d_model": shape.d_model,
-                "model.n_heads": shape.n_heads, "train.steps": steps,
-                "train.batch_size": batch_size,
-                # Warmup over the first 2% of the run, at least one step.
-                "train.warmup_steps": max(1, steps // 50),
-            })
+            members.append(
+                {
+                    "model.n_layer": shape.n_layer,
+                    "model.d_model": shape.d_model,
+                    "model.n_heads": shape.n_heads,
+                    "train.steps": steps,
+                    "train.batch_size": batch_size,
+                    # Warmup over the first 2% of the run, at least one step.
+                    "train.warmup_steps": max(1, steps // 50),
+                }
+            )
     return members
 
 
@@ -130,7 +160,7 @@ def sizes_at(budget, shapes, count, tokens_per_param=20):
     target = math.log(compute_optimal_params(budget, tokens_per_param))
     nearest = min(range(len(shapes)), key=lambda i: abs(math.log(shapes[i].n_params) - target))
     first = min(max(0, nearest - count // 2), len(shapes) - count)
-    return shapes[first:first + count]
+    return shapes[first : first + count]
 
 
 def steps_for_budget(budget: float, n_total: int, batch: int, n_ctx: int) -> tuple[int, int]:

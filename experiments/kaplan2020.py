@@ -67,7 +67,11 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     return [
-        {"model.n_layer": n_layer, "model.d_model": d_model, "model.n_heads": n_heads,
-         "train.learning_rate": learning_rate(12 * n_layer * d_model**2)}
+        {
+            "model.n_layer": n_layer,
+            "model.d_model": d_model,
+            "model.n_heads": n_heads,
+            "train.learning_rate": learning_rate(12 * n_layer * d_model**2),
+        }
         for n_layer, d_model, n_heads in SIZES
     ]

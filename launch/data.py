@@ -133,9 +133,13 @@ def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True)
     train_docs = [by_name[n] for n in train_names]
     val_docs = [by_name[n] for n in val_names]
 
-    recipe = {"format": CACHE_FORMAT, "corpus": corpus, "tokenizer": tokenizer,
-              "train": [[d.name, text_sha256(d.text)] for d in train_docs],
-              "val": [[d.name, text_sha256(d.text)] for d in val_docs]}
+    recipe = {
+        "format": CACHE_FORMAT,
+        "corpus": corpus,
+        "tokenizer": tokenizer,
+        "train": [[d.name, text_sha256(d.text)] for d in train_docs],
+        "val": [[d.name, text_sha256(d.text)] for d in val_docs],
+    }
     tokenizer_file = ""
     if tokenizer == "bpe":
         tokenizer_file = str(_bpe_tokenizer_file(train_docs, vocab_size, cache, progress))
@@ -145,10 +149,14 @@ def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True)
     fingerprint = _fingerprint(recipe)
     entry = cache / "tokens" / fingerprint
     if not (entry / "meta.json").exists():
-        say(progress, f"tokenising {len(train_docs)} train and {len(val_docs)} val documents "
-                      f"({tokenizer})")
-        streams = {side: _tokenise(side_docs, tokenizer, tokenizer_file)
-                   for side, side_docs in (("train", train_docs), ("val", val_docs))}
+        say(
+            progress,
+            f"tokenising {len(train_docs)} train and {len(val_docs)} val documents ({tokenizer})",
+        )
+        streams = {
+            side: _tokenise(side_docs, tokenizer, tokenizer_file)
+            for side, side_docs in (("train", train_docs), ("val", val_docs))
+        }
         meta = {"fingerprint": fingerprint, **recipe}
         _write_entry(entry, streams, meta)
         say(progress, f"cached token streams in {entry}")
@@ -156,8 +164,13 @@ def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True)
     return Corpus(
         train=np.load(entry / "train.npy", mmap_mode="r"),
         val=np.load(entry / "val.npy", mmap_mode="r"),
-        vocab_size=vocab, train_docs=train_names, val_docs=val_names, fingerprint=fingerprint,
-        source=corpus, tokenizer=tokenizer, tokenizer_file=tokenizer_file,
+        vocab_size=vocab,
+        train_docs=train_names,
+        val_docs=val_names,
+        fingerprint=fingerprint,
+        source=corpus,
+        tokenizer=tokenizer,
+        tokenizer_file=tokenizer_file,
     )
 
 
@@ -189,8 +202,7 @@ def decode_tokens(ids, corpus: Corpus) -> str:
     ids = np.asarray(ids, np.int64).ravel()
     if corpus.tokenizer == "byte":
         pieces = np.split(ids, np.flatnonzero(ids == EOD_ID))
-        texts = [bytes(p[p != EOD_ID].astype(np.uint8)).decode("utf-8", "replace")
-                 for p in pieces]
+        texts = [bytes(p[p != EOD_ID].astype(np.uint8)).decode("utf-8", "replace") for p in pieces]
         return EOD_TEXT.join(texts)
     if corpus.tokenizer == "bpe":
         return _load_bpe(corpus.tokenizer_file).decode(ids.tolist(), skip_special_tokens=False)
@@ -204,8 +216,15 @@ def windows_per_epoch(n_tokens: int, n_ctx: int) -> int:
     return n_tokens // n_ctx - 1
 
 
-def train_batch(tokens: np.ndarray, step: int, batch_size: int, n_ctx: int, seed: int,
-                process_index: int = 0, process_count: int = 1) -> np.ndarray:
+def train_batch(
+    tokens: np.ndarray,
+    step: int,
+    batch_size: int,
+    n_ctx: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
     """This process's rows of global training batch ``step``: int32
     ``[batch_size // process_count, n_ctx + 1]`` (inputs are ``[:, :-1]``, targets ``[:, 1:]``).
 
@@ -314,19 +333,25 @@ def _tokenise(docs: list[Document], tokenizer: str, tokenizer_file: str) -> np.n
     dtype = _token_dtype(bpe.get_vocab_size())
     parts = []
     for first in range(0, len(docs), 64):  # batches bound the memory held by Encodings
-        texts = [d.text for d in docs[first:first + 64]]
+        texts = [d.text for d in docs[first : first + 64]]
         for encoding in bpe.encode_batch(texts, add_special_tokens=False):
             parts += [np.asarray(encoding.ids, dtype), np.array([EOD_ID], dtype)]
     return np.concatenate(parts)
 
 
-def _bpe_tokenizer_file(train_docs: list[Document], vocab_size: int, cache: Path,
-                        progress: bool) -> Path:
+def _bpe_tokenizer_file(
+    train_docs: list[Document], vocab_size: int, cache: Path, progress: bool
+) -> Path:
     """The cached tokenizer for these training documents and vocabulary size, trained if
     missing. Validation documents never reach the trainer, so held-out text cannot shape the
     merges."""
-    key = _fingerprint({"format": CACHE_FORMAT, "vocab_size": vocab_size,
-                        "train": [[d.name, text_sha256(d.text)] for d in train_docs]})
+    key = _fingerprint(
+        {
+            "format": CACHE_FORMAT,
+            "vocab_size": vocab_size,
+            "train": [[d.name, text_sha256(d.text)] for d in train_docs],
+        }
+    )
     path = cache / "tokenizers" / f"bpe-{key}.json"
     if not path.exists():
         say(progress, f"training a {vocab_size}-id BPE tokenizer on {len(train_docs)} documents")
@@ -381,11 +406,18 @@ def _token_files_corpus(data_cfg: ConfigDict, vocab_size: int) -> Corpus:
     """corpus=tokens: the two .npy files, memory-mapped, checked and used as given."""
     (train, train_sha), (val, val_sha) = (
         token_file(f"data.{side}_tokens", getattr(data_cfg, f"{side}_tokens"), vocab_size)
-        for side in ("train", "val"))
-    fingerprint = _fingerprint({"format": CACHE_FORMAT, "corpus": "tokens",
-                                "train": train_sha, "val": val_sha})
+        for side in ("train", "val")
+    )
+    fingerprint = _fingerprint(
+        {"format": CACHE_FORMAT, "corpus": "tokens", "train": train_sha, "val": val_sha}
+    )
     return Corpus(
-        train=train, val=val, vocab_size=vocab_size,
-        train_docs=(data_cfg.train_tokens,), val_docs=(data_cfg.val_tokens,),
-        fingerprint=fingerprint, source="tokens", tokenizer="none",
+        train=train,
+        val=val,
+        vocab_size=vocab_size,
+        train_docs=(data_cfg.train_tokens,),
+        val_docs=(data_cfg.val_tokens,),
+        fingerprint=fingerprint,
+        source="tokens",
+        tokenizer="none",
     )

@@ -59,8 +59,9 @@ ENV_MODE = "SCALING_DISTRIBUTED"
 ENV_TIMEOUT = "SCALING_INIT_TIMEOUT"
 
 
-def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
+def maybe_initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Join the other processes of this run, if there are any; True if this run is distributed.
 
     Arguments override the SCALING_* variables above. Calling it again after
@@ -79,8 +80,11 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     if mode not in ("", "auto", "off"):
         raise UserError(f"{ENV_MODE}={env[ENV_MODE]!r} must be 'auto' or 'off' (or unset)")
 
-    explicit = {"coordinator": coordinator, "number of processes": num_processes,
-                "process id": process_id}
+    explicit = {
+        "coordinator": coordinator,
+        "number of processes": num_processes,
+        "process id": process_id,
+    }
     given = [name for name, value in explicit.items() if value is not None]
     if given:
         if num_processes == 1 and process_id in (None, 0):
@@ -93,15 +97,23 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
                 f"{ENV_NUM_PROCESSES}=N and {ENV_PROCESS_ID}=0..N-1 on every process)"
             )
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise UserError(f"process id {process_id} must be in [0, {num_processes}) "
-                            f"({ENV_PROCESS_ID}, {ENV_NUM_PROCESSES})")
+            raise UserError(
+                f"process id {process_id} must be in [0, {num_processes}) "
+                f"({ENV_PROCESS_ID}, {ENV_NUM_PROCESSES})"
+            )
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
-            raise UserError(f"coordinator {coordinator!r} must be host:port, e.g. 10.0.0.1:1234 "
-                            f"({ENV_COORDINATOR})")
-        _initialize(f"as process {process_id} of {num_processes} via {coordinator}",
-                    coordinator_address=coordinator, num_processes=num_processes,
-                    process_id=process_id, initialization_timeout=timeout)
+            raise UserError(
+                f"coordinator {coordinator!r} must be host:port, e.g. 10.0.0.1:1234 "
+                f"({ENV_COORDINATOR})"
+            )
+        _initialize(
+            f"as process {process_id} of {num_processes} via {coordinator}",
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout,
+        )
         return True
     if mode == "off":
         return False
@@ -130,8 +142,10 @@ def check_batch_layout(batch_sharding, global_shape: tuple[int, ...]):
         ) from None
     count, index = jax.process_count(), jax.process_index()
     if batch % count:
-        raise UserError(f"train.batch_size={batch} is not divisible by the {count} processes; "
-                        f"use a multiple of {count}")
+        raise UserError(
+            f"train.batch_size={batch} is not divisible by the {count} processes; "
+            f"use a multiple of {count}"
+        )
     rows = batch // count
     held = set()
     for slices in batch_sharding.addressable_devices_indices_map(global_shape).values():
@@ -180,10 +194,16 @@ def _multihost_tpu_env() -> bool:
 def _initialize(how: str, **kwargs):
     # A coordinator that stays unreachable past the timeout aborts the process
     # inside jaxlib (DEADLINE_EXCEEDED), so say first what is being waited for.
-    print(f"distributed: joining {how} (waiting up to {kwargs['initialization_timeout']} s "
-          "for the other processes)", file=sys.stderr, flush=True)
+    print(
+        f"distributed: joining {how} (waiting up to {kwargs['initialization_timeout']} s "
+        "for the other processes)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:  # e.g. called after a JAX backend had started
-        raise UserError(f"could not join the multi-process run {how}: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"could not join the multi-process run {how}: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None

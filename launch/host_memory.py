@@ -32,8 +32,11 @@ def keep_freed_memory() -> bool:
         mallopt = None
     if mallopt is None:
         return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1),  # one arena: large blocks come from the main heap...
-        (_M_MMAP_MAX, 0),  # ...never from mmap...
-        (_M_TRIM_THRESHOLD, 2**31 - 1),  # ...and freed ones stay there for the next step
-    ))
+    return all(
+        mallopt(param, value) == 1
+        for param, value in (
+            (_M_ARENA_MAX, 1),  # one arena: large blocks come from the main heap...
+            (_M_MMAP_MAX, 0),  # ...never from mmap...
+            (_M_TRIM_THRESHOLD, 2**31 - 1),  # ...and freed ones stay there for the next step
+        )
+    )

@@ -67,8 +67,10 @@ def parse_accelerator(name: str) -> tuple[Accelerator, int]:
         raise UserError(f"unknown accelerator {match.group(1)!r}; known: {known}")
     acc = ACCELERATORS[family]
     if count <= 0 or count % acc.cores_per_chip:
-        raise UserError(f"--accelerator {name!r}: {family} names count TensorCores, "
-                        f"{acc.cores_per_chip} per chip; use a multiple of {acc.cores_per_chip}")
+        raise UserError(
+            f"--accelerator {name!r}: {family} names count TensorCores, "
+            f"{acc.cores_per_chip} per chip; use a multiple of {acc.cores_per_chip}"
+        )
     return acc, count // acc.cores_per_chip
 
 
@@ -92,21 +94,30 @@ def study_convention(path: str) -> str:
     module, _, _ = config_lib.load_study(path)
     convention = getattr(module, "FLOP_CONVENTION", DEFAULT_FLOP_CONVENTION)
     if convention not in FLOP_CONVENTIONS:
-        raise UserError(f"{path}: FLOP_CONVENTION={convention!r} is not one of "
-                        f"{', '.join(FLOP_CONVENTIONS)}")
+        raise UserError(
+            f"{path}: FLOP_CONVENTION={convention!r} is not one of {', '.join(FLOP_CONVENTIONS)}"
+        )
     return convention
 
 
-def make_plan(path: str, overrides: dict, accelerator: str | None = None,
-              mfu: float | None = None, store: str | None = None) -> dict:
+def make_plan(
+    path: str,
+    overrides: dict,
+    accelerator: str | None = None,
+    mfu: float | None = None,
+    store: str | None = None,
+) -> dict:
     """The plan as a JSON-ready dict: {"runs": [...], "total_flops", "chip_hours", ...}."""
     members = config_lib.study_sweep(path, overrides)
     convention = study_convention(path)
     if mfu is None:
         store = store or members[0].store
         found = measured_mfu(store)
-        mfu, mfu_source = ((found, f"median mfu of the finished runs in {store}") if found
-                           else (DEFAULT_MFU, "default (no finished run in the store)"))
+        mfu, mfu_source = (
+            (found, f"median mfu of the finished runs in {store}")
+            if found
+            else (DEFAULT_MFU, "default (no finished run in the store)")
+        )
     else:
         mfu_source = "--mfu"
     if not 0 < mfu <= 1:
@@ -118,41 +129,59 @@ def make_plan(path: str, overrides: dict, accelerator: str | None = None,
         shape = config_lib.model_config(config).shape
         tokens = config.train.steps * config.train.batch_size * shape.n_ctx
         by_convention = {c: float(shape.flops_per_token(c)) * tokens for c in FLOP_CONVENTIONS}
-        run = {"run_id": config_lib.run_id(config), "params": shape.n_params_kaplan,
-               "params_total": shape.n_params, "tokens": tokens,
-               "flops": by_convention[convention], "flops_by_convention": by_convention,
-               "steps": config.train.steps, "batch_size": config.train.batch_size}
+        run = {
+            "run_id": config_lib.run_id(config),
+            "params": shape.n_params_kaplan,
+            "params_total": shape.n_params,
+            "tokens": tokens,
+            "flops": by_convention[convention],
+            "flops_by_convention": by_convention,
+            "steps": config.train.steps,
+            "batch_size": config.train.batch_size,
+        }
         if acc:
             seconds = by_convention[DEFAULT_FLOP_CONVENTION] / (chips * acc.peak_flops * mfu)
             run["wall_hours"] = seconds / 3600
             run["chip_hours"] = seconds / 3600 * chips
         runs.append(run)
     plan = {
-        "study": path, "sweep": members[0].sweep_name, "flop_convention": convention,
+        "study": path,
+        "sweep": members[0].sweep_name,
+        "flop_convention": convention,
         "runs": runs,
         "total_tokens": sum(r["tokens"] for r in runs),
         "total_flops": sum(r["flops"] for r in runs),
-        "total_flops_by_convention": {c: sum(r["flops_by_convention"][c] for r in runs)
-                                      for c in FLOP_CONVENTIONS},
-        "mfu": mfu, "mfu_source": mfu_source,
+        "total_flops_by_convention": {
+            c: sum(r["flops_by_convention"][c] for r in runs) for c in FLOP_CONVENTIONS
+        },
+        "mfu": mfu,
+        "mfu_source": mfu_source,
         "chip_hours": sum(r["chip_hours"] for r in runs) if acc else None,
         "wall_hours": sum(r["wall_hours"] for r in runs) if acc else None,
     }
     if acc:
-        plan["accelerator"] = {"type": accelerator, "chips": chips,
-                               "peak_flops_per_chip": acc.peak_flops, "source": acc.source}
+        plan["accelerator"] = {
+            "type": accelerator,
+            "chips": chips,
+            "peak_flops_per_chip": acc.peak_flops,
+            "source": acc.source,
+        }
     return plan
 
 
 def plan_table(plan: dict) -> str:
     """The plan as a table, one line per member, then the totals."""
     timed = plan["chip_hours"] is not None
-    head = f"{'run_id':12}  {'N (non-emb)':>12}  {'N (total)':>12}  {'tokens':>10}  " \
-           f"{'FLOPs (' + plan['flop_convention'] + ')':>18}"
+    head = (
+        f"{'run_id':12}  {'N (non-emb)':>12}  {'N (total)':>12}  {'tokens':>10}  "
+        f"{'FLOPs (' + plan['flop_convention'] + ')':>18}"
+    )
     lines = [head + (f"  {'wall h':>9}  {'chip h':>10}" if timed else "")]
     for r in plan["runs"]:
-        line = (f"{r['run_id']:12}  {r['params']:>12,}  {r['params_total']:>12,}  "
-                f"{r['tokens']:>10.3g}  {r['flops']:>18.3e}")
+        line = (
+            f"{r['run_id']:12}  {r['params']:>12,}  {r['params_total']:>12,}  "
+            f"{r['tokens']:>10.3g}  {r['flops']:>18.3e}"
+        )
         if timed:
             line += f"  {r['wall_hours']:>9.3g}  {r['chip_hours']:>10.3g}"
         lines.append(line)
@@ -161,16 +190,22 @@ def plan_table(plan: dict) -> str:
         lines.append(f"  FLOPs as {convention}: {flops:.3e}")
     if timed:
         acc = plan["accelerator"]
-        lines.append(f"  at MFU {plan['mfu']:.2f} ({plan['mfu_source']}) on {acc['type']} = "
-                     f"{acc['chips']} chips x {acc['peak_flops_per_chip']:.3g} FLOP/s "
-                     f"({acc['source']})")
+        lines.append(
+            f"  at MFU {plan['mfu']:.2f} ({plan['mfu_source']}) on {acc['type']} = "
+            f"{acc['chips']} chips x {acc['peak_flops_per_chip']:.3g} FLOP/s "
+            f"({acc['source']})"
+        )
     return "\n".join(lines)
 
 
 def totals_line(plan: dict) -> str:
-    line = (f"total: {len(plan['runs'])} runs, {plan['total_tokens']:.3g} tokens, "
-            f"{plan['total_flops']:.3e} FLOPs ({plan['flop_convention']})")
+    line = (
+        f"total: {len(plan['runs'])} runs, {plan['total_tokens']:.3g} tokens, "
+        f"{plan['total_flops']:.3e} FLOPs ({plan['flop_convention']})"
+    )
     if plan["chip_hours"] is not None:
-        line += (f", {plan['wall_hours']:.3g} wall hours one after another, "
-                 f"{plan['chip_hours']:.3g} chip-hours")
+        line += (
+            f", {plan['wall_hours']:.3g} wall hours one after another, "
+            f"{plan['chip_hours']:.3g} chip-hours"
+        )
     return line

@@ -30,12 +30,14 @@ def check_run(config) -> data.Corpus:
             "model.n_ctx or more training text"
         )
     # Building the eval set raises the one-line error that names what is too short.
-    data.eval_batches(corpus.val, config_lib.eval_batch_counts(config)[1],
-                      config.train.batch_size, shape.n_ctx)
+    data.eval_batches(
+        corpus.val, config_lib.eval_batch_counts(config)[1], config.train.batch_size, shape.n_ctx
+    )
     # Checkpoints go to the bucket when there is one (launch/train.py); a gs://
     # bucket has no fixed size to check.
     root = Path(config.launch.bucket) / "runs" if config.launch.bucket else Path(config.workdir)
     if not config.launch.bucket.startswith("gs://"):
-        checkpoints.check_disk_space(root / config_lib.run_id(config) / "checkpoints",
-                                     shape.n_params)
+        checkpoints.check_disk_space(
+            root / config_lib.run_id(config) / "checkpoints", shape.n_params
+        )
     return corpus

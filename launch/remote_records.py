@@ -54,10 +54,19 @@ class RunRecords:
         """The run's description (a RunRecord as a dict); the same every time."""
         _write(self.directory / RUN, record)
 
-    def eval(self, step: int, scalars: dict, per_token, per_token_stderr=None,
-             n_sequences: int | None = None):
-        payload = {"step": int(step), "scalars": scalars,
-                   "per_token": [float(x) for x in per_token]}
+    def eval(
+        self,
+        step: int,
+        scalars: dict,
+        per_token,
+        per_token_stderr=None,
+        n_sequences: int | None = None,
+    ):
+        payload = {
+            "step": int(step),
+            "scalars": scalars,
+            "per_token": [float(x) for x in per_token],
+        }
         if per_token_stderr is not None:
             payload["per_token_stderr"] = [float(x) for x in per_token_stderr]
             payload["n_sequences"] = int(n_sequences)
@@ -65,8 +74,10 @@ class RunRecords:
 
     def status(self, status: str, step: int | None = None, reason: str | None = None):
         now = time.time_ns()
-        _write(self.directory / STATUS / f"{now:020d}.json",
-               {"status": status, "step": step, "reason": reason, "time_ns": now})
+        _write(
+            self.directory / STATUS / f"{now:020d}.json",
+            {"status": status, "step": step, "reason": reason, "time_ns": now},
+        )
 
     def finished(self) -> bool:
         latest = latest_status(self.directory)
@@ -85,8 +96,9 @@ def latest_status(directory: epath.Path) -> dict | None:
     folder = directory / STATUS
     if not folder.exists():
         return None
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json")
-                   and not p.name.startswith("."))
+    names = sorted(
+        p.name for p in folder.iterdir() if p.name.endswith(".json") and not p.name.startswith(".")
+    )
     return json.loads((folder / names[-1]).read_text()) if names else None
 
 
@@ -109,9 +121,12 @@ def read_run(bucket: str, run_id: str) -> dict:
             if path.name.endswith(".json") and not path.name.startswith("."):
                 paths.append(path)
                 evals.append(json.loads(path.read_text()))
-    return {"run": json.loads((directory / RUN).read_text()),
-            "status": latest_status(directory), "evals": evals,
-            "symlinks": [str(p) for p in paths if _is_link(p)]}
+    return {
+        "run": json.loads((directory / RUN).read_text()),
+        "status": latest_status(directory),
+        "evals": evals,
+        "symlinks": [str(p) for p in paths if _is_link(p)],
+    }
 
 
 def _is_link(path: epath.Path) -> bool:

@@ -117,8 +117,10 @@ def noise_estimates(g2_small, g2_big, b_small, b_big):
 
 def update_noise_ema(ema: dict, g2, trace, decay: float = NOISE_EMA_DECAY) -> dict:
     """Move both averages; B_simple = ema["trace"] / ema["g2"] (the bias factors cancel)."""
-    return {"g2": decay * ema["g2"] + (1 - decay) * g2,
-            "trace": decay * ema["trace"] + (1 - decay) * trace}
+    return {
+        "g2": decay * ema["g2"] + (1 - decay) * g2,
+        "trace": decay * ema["trace"] + (1 - decay) * trace,
+    }
 
 
 def two_microbatch_grads(loss_fn, params, batch_Bx):
@@ -130,11 +132,12 @@ def two_microbatch_grads(loss_fn, params, batch_Bx):
     Returns (loss, grads, |G_small|^2 (mean over the halves), |G_big|^2).
     """
     halves_Hx2 = batch_Bx.reshape(batch_Bx.shape[0] // 2, 2, *batch_Bx.shape[1:])
-    losses_2, grads_2 = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(
-        params, halves_Hx2)
+    losses_2, grads_2 = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(params, halves_Hx2)
     grads = jax.tree.map(lambda g: g.mean(axis=0), grads_2)
-    squares_2 = sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
-                    for g in jax.tree.leaves(grads_2))
+    squares_2 = sum(
+        jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+        for g in jax.tree.leaves(grads_2)
+    )
     return losses_2.mean(), grads, squares_2.mean(), optax.tree.norm(grads, squared=True)
 
 
@@ -159,8 +162,11 @@ def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True):
     g2, trace = noise_estimates(g2_small, g2_big, batch // 2 * length, batch * length)
     ema = update_noise_ema(state.noise_ema, g2, trace)
     state = state.apply_gradients(grads=grads, noise_ema=ema)
-    return state, {"train_loss": loss, "grad_norm": jnp.sqrt(g2_big),
-                   "noise_scale": ema["trace"] / ema["g2"]}
+    return state, {
+        "train_loss": loss,
+        "grad_norm": jnp.sqrt(g2_big),
+        "noise_scale": ema["trace"] / ema["g2"],
+    }
 
 
 def eval_step(params, tokens_BxL1, apply_fn):

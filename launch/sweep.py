@@ -45,8 +45,16 @@ def run_sweep(path: str, overrides: dict, retry_failed: bool = False) -> dict[st
     try:
         if is_writer:
             stores = _open_stores(members, ids, overrides, str(path))
-            actions = [_decide(members[i], ids[i], stores[members[i].store], retry_failed,
-                            f"[{i + 1}/{len(members)}]") for i in range(len(members))]
+            actions = [
+                _decide(
+                    members[i],
+                    ids[i],
+                    stores[members[i].store],
+                    retry_failed,
+                    f"[{i + 1}/{len(members)}]",
+                )
+                for i in range(len(members))
+            ]
         else:
             actions = [SKIP] * len(members)
         if jax.process_count() > 1:
@@ -77,9 +85,14 @@ def members_to_train(path: str, overrides: dict, retry_failed: bool = False) -> 
     ids = [config_lib.run_id(c) for c in members]
     stores = _open_stores(members, ids, overrides, str(path))
     try:
-        return [run_id for i, (config, run_id) in enumerate(zip(members, ids, strict=True))
-                if _decide(config, run_id, stores[config.store], retry_failed,
-                           f"[{i + 1}/{len(members)}]") == TRAIN]
+        return [
+            run_id
+            for i, (config, run_id) in enumerate(zip(members, ids, strict=True))
+            if _decide(
+                config, run_id, stores[config.store], retry_failed, f"[{i + 1}/{len(members)}]"
+            )
+            == TRAIN
+        ]
     finally:
         for store in stores.values():
             store.close()
@@ -132,11 +145,14 @@ def _decide(config, run_id: str, store: Store, retry_failed: bool, position: str
         _say(config, f"{label}: finished earlier, skipped")
         return SKIP
     if record.status == "failed" and not retry_failed:
-        _say(config, f"{label}: failed earlier ({record.reason}), skipped; "
-                     "--retry-failed trains it again")
+        _say(
+            config,
+            f"{label}: failed earlier ({record.reason}), skipped; --retry-failed trains it again",
+        )
         return SKIP
-    _say(config, f"{label}: " + (f"resuming after step {record.step}" if record.step
-                                 else "training"))
+    _say(
+        config, f"{label}: " + (f"resuming after step {record.step}" if record.step else "training")
+    )
     return TRAIN
 
 

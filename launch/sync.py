@@ -36,17 +36,20 @@ def remote_runs(bucket: str, sweep: str | None, skipped: dict | None = None) -> 
     try:
         ids = remote_records.run_ids(bucket)
     except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
-        raise UserError(f"cannot list the records in {bucket} ({type(e).__name__}: "
-                        f"{str(e)[:120]}); for gs:// `pip install gcsfs` and `gcloud auth "
-                        "application-default login`") from None
+        raise UserError(
+            f"cannot list the records in {bucket} ({type(e).__name__}: "
+            f"{str(e)[:120]}); for gs:// `pip install gcsfs` and `gcloud auth "
+            "application-default login`"
+        ) from None
     runs = []
     for run_id in ids:
         try:
             remote = _checked(run_id, remote_records.read_run(bucket, run_id))
         except (BadRecord, OSError, ValueError, TypeError, KeyError) as e:
             if skipped is not None:
-                skipped[run_id] = f"{type(e).__name__}: {e}" if not isinstance(e, BadRecord) \
-                    else str(e)
+                skipped[run_id] = (
+                    f"{type(e).__name__}: {e}" if not isinstance(e, BadRecord) else str(e)
+                )
             continue
         if sweep is None or remote["run"]["config"].get("sweep_name") == sweep:
             runs.append(remote)
@@ -64,42 +67,54 @@ def _checked(folder: str, remote: dict) -> dict:
         named = str(run.get("run_id") if isinstance(run, dict) else run)[:40]
         raise BadRecord(f"run.json names run {named!r}, not its folder's {folder}")
     if not isinstance(run.get("config"), dict) or not isinstance(
-            run["config"].get("sweep_name"), str):
+        run["config"].get("sweep_name"), str
+    ):
         raise BadRecord("run.json has no config with a sweep_name")
     for key in _INT_FIELDS:
         if not _is_int(run.get(key)) or run[key] < 1:
-            raise BadRecord(f"run.json: {key} = {str(run.get(key))[:40]!r} is not a positive "
-                            "whole number")
+            raise BadRecord(
+                f"run.json: {key} = {str(run.get(key))[:40]!r} is not a positive whole number"
+            )
     if not _is_number(run.get("flops")) or run["flops"] <= 0:
-        raise BadRecord(f"run.json: flops = {str(run.get('flops'))[:40]!r} is not a positive "
-                        "number")
+        raise BadRecord(
+            f"run.json: flops = {str(run.get('flops'))[:40]!r} is not a positive number"
+        )
     n_ctx = run["n_ctx"]
     for row in remote["evals"]:
         where = f"eval {str(row.get('step') if isinstance(row, dict) else row)[:20]}"
         if not isinstance(row, dict) or not _is_int(row.get("step")) or row["step"] < 0:
             raise BadRecord(f"{where}: the step is not a whole number >= 0")
         scalars = row.get("scalars")
-        if not isinstance(scalars, dict) or not all(
-                isinstance(k, str) and _is_number(v) for k, v in scalars.items()) \
-                or "eval_loss" not in scalars:
+        if (
+            not isinstance(scalars, dict)
+            or not all(isinstance(k, str) and _is_number(v) for k, v in scalars.items())
+            or "eval_loss" not in scalars
+        ):
             raise BadRecord(f"{where}: scalars must be finite numbers, eval_loss among them")
         for key in ("per_token", "per_token_stderr"):
             values = row.get(key)
             if key == "per_token_stderr" and values is None:
                 continue
-            if not isinstance(values, list) or len(values) != n_ctx or not all(
-                    _is_number(v) for v in values):
+            if (
+                not isinstance(values, list)
+                or len(values) != n_ctx
+                or not all(_is_number(v) for v in values)
+            ):
                 raise BadRecord(f"{where}: {key} must be {n_ctx} finite numbers (n_ctx)")
         if row.get("per_token_stderr") is not None and (
-                not _is_int(row.get("n_sequences")) or row["n_sequences"] < 1):
+            not _is_int(row.get("n_sequences")) or row["n_sequences"] < 1
+        ):
             raise BadRecord(f"{where}: n_sequences is not a positive whole number")
     status = remote["status"]
     if status is not None and (
-            not isinstance(status, dict) or status.get("status") not in _STATUSES
-            or not (status.get("step") is None or _is_int(status["step"]))
-            or not (status.get("reason") is None or isinstance(status["reason"], str))):
-        raise BadRecord(f"the newest status record is not one the trainer writes "
-                        f"({str(status)[:60]})")
+        not isinstance(status, dict)
+        or status.get("status") not in _STATUSES
+        or not (status.get("step") is None or _is_int(status["step"]))
+        or not (status.get("reason") is None or isinstance(status["reason"], str))
+    ):
+        raise BadRecord(
+            f"the newest status record is not one the trainer writes ({str(status)[:60]})"
+        )
     return remote
 
 
@@ -108,8 +123,7 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) \
-        and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def sync(store: Store, bucket: str, sweep: str) -> dict:
@@ -119,20 +133,29 @@ def sync(store: Store, bucket: str, sweep: str) -> dict:
     runs = remote_runs(bucket, sweep, skipped)
     if not runs:
         why = "".join(f"; {i} skipped: {r}" for i, r in list(skipped.items())[:3])
-        raise UserError(f"no runs of sweep {sweep!r} under {bucket}/runs; check the sweep "
-                        f"name (config.sweep_name) and --bucket{why}")
+        raise UserError(
+            f"no runs of sweep {sweep!r} under {bucket}/runs; check the sweep "
+            f"name (config.sweep_name) and --bucket{why}"
+        )
     evals = 0
     for remote in runs:
         record = RunRecord(**{k: v for k, v in remote["run"].items() if k in _RUN_FIELDS})
         store.register_run(record, sweep=sweep)
         for row in remote["evals"]:
-            store.log_eval(record.run_id, row["step"], row["scalars"], row["per_token"],
-                           row.get("per_token_stderr"), row.get("n_sequences"))
+            store.log_eval(
+                record.run_id,
+                row["step"],
+                row["scalars"],
+                row["per_token"],
+                row.get("per_token_stderr"),
+                row.get("n_sequences"),
+            )
             evals += 1
         status = remote["status"]
         if status is not None:
-            store.set_status(record.run_id, status["status"], step=status["step"],
-                             reason=status["reason"])
+            store.set_status(
+                record.run_id, status["status"], step=status["step"], reason=status["reason"]
+            )
     return {"runs": len(runs), "evals": evals, "skipped": skipped}
 
 
@@ -141,15 +164,17 @@ def status_rows(bucket: str, sweep: str | None) -> list[dict]:
     rows = []
     for remote in remote_runs(bucket, sweep):
         run, status, evals = remote["run"], remote["status"] or {}, remote["evals"]
-        rows.append({
-            "run_id": run["run_id"],
-            "sweep": run["config"].get("sweep_name"),
-            "status": status.get("status", "pending"),
-            "step": max([e["step"] for e in evals] + [status.get("step") or 0]),
-            "steps": run["config"]["train"]["steps"],
-            "eval_loss": evals[-1]["scalars"]["eval_loss"] if evals else None,
-            "n_params": run["n_params"],
-            "tokens": run["tokens"],
-            "reason": status.get("reason"),
-        })
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "sweep": run["config"].get("sweep_name"),
+                "status": status.get("status", "pending"),
+                "step": max([e["step"] for e in evals] + [status.get("step") or 0]),
+                "steps": run["config"]["train"]["steps"],
+                "eval_loss": evals[-1]["scalars"]["eval_loss"] if evals else None,
+                "n_params": run["n_params"],
+                "tokens": run["tokens"],
+                "reason": status.get("reason"),
+            }
+        )
     return sorted(rows, key=lambda r: (r["n_params"], r["run_id"]))

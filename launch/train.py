@@ -56,9 +56,11 @@ def run_lock(workdir: str, run_id: str):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunBusy(f"run {run_id} is being trained by another process on this machine "
-                          f"(it holds {path}); wait for it to finish, or stop it and "
-                          "relaunch") from None
+            raise RunBusy(
+                f"run {run_id} is being trained by another process on this machine "
+                f"(it holds {path}); wait for it to finish, or stop it and "
+                "relaunch"
+            ) from None
         try:
             yield
         finally:
@@ -89,8 +91,7 @@ def run_record(config, run_id: str) -> RunRecord:
         n_ctx=shape.n_ctx,
         tokens=tokens,
         flops=float(shape.train_flops_per_token) * tokens,
-        flops_by_convention={c: float(shape.flops_per_token(c)) * tokens
-                             for c in FLOP_CONVENTIONS},
+        flops_by_convention={c: float(shape.flops_per_token(c)) * tokens for c in FLOP_CONVENTIONS},
         flop_convention=DEFAULT_FLOP_CONVENTION,
     )
 
@@ -120,8 +121,9 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 records.start(dataclasses.asdict(run_record(config, run_id)))
         # A finished run stays finished, whatever this launch would change;
         # process 0 knows (from its store or the bucket's records), and tells the others.
-        finished = is_writer and (store.run(run_id).status == "finished"
-                                  or bool(records and records.finished()))
+        finished = is_writer and (
+            store.run(run_id).status == "finished" or bool(records and records.finished())
+        )
         if jax.process_count() > 1:
             finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
         if finished:
@@ -188,8 +190,9 @@ class _Run:
     local_dir: Path  # TensorBoard's events (always on this disk)
 
 
-def _build(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus,
-           eval_at: set) -> _Run:
+def _build(
+    config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus, eval_at: set
+) -> _Run:
     """Mesh, shardings, compiled steps, the fixed eval set on the devices, and the state,
     restored from the run's last checkpoint; refuses layouts and histories that cannot work."""
     _use_compilation_cache(config.data.cache_dir)
@@ -207,30 +210,43 @@ def _build(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
     distributed.check_batch_layout(batch_sharding, (config.train.batch_size, shape.n_ctx + 1))
     rows_per_device = batch_sharding.shard_shape((config.train.batch_size, shape.n_ctx + 1))[0]
     if config.train.noise_scale and rows_per_device % 2:
-        raise UserError(f"train.noise_scale splits each device's rows in two, but "
-                        f"train.batch_size={config.train.batch_size} puts {rows_per_device} on "
-                        "each; use an even number per device or --config.train.noise_scale=false")
+        raise UserError(
+            f"train.noise_scale splits each device's rows in two, but "
+            f"train.batch_size={config.train.batch_size} puts {rows_per_device} on "
+            "each; use an even number per device or --config.train.noise_scale=false"
+        )
     eval_every_n, eval_last_n = config_lib.eval_batch_counts(config)
     eval_set = data.eval_batches(corpus.val, eval_last_n, config.train.batch_size, shape.n_ctx)
 
     tx = steps.make_optimizer(config.train)
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
-    train_step, eval_step = steps.compile_steps(state_shardings, mesh, rules, state.apply_fn,
-                                                noise_scale=False)
+    train_step, eval_step = steps.compile_steps(
+        state_shardings, mesh, rules, state.apply_fn, noise_scale=False
+    )
     # Every noise_scale_every-th step also measures the gradient noise scale
     # (same update, a little dearer); the others leave its moving averages as they are.
-    noise_step = (steps.compile_train_step(state_shardings, mesh, rules, noise_scale=True)
-                  if config.train.noise_scale else None)
+    noise_step = (
+        steps.compile_train_step(state_shardings, mesh, rules, noise_scale=True)
+        if config.train.noise_scale
+        else None
+    )
 
     local_dir = Path(config.workdir) / run_id
     # With a bucket, checkpoints live there so a new slice resumes from them.
-    run_dir = (remote_records.run_dir(config.launch.bucket, run_id) if config.launch.bucket
-               else local_dir)
+    run_dir = (
+        remote_records.run_dir(config.launch.bucket, run_id) if config.launch.bucket else local_dir
+    )
     ckpt = checkpoints.Checkpointer(run_dir / "checkpoints", config.checkpoint.max_to_keep)
     state, start_step = ckpt.restore_latest(state, state_shardings, corpus.fingerprint)
     try:
-        _check_history(config, run_id, store if is_writer else None, start_step, eval_at,
-                       run_dir / "checkpoints")
+        _check_history(
+            config,
+            run_id,
+            store if is_writer else None,
+            start_step,
+            eval_at,
+            run_dir / "checkpoints",
+        )
     except UserError:
         ckpt.close()
         raise
@@ -243,27 +259,46 @@ def _build(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
 
     # The fixed eval set goes to the devices once; each process puts its own
     # rows of every global eval batch.
-    eval_arrays = [put(b[first_row:first_row + rows]) for b in eval_set]
+    eval_arrays = [put(b[first_row : first_row + rows]) for b in eval_set]
 
     def evaluate(params, n_batches):
         sums_2xL = sum(eval_step(params, batch) for batch in eval_arrays[:n_batches])
         n_sequences = n_batches * eval_set.shape[1]
         return (*steps.per_token_mean_and_stderr(sums_2xL, n_sequences), n_sequences)
 
-    return _Run(config, shape, mesh, rules, put, train_step, noise_step, evaluate,
-                (eval_every_n, eval_last_n), state, start_step, ckpt, run_dir, local_dir)
+    return _Run(
+        config,
+        shape,
+        mesh,
+        rules,
+        put,
+        train_step,
+        noise_step,
+        evaluate,
+        (eval_every_n, eval_last_n),
+        state,
+        start_step,
+        ckpt,
+        run_dir,
+        local_dir,
+    )
 
 
 class _Writers:
     """Where an eval's row goes: the store, the bucket's records and TensorBoard on
     process 0; nowhere on the others (decided here, once)."""
 
-    def __init__(self, run: _Run, run_id: str, store: Store, is_writer: bool,
-                 records: remote_records.RunRecords | None):
+    def __init__(
+        self,
+        run: _Run,
+        run_id: str,
+        store: Store,
+        is_writer: bool,
+        records: remote_records.RunRecords | None,
+    ):
         self.run_id, self.store, self.records = run_id, store, records
         self.active = is_writer
-        self.tensorboard = _tensorboard_writer(run.local_dir, run.start_step) if is_writer \
-            else None
+        self.tensorboard = _tensorboard_writer(run.local_dir, run.start_step) if is_writer else None
         if is_writer:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict(), indent=2))
@@ -293,8 +328,8 @@ class _NanWatch:
     def add(self, step: int, loss):
         self.unchecked.append((step, loss))
         if step % self.every == 0:
-            _check_finite(self.unchecked[:-self.every])
-            del self.unchecked[:-self.every]
+            _check_finite(self.unchecked[: -self.every])
+            del self.unchecked[: -self.every]
 
     def check_all(self):
         """Before an eval or a checkpoint: names the first bad step, if any."""
@@ -333,24 +368,43 @@ class _EvalWindow:
         self.start, self.steps = time.perf_counter(), 0
 
 
-def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corpus,
-           records: remote_records.RunRecords | None):
+def _train(
+    config,
+    run_id: str,
+    store: Store,
+    is_writer: bool,
+    corpus: data.Corpus,
+    records: remote_records.RunRecords | None,
+):
     total = config.train.steps
     eval_at = set(eval_schedule(total, config.eval.points))
     run = _build(config, run_id, store, is_writer, corpus, eval_at)
     writers = _Writers(run, run_id, store, is_writer, records)
-    peak = matmul_peak_flops(config_lib.model_config(config).compute_dtype) if is_writer \
+    peak = (
+        matmul_peak_flops(config_lib.model_config(config).compute_dtype)
+        if is_writer
         else float("nan")
+    )
     nan_watch = _NanWatch(config.train.nan_check_every)
     window = _EvalWindow(run.ckpt.restored_loop.get("train_losses", []))
-    bar = tqdm(total=total, initial=run.start_step,
-               desc=f"{run_id} N={run.shape.n_params_kaplan:,}",
-               disable=not (config.progress and is_writer), file=sys.stderr, leave=True)
+    bar = tqdm(
+        total=total,
+        initial=run.start_step,
+        desc=f"{run_id} N={run.shape.n_params_kaplan:,}",
+        disable=not (config.progress and is_writer),
+        file=sys.stderr,
+        leave=True,
+    )
     state = run.state
     # Closing the checkpointer waits for an async save in flight, also when
     # the loop stops early (interrupt, divergence), so no save is cut short.
-    with (jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), contextlib.closing(bar),
-          contextlib.closing(run.ckpt), contextlib.closing(writers)):
+    with (
+        jax.set_mesh(run.mesh),
+        nn.logical_axis_rules(run.rules),
+        contextlib.closing(bar),
+        contextlib.closing(run.ckpt),
+        contextlib.closing(writers),
+    ):
         for step in range(run.start_step, total):
             state, metrics = _do_step(run, state, step, corpus)
             done = step + 1
@@ -365,15 +419,23 @@ def _train(config, run_id: str, store: Store, is_writer: bool, corpus: data.Corp
                 window.restart_clock()
             if done % config.checkpoint.every == 0 or done == total:
                 nan_watch.check_all()  # never save a diverged state
-                run.ckpt.save(done, state, corpus.fingerprint,
-                              {"train_losses": window.train_losses()})
+                run.ckpt.save(
+                    done, state, corpus.fingerprint, {"train_losses": window.train_losses()}
+                )
 
 
 def _do_step(run: _Run, state, step: int, corpus: data.Corpus):
     """Step `step`'s batch (this process's rows of it) through the train step."""
     config = run.config
-    local = data.train_batch(corpus.train, step, config.train.batch_size, run.shape.n_ctx,
-                             config.seed, jax.process_index(), jax.process_count())
+    local = data.train_batch(
+        corpus.train,
+        step,
+        config.train.batch_size,
+        run.shape.n_ctx,
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
     measure = run.noise_step is not None and step % config.train.noise_scale_every == 0
     state, metrics = (run.noise_step if measure else run.train_step)(state, run.put(local))
     faults.point("train_step")  # tests: a kill while the step runs
@@ -385,11 +447,13 @@ def _eval_row(run: _Run, state, done: int, window: _EvalWindow, peak: float):
     config, shape = run.config, run.shape
     train_loss, grad_norm, window_steps, elapsed = window.close()  # elapsed: compile too, first
     if not math.isfinite(train_loss):
-        raise DivergedError(f"train loss became {train_loss} by step {done}; "
-                            "lower train.learning_rate")
+        raise DivergedError(
+            f"train loss became {train_loss} by step {done}; lower train.learning_rate"
+        )
     every_n, last_n = run.eval_batches
     per_token_L, stderr_L, n_sequences = run.evaluate(
-        state.params, last_n if done == config.train.steps else every_n)
+        state.params, last_n if done == config.train.steps else every_n
+    )
     tokens_per_step = config.train.batch_size * shape.n_ctx
     tokens_per_s = window_steps * tokens_per_step / elapsed
     row = {
@@ -406,13 +470,15 @@ def _eval_row(run: _Run, state, done: int, window: _EvalWindow, peak: float):
     if config.train.noise_scale:  # B_simple in tokens, over ~50 measurements
         row["noise_scale"] = float(state.noise_ema["trace"] / state.noise_ema["g2"])
     if not math.isfinite(row["eval_loss"]):
-        raise DivergedError(f"eval loss became {row['eval_loss']} at step {done}; "
-                            "lower train.learning_rate")
+        raise DivergedError(
+            f"eval loss became {row['eval_loss']} at step {done}; lower train.learning_rate"
+        )
     return row, (per_token_L, stderr_L, n_sequences)
 
 
-def _check_history(config, run_id: str, store: Store | None, start_step: int, eval_at: set,
-                   checkpoints: Path):
+def _check_history(
+    config, run_id: str, store: Store | None, start_step: int, eval_at: set, checkpoints: Path
+):
     """UserError if the run resumes past evals that its store does not hold.
 
     A checkpoint at step S is saved after the evals up to S were logged, so a
@@ -435,7 +501,8 @@ def _check_history(config, run_id: str, store: Store | None, start_step: int, ev
             f"run {run_id} would resume from its checkpoint at step {start_step} in "
             f"{checkpoints}, but the store {config.store} lacks its eval at step {missing} "
             "(the checkpoint was written with another store): pass that store with "
-            f"--config.store, or move {checkpoints.parent} away to train the run afresh")
+            f"--config.store, or move {checkpoints.parent} away to train the run afresh"
+        )
 
 
 def _check_finite(losses: list):
@@ -443,5 +510,6 @@ def _check_finite(losses: list):
     values = jax.device_get([loss for _, loss in losses])
     for (step, _), value in zip(losses, values, strict=True):
         if not math.isfinite(float(value)):
-            raise DivergedError(f"train loss became {float(value)} at step {step}; "
-                                "lower train.learning_rate")
+            raise DivergedError(
+                f"train loss became {float(value)} at step {step}; lower train.learning_rate"
+            )

@@ -38,8 +38,9 @@ def chunk_rows(batch: int, n_heads: int, length: int) -> int:
 
 def reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
     """softmax(q k^T / sqrt(H), causal) v, as XLA computes it: the function the kernel matches."""
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True,
-                                        implementation="xla")
+    return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation="xla"
+    )
 
 
 def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
@@ -47,8 +48,9 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
     b, length, n, _ = q_BxLxHxK.shape
     rows = chunk_rows(b, n, length)
     heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, H, L, K]
-    out_BxHxLxK = _attention(heads_major(q_BxLxHxK), heads_major(k_BxLxHxK),
-                             heads_major(v_BxLxHxK), rows)
+    out_BxHxLxK = _attention(
+        heads_major(q_BxLxHxK), heads_major(k_BxLxHxK), heads_major(v_BxLxHxK), rows
+    )
     return heads_major(out_BxHxLxK)
 
 
@@ -59,8 +61,10 @@ def _causal(length: int):
 def _scores(a_RxHxLxK, b_RxHxMxK):
     """a b^T / sqrt(K) in float32: [R, H, L, M]."""
     scale = a_RxHxLxK.shape[-1] ** -0.5
-    return jnp.einsum("rhlk,rhmk->rhlm", a_RxHxLxK, b_RxHxMxK,
-                      preferred_element_type=jnp.float32) * scale
+    return (
+        jnp.einsum("rhlk,rhmk->rhlm", a_RxHxLxK, b_RxHxMxK, preferred_element_type=jnp.float32)
+        * scale
+    )
 
 
 def _forward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK):
@@ -79,16 +83,20 @@ def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dou
     causal_LxM = _causal(length)
     dtype = q_RxHxLxK.dtype
     # Probabilities (rows: queries) and their transpose (rows: keys), each from its own product.
-    p_RxHxLxM = jnp.where(causal_LxM, jnp.exp(_scores(q_RxHxLxK, k_RxHxLxK)
-                                              - lse_RxHxL[..., None]), 0.0)
-    p_RxHxMxL = jnp.where(causal_LxM.T, jnp.exp(_scores(k_RxHxLxK, q_RxHxLxK)
-                                                - lse_RxHxL[:, :, None, :]), 0.0)
+    p_RxHxLxM = jnp.where(
+        causal_LxM, jnp.exp(_scores(q_RxHxLxK, k_RxHxLxK) - lse_RxHxL[..., None]), 0.0
+    )
+    p_RxHxMxL = jnp.where(
+        causal_LxM.T, jnp.exp(_scores(k_RxHxLxK, q_RxHxLxK) - lse_RxHxL[:, :, None, :]), 0.0
+    )
     # d softmax: dS = P * (dP - rowsum(dO * O)).
     delta_RxHxL = jnp.sum(dout_RxHxLxK.astype(jnp.float32) * out_RxHxLxK, -1)
-    dp_RxHxLxM = jnp.einsum("rhlk,rhmk->rhlm", dout_RxHxLxK, v_RxHxLxK,
-                            preferred_element_type=jnp.float32)
-    dp_RxHxMxL = jnp.einsum("rhmk,rhlk->rhml", v_RxHxLxK, dout_RxHxLxK,
-                            preferred_element_type=jnp.float32)
+    dp_RxHxLxM = jnp.einsum(
+        "rhlk,rhmk->rhlm", dout_RxHxLxK, v_RxHxLxK, preferred_element_type=jnp.float32
+    )
+    dp_RxHxMxL = jnp.einsum(
+        "rhmk,rhlk->rhml", v_RxHxLxK, dout_RxHxLxK, preferred_element_type=jnp.float32
+    )
     ds_RxHxLxM = (p_RxHxLxM * (dp_RxHxLxM - delta_RxHxL[..., None]) * scale).astype(dtype)
     ds_RxHxMxL = (p_RxHxMxL * (dp_RxHxMxL - delta_RxHxL[:, :, None, :]) * scale).astype(dtype)
     dq_RxHxLxK = jnp.einsum("rhlm,rhmk->rhlk", ds_RxHxLxM, k_RxHxLxK)
@@ -111,15 +119,18 @@ def _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
 
 
 def _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
-    out, lse = jax.lax.map(lambda qkv: _forward_chunk(*qkv),
-                           tuple(_chunks(x, rows) for x in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)))
+    out, lse = jax.lax.map(
+        lambda qkv: _forward_chunk(*qkv),
+        tuple(_chunks(x, rows) for x in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)),
+    )
     out_BxHxLxK, lse_BxHxL = _unchunk(out), _unchunk(lse)
     return out_BxHxLxK, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxHxLxK, lse_BxHxL)
 
 
 def _attention_backward(rows: int, saved, dout_BxHxLxK):
-    grads = jax.lax.map(lambda args: _backward_chunk(*args),
-                        tuple(_chunks(x, rows) for x in (*saved, dout_BxHxLxK)))
+    grads = jax.lax.map(
+        lambda args: _backward_chunk(*args), tuple(_chunks(x, rows) for x in (*saved, dout_BxHxLxK))
+    )
     return tuple(_unchunk(g) for g in grads)
 
 

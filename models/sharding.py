@@ -38,8 +38,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); one size may be -1 (the rest).
 
     Raises ValueError naming the sizes when their product does not match
@@ -72,8 +73,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     # constraints). Explicit axes would make every op's sharding part of its
     # type, which the Linen modules here do not spell out.
     return jax.make_mesh(
-        tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices,
+        tuple(sizes[a] for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
     )
 
 

@@ -104,8 +104,9 @@ class ModelShape:
             "6N+causal_attention": 6 * n + attention // 2,
         }
         if convention not in counts:
-            raise ValueError(f"unknown FLOP convention {convention!r}; "
-                             f"known: {', '.join(FLOP_CONVENTIONS)}")
+            raise ValueError(
+                f"unknown FLOP convention {convention!r}; known: {', '.join(FLOP_CONVENTIONS)}"
+            )
         return counts[convention]
 
     def as_dict(self) -> dict:

@@ -71,8 +71,10 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r} is not one of {sorted(allowed)}"
                 )
         if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
-            raise ValueError(f"model.scan_unroll={self.scan_unroll!r} must be an integer >= 0 "
-                             "(0 picks by depth, 1 keeps the layer loop rolled)")
+            raise ValueError(
+                f"model.scan_unroll={self.scan_unroll!r} must be an integer >= 0 "
+                "(0 picks by depth, 1 keeps the layer loop rolled)"
+            )
 
     @property
     def unroll(self) -> int:
@@ -101,8 +103,12 @@ class ModelConfig:
         if self.attention_impl != "auto":
             return self.attention_impl
         h = self.shape.head_dim
-        if (self.compute_dtype in ("bfloat16", "float16") and h % 8 == 0 and h <= 128
-                and cuda_compute_capability() >= (8, 0)):
+        if (
+            self.compute_dtype in ("bfloat16", "float16")
+            and h % 8 == 0
+            and h <= 128
+            and cuda_compute_capability() >= (8, 0)
+        ):
             return "cudnn"
         if jax.default_backend() == "cpu" and jax.device_count() == 1:
             return "chunked"
@@ -137,8 +143,9 @@ def cuda_compute_capability() -> tuple[int, int]:
     if backend.platform != "gpu" or "cuda" not in backend.platform_version.lower():
         return (0, 0)
     try:
-        major, minor, *_ = (int(v) for v in
-                            backend.local_devices()[0].compute_capability.split("."))
+        major, minor, *_ = (
+            int(v) for v in backend.local_devices()[0].compute_capability.split(".")
+        )
     except (AttributeError, ValueError):  # a runtime that does not say: XLA's attention
         return (0, 0)
     return (major, minor)
@@ -184,8 +191,9 @@ class Block(nn.Module):
 
         # Attention.
         y_BxLxD = LayerNorm(pdt, name="ln_attn")(x_BxLxD)
-        w_qkv = _param(self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"),
-                       (d, 3, n, h), pdt)
+        w_qkv = _param(
+            self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"), (d, 3, n, h), pdt
+        )
         b_qkv = _param(self, "qkv_bias", zeros, ("qkv", "heads", "head_dim"), (3, n, h), pdt)
         qkv_BxLx3xHxK = jnp.einsum("bld,dthk->blthk", y_BxLxD, w_qkv.astype(cdt))
         qkv_BxLx3xHxK = qkv_BxLx3xHxK + b_qkv.astype(cdt)[None, None]
@@ -195,10 +203,12 @@ class Block(nn.Module):
         if kernel == "chunked":
             attn_BxLxHxK = chunked_attention(q, k, v)
         else:
-            attn_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                        implementation=kernel)
-        w_out = _param(self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"),
-                       (n, h, d), pdt)
+            attn_BxLxHxK = jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=kernel
+            )
+        w_out = _param(
+            self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"), (n, h, d), pdt
+        )
         b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)
         attn_BxLxD = jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w_out.astype(cdt))
         x_BxLxD = x_BxLxD + attn_BxLxD + b_out.astype(cdt)[None, None]
@@ -227,17 +237,30 @@ class Transformer(nn.Module):
         s = self.config.shape
         pdt, cdt = DTYPES[self.config.param_dtype], DTYPES[self.config.compute_dtype]
         length = tokens_BxL.shape[1]
-        embed_VxD = _param(self, "token_embed", nn.initializers.normal(0.02),
-                           ("vocab", "embed"), (s.vocab_size, s.d_model), pdt)
-        pos_LxD = _param(self, "pos_embed", nn.initializers.normal(0.01),
-                         ("position", "embed"), (s.n_ctx, s.d_model), pdt)
+        embed_VxD = _param(
+            self,
+            "token_embed",
+            nn.initializers.normal(0.02),
+            ("vocab", "embed"),
+            (s.vocab_size, s.d_model),
+            pdt,
+        )
+        pos_LxD = _param(
+            self,
+            "pos_embed",
+            nn.initializers.normal(0.01),
+            ("position", "embed"),
+            (s.n_ctx, s.d_model),
+            pdt,
+        )
         x_BxLxD = (jnp.take(embed_VxD, tokens_BxL, axis=0) + pos_LxD[None, :length]).astype(cdt)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
         block = Block
         if self.config.remat_policy != "none":
-            block = nn.remat(Block, prevent_cse=False,
-                             policy=REMAT_POLICIES[self.config.remat_policy])
+            block = nn.remat(
+                Block, prevent_cse=False, policy=REMAT_POLICIES[self.config.remat_policy]
+            )
         stack = nn.scan(
             block,
             variable_axes={"params": 0},

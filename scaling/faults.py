@@ -28,8 +28,10 @@ def _armed() -> tuple[str, int] | None:
         return None
     name, _, count = spec.partition(":")
     if name not in POINTS or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"SCALING_FAULT={spec!r}: expected POINT:COUNT with POINT one of "
-                         f"{', '.join(POINTS)} and COUNT >= 1")
+        raise ValueError(
+            f"SCALING_FAULT={spec!r}: expected POINT:COUNT with POINT one of "
+            f"{', '.join(POINTS)} and COUNT >= 1"
+        )
     return name, int(count)
 
 

@@ -30,8 +30,21 @@ from scaling.fitting.fit import fit
 from scaling.fitting.laws import get_law
 from scaling.store import Store, sweep_runs
 
-RUN_COLUMNS = ("run_id", "status", "step", "n_params", "n_params_total", "n_layer", "d_model",
-               "n_heads", "n_ctx", "tokens", "flops", "flop_convention", "reason")
+RUN_COLUMNS = (
+    "run_id",
+    "status",
+    "step",
+    "n_params",
+    "n_params_total",
+    "n_layer",
+    "d_model",
+    "n_heads",
+    "n_ctx",
+    "tokens",
+    "flops",
+    "flop_convention",
+    "reason",
+)
 
 
 def open_store(path: str | Path) -> Store:
@@ -44,8 +57,10 @@ def open_store(path: str | Path) -> Store:
 def runs(store: Store, sweep: str | None = None) -> pd.DataFrame:
     """The runs (of `sweep`, or all), smallest N first; config values stay in `config`."""
     records = sweep_runs(store, sweep) if sweep is not None else store.runs()
-    frame = pd.DataFrame([{k: getattr(r, k) for k in RUN_COLUMNS} | {"config": r.config}
-                          for r in records], columns=[*RUN_COLUMNS, "config"])
+    frame = pd.DataFrame(
+        [{k: getattr(r, k) for k in RUN_COLUMNS} | {"config": r.config} for r in records],
+        columns=[*RUN_COLUMNS, "config"],
+    )
     return frame.set_index("run_id")
 
 
@@ -55,8 +70,9 @@ def evals(store: Store, sweep: str) -> pd.DataFrame:
     for run in sweep_runs(store, sweep):
         for name in store.metric_names(run.run_id):
             steps, values = store.scalars(run.run_id, name)
-            rows += [(run.run_id, int(s), name, float(v)) for s, v in zip(steps, values,
-                                                                          strict=True)]
+            rows += [
+                (run.run_id, int(s), name, float(v)) for s, v in zip(steps, values, strict=True)
+            ]
     long = pd.DataFrame(rows, columns=["run_id", "step", "metric", "value"])
     wide = long.pivot_table(index=["run_id", "step"], columns="metric", values="value")
     wide.columns.name = None
@@ -85,10 +101,18 @@ def per_token(store: Store, sweep: str, *, last_only: bool = False) -> pd.DataFr
         rows = range(len(steps) - 1, len(steps)) if last_only else range(len(steps))
         for i in rows:
             n_ctx = losses.shape[1]
-            frames.append(pd.DataFrame({
-                "run_id": run.run_id, "step": int(steps[i]), "T": np.arange(1, n_ctx + 1),
-                "loss": losses[i].astype(float), "stderr": errors[i].astype(float),
-                "n_sequences": int(n_sequences[i])}))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "run_id": run.run_id,
+                        "step": int(steps[i]),
+                        "T": np.arange(1, n_ctx + 1),
+                        "loss": losses[i].astype(float),
+                        "stderr": errors[i].astype(float),
+                        "n_sequences": int(n_sequences[i]),
+                    }
+                )
+            )
     if not frames:
         raise UserError(f"sweep {sweep!r} has no per-token eval losses yet")
     return pd.concat(frames, ignore_index=True)
@@ -100,18 +124,44 @@ def fits(store: Store, sweep: str | None = None, law: str | None = None) -> pd.D
     for record in store.fits(sweep, law):
         for name, value in record.params.items():
             low, high = record.intervals.get(name, (np.nan, np.nan))
-            rows.append({"fit_id": record.fit_id, "sweep": record.sweep, "law": record.law,
-                         "what": record.what, "curve": record.curve, "param": name,
-                         "value": value, "low": low, "high": high,
-                         "n_points": record.n_points, "converged": record.converged,
-                         "created": record.created})
-    return pd.DataFrame(rows, columns=["fit_id", "sweep", "law", "what", "curve", "param",
-                                       "value", "low", "high", "n_points", "converged",
-                                       "created"])
+            rows.append(
+                {
+                    "fit_id": record.fit_id,
+                    "sweep": record.sweep,
+                    "law": record.law,
+                    "what": record.what,
+                    "curve": record.curve,
+                    "param": name,
+                    "value": value,
+                    "low": low,
+                    "high": high,
+                    "n_points": record.n_points,
+                    "converged": record.converged,
+                    "created": record.created,
+                }
+            )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "fit_id",
+            "sweep",
+            "law",
+            "what",
+            "curve",
+            "param",
+            "value",
+            "low",
+            "high",
+            "n_points",
+            "converged",
+            "created",
+        ],
+    )
 
 
-def fit_frame(frame: pd.DataFrame, law: str, x: str | list[str], y: str, *,
-              by: str | None = None, **options) -> pd.DataFrame:
+def fit_frame(
+    frame: pd.DataFrame, law: str, x: str | list[str], y: str, *, by: str | None = None, **options
+) -> pd.DataFrame:
     """Fit `law` to columns `x` (one per input) and `y` of `frame`, one curve per value of
     column `by` (or one curve); `options` go to `scaling.fitting.fit.fit` (bootstrap, resample,
     fixed, objective, ...). Returns one row per curve: each parameter, and its interval
@@ -120,25 +170,31 @@ def fit_frame(frame: pd.DataFrame, law: str, x: str | list[str], y: str, *,
     x = [x] if isinstance(x, str) else list(x)
     missing = [c for c in [*x, y, *([by] if by else [])] if c not in frame.columns]
     if missing:
-        raise UserError(f"the frame has no column {missing[0]!r}; its columns are "
-                        f"{list(frame.columns)}")
+        raise UserError(
+            f"the frame has no column {missing[0]!r}; its columns are {list(frame.columns)}"
+        )
     if len(x) != law.n_inputs:
-        raise UserError(f"law {law.name!r} ({law.formula}) takes {law.n_inputs} x column(s), "
-                        f"got {len(x)}: {x}")
+        raise UserError(
+            f"law {law.name!r} ({law.formula}) takes {law.n_inputs} x column(s), got {len(x)}: {x}"
+        )
     groups = list(frame.groupby(by, sort=True)) if by else [("all", frame)]
     width = max(len(g) for _, g in groups)
     xs = np.ones((len(groups), width, len(x)))
     ys = np.ones((len(groups), width))
     mask = np.zeros((len(groups), width), bool)
     for i, (_, group) in enumerate(groups):
-        xs[i, :len(group)] = group[x].to_numpy(float)
-        ys[i, :len(group)] = group[y].to_numpy(float)
-        mask[i, :len(group)] = True
+        xs[i, : len(group)] = group[x].to_numpy(float)
+        ys[i, : len(group)] = group[y].to_numpy(float)
+        mask[i, : len(group)] = True
     result = fit(law, xs, ys, mask, **options)
     rows = []
     for i, (key, _) in enumerate(groups):
-        row = {"curve": key, "n_points": int(result.n_points[i]),
-               "converged": bool(result.converged[i]), "objective": float(result.objective[i])}
+        row = {
+            "curve": key,
+            "n_points": int(result.n_points[i]),
+            "converged": bool(result.converged[i]),
+            "objective": float(result.objective[i]),
+        }
         for name, values in result.params.items():
             row[name] = float(values[i])
             if name in result.intervals:

@@ -99,13 +99,17 @@ CREATE TABLE IF NOT EXISTS fits (
 # Version 1 stores held `flops` under 6N+attention (the only count then), so that is
 # the convention their runs are given.
 _MIGRATIONS = {
-    1: ("ALTER TABLE runs ADD COLUMN flops_json TEXT NOT NULL DEFAULT '{}'",
+    1: (
+        "ALTER TABLE runs ADD COLUMN flops_json TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE runs ADD COLUMN flop_convention TEXT NOT NULL DEFAULT '6N+attention'",
         "UPDATE runs SET flops_json = json_object('6N+attention', flops)",
-        "ALTER TABLE fits ADD COLUMN provenance_json TEXT NOT NULL DEFAULT '{}'"),
+        "ALTER TABLE fits ADD COLUMN provenance_json TEXT NOT NULL DEFAULT '{}'",
+    ),
     # Version 2 stores kept the per-token means only; their standard errors stay unknown.
-    2: ("ALTER TABLE per_token ADD COLUMN stderr BLOB",
-        "ALTER TABLE per_token ADD COLUMN n_sequences INTEGER"),
+    2: (
+        "ALTER TABLE per_token ADD COLUMN stderr BLOB",
+        "ALTER TABLE per_token ADD COLUMN n_sequences INTEGER",
+    ),
 }
 
 
@@ -159,8 +163,10 @@ def check_sweep_name(name) -> str:
     """`name` if it is a valid sweep name, else UserError saying what one is."""
     if not isinstance(name, str) or not SWEEP_NAME.fullmatch(name):
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise UserError(f"sweep name {shown} is not allowed; use 1-64 letters, digits, '.', '_' "
-                        "or '-', starting with a letter or digit (it names files)")
+        raise UserError(
+            f"sweep name {shown} is not allowed; use 1-64 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit (it names files)"
+        )
     return name
 
 
@@ -195,16 +201,20 @@ def check_writable(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.exists():
         if path.is_dir() or not os.access(path, os.W_OK):
-            raise UserError(f"store file {str(path)!r} is not writable; "
-                            "give a writable path with --config.store=PATH")
+            raise UserError(
+                f"store file {str(path)!r} is not writable; "
+                "give a writable path with --config.store=PATH"
+            )
         return
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         what = "is not a folder" if not folder.is_dir() else "is not writable"
-        raise UserError(f"store path {str(path)!r} is not writable ({str(folder)!r} {what}); "
-                        "give a writable path with --config.store=PATH")
+        raise UserError(
+            f"store path {str(path)!r} is not writable ({str(folder)!r} {what}); "
+            "give a writable path with --config.store=PATH"
+        )
 
 
 class Store:
@@ -249,8 +259,9 @@ class Store:
 
     def _open_readonly(self):
         if not self.path.is_file():
-            raise UserError(f"no results store at {str(self.path)!r}; run a sweep first or "
-                            "pass --store PATH")
+            raise UserError(
+                f"no results store at {str(self.path)!r}; run a sweep first or pass --store PATH"
+            )
         uri = self.path.resolve().as_uri()
         try:
             try:
@@ -259,19 +270,25 @@ class Store:
             except sqlite3.OperationalError:
                 # A WAL store in a folder we cannot write (no -shm to create): read the
                 # file as it stands, which is what a read-only copy holds.
-                self._conn = sqlite3.connect(f"{uri}?immutable=1", uri=True,
-                                             isolation_level=None)
+                self._conn = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
                 tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}
-            version = (self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
-                       if "schema_version" in tables else None)
+            version = (
+                self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+                if "schema_version" in tables
+                else None
+            )
         except sqlite3.DatabaseError as e:
-            raise UserError(f"{str(self.path)!r} is not a readable results store ({e}); "
-                            "restore it from a copy or give another with --store") from None
+            raise UserError(
+                f"{str(self.path)!r} is not a readable results store ({e}); "
+                "restore it from a copy or give another with --store"
+            ) from None
         if version != SCHEMA_VERSION:
             self._conn.close()
-            raise UserError(f"store {str(self.path)!r} has schema version {version}, this suite "
-                            f"reads {SCHEMA_VERSION}; open it once where it is writable (any "
-                            "`scaling fit`) to upgrade it, or upgrade the suite")
+            raise UserError(
+                f"store {str(self.path)!r} has schema version {version}, this suite "
+                f"reads {SCHEMA_VERSION}; open it once where it is writable (any "
+                "`scaling fit`) to upgrade it, or upgrade the suite"
+            )
 
     def _check_or_create_schema(self):
         tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}
@@ -308,13 +325,17 @@ class Store:
     def _transaction(self):
         # SQLite keeps writing to a file removed (or replaced) under it, and the
         # writes vanish with it: check it is still the file we opened, every write.
-        if getattr(self, "_identity", None) is not None and \
-                _file_identity(self.path) != self._identity:
-            raise UserError(f"the store file {str(self.path)!r} was removed or replaced while "
-                            "this process was using it, so what it writes now would be lost; "
-                            "nothing more was written. Restore the store (or give a new "
-                            "--config.store) and relaunch: finished runs resume from their "
-                            "checkpoints")
+        if (
+            getattr(self, "_identity", None) is not None
+            and _file_identity(self.path) != self._identity
+        ):
+            raise UserError(
+                f"the store file {str(self.path)!r} was removed or replaced while "
+                "this process was using it, so what it writes now would be lost; "
+                "nothing more was written. Restore the store (or give a new "
+                "--config.store) and relaunch: finished runs resume from their "
+                "checkpoints"
+            )
         return _Transaction(self._conn)
 
     def close(self):
@@ -357,10 +378,25 @@ class Store:
                 "n_layer, d_model, n_heads, n_ctx, tokens, flops, status, step, reason, "
                 "created, updated, flops_json, flop_convention) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.run_id, json.dumps(run.config, sort_keys=True), run.n_params,
-                 run.n_params_total, run.n_layer, run.d_model, run.n_heads, run.n_ctx,
-                 run.tokens, run.flops, run.status, run.step, run.reason, now, now,
-                 json.dumps(run.flops_by_convention, sort_keys=True), run.flop_convention),
+                (
+                    run.run_id,
+                    json.dumps(run.config, sort_keys=True),
+                    run.n_params,
+                    run.n_params_total,
+                    run.n_layer,
+                    run.d_model,
+                    run.n_heads,
+                    run.n_ctx,
+                    run.tokens,
+                    run.flops,
+                    run.status,
+                    run.step,
+                    run.reason,
+                    now,
+                    now,
+                    json.dumps(run.flops_by_convention, sort_keys=True),
+                    run.flop_convention,
+                ),
             )
             if sweep is not None:
                 self._conn.execute(
@@ -372,8 +408,9 @@ class Store:
                     (sweep, run.run_id),
                 )
 
-    def set_status(self, run_id: str, status: str, step: int | None = None,
-                   reason: str | None = None):
+    def set_status(
+        self, run_id: str, status: str, step: int | None = None, reason: str | None = None
+    ):
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         with self._transaction():
@@ -383,9 +420,15 @@ class Store:
                 (status, step, reason, time.time(), run_id),
             )
 
-    def log_eval(self, run_id: str, step: int, scalars: dict[str, float],
-                 per_token: np.ndarray | None = None, per_token_stderr: np.ndarray | None = None,
-                 n_sequences: int | None = None):
+    def log_eval(
+        self,
+        run_id: str,
+        step: int,
+        scalars: dict[str, float],
+        per_token: np.ndarray | None = None,
+        per_token_stderr: np.ndarray | None = None,
+        n_sequences: int | None = None,
+    ):
         """Scalars (and optionally the per-token loss vector, with the standard error of
         each entry over `n_sequences` held-out sequences) of one step, in one transaction."""
         with self._transaction():
@@ -395,13 +438,21 @@ class Store:
             )
             if per_token is not None:
                 blob = np.asarray(per_token, dtype="<f4").tobytes()
-                stderr = (None if per_token_stderr is None
-                          else np.asarray(per_token_stderr, dtype="<f4").tobytes())
+                stderr = (
+                    None
+                    if per_token_stderr is None
+                    else np.asarray(per_token_stderr, dtype="<f4").tobytes()
+                )
                 self._conn.execute(
                     "INSERT OR REPLACE INTO per_token (run_id, step, losses, stderr, n_sequences) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (run_id, int(step), blob, stderr,
-                     None if n_sequences is None else int(n_sequences)),
+                    (
+                        run_id,
+                        int(step),
+                        blob,
+                        stderr,
+                        None if n_sequences is None else int(n_sequences),
+                    ),
                 )
             self._conn.execute(
                 "UPDATE runs SET step = MAX(step, ?), updated = ? WHERE run_id = ?",
@@ -415,10 +466,21 @@ class Store:
                 "INSERT INTO fits (sweep, law, what, curve, params_json, intervals_json, "
                 "objective, converged, n_points, selection_json, settings_json, created, "
                 "provenance_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (fit.sweep, fit.law, fit.what, fit.curve, json.dumps(fit.params),
-                 json.dumps(fit.intervals), float(fit.objective), int(bool(fit.converged)),
-                 int(fit.n_points), json.dumps(fit.selection), json.dumps(fit.settings),
-                 time.time(), json.dumps(fit.provenance)),
+                (
+                    fit.sweep,
+                    fit.law,
+                    fit.what,
+                    fit.curve,
+                    json.dumps(fit.params),
+                    json.dumps(fit.intervals),
+                    float(fit.objective),
+                    int(bool(fit.converged)),
+                    int(fit.n_points),
+                    json.dumps(fit.selection),
+                    json.dumps(fit.settings),
+                    time.time(),
+                    json.dumps(fit.provenance),
+                ),
             )
             return cursor.lastrowid
 
@@ -431,7 +493,8 @@ class Store:
         """Runs (of one sweep, or all), smallest N first."""
         if sweep is None:
             rows = self._conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs r ORDER BY n_params, run_id")
+                f"SELECT {_RUN_COLUMNS} FROM runs r ORDER BY n_params, run_id"
+            )
         else:
             rows = self._conn.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs r JOIN sweep_runs s ON s.run_id = r.run_id "
@@ -456,8 +519,12 @@ class Store:
         return steps, np.array([r[1] for r in rows], dtype=np.float64)
 
     def metric_names(self, run_id: str) -> list[str]:
-        return [r[0] for r in self._conn.execute(
-            "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", (run_id,))]
+        return [
+            r[0]
+            for r in self._conn.execute(
+                "SELECT DISTINCT name FROM metrics WHERE run_id = ? ORDER BY name", (run_id,)
+            )
+        ]
 
     def per_token(self, run_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps [S], losses [S, n_ctx]): the per-token eval loss at each eval step."""
@@ -474,12 +541,20 @@ class Store:
         NaN (and 0 sequences) where a row was written without them (schema 2 and older)."""
         rows = self._conn.execute(
             "SELECT step, losses, stderr, n_sequences FROM per_token WHERE run_id = ? "
-            "ORDER BY step", (run_id,)).fetchall()
+            "ORDER BY step",
+            (run_id,),
+        ).fetchall()
         steps = np.array([r[0] for r in rows], dtype=np.int64)
         if not rows:
             return steps, np.zeros((0, 0), dtype=np.float32), np.zeros(0, np.int64)
-        errors = np.stack([np.frombuffer(r[2], dtype="<f4") if r[2] is not None
-                           else np.full(len(r[1]) // 4, np.nan, np.float32) for r in rows])
+        errors = np.stack(
+            [
+                np.frombuffer(r[2], dtype="<f4")
+                if r[2] is not None
+                else np.full(len(r[1]) // 4, np.nan, np.float32)
+                for r in rows
+            ]
+        )
         return steps, errors, np.array([r[3] or 0 for r in rows], dtype=np.int64)
 
     def last_eval(self, run_id: str) -> tuple[int, float] | None:
@@ -500,11 +575,22 @@ class Store:
             (sweep, sweep, law, law),
         ).fetchall()
         return [
-            FitRecord(fit_id=r[0], sweep=r[1], law=r[2], what=r[3], curve=r[4],
-                      params=json.loads(r[5]), intervals=json.loads(r[6]), objective=r[7],
-                      converged=bool(r[8]), n_points=r[9], selection=json.loads(r[10]),
-                      settings=json.loads(r[11]), created=r[12],
-                      provenance=json.loads(r[13]))
+            FitRecord(
+                fit_id=r[0],
+                sweep=r[1],
+                law=r[2],
+                what=r[3],
+                curve=r[4],
+                params=json.loads(r[5]),
+                intervals=json.loads(r[6]),
+                objective=r[7],
+                converged=bool(r[8]),
+                n_points=r[9],
+                selection=json.loads(r[10]),
+                settings=json.loads(r[11]),
+                created=r[12],
+                provenance=json.loads(r[13]),
+            )
             for r in rows
         ]
 
@@ -528,8 +614,9 @@ class _Transaction:
 
 # RunRecord fields stored as JSON text, and their column names.
 _JSON_COLUMNS = {"config": "config_json", "flops_by_convention": "flops_json"}
-_RUN_COLUMNS = ", ".join(f"r.{_JSON_COLUMNS.get(f.name, f.name)}"
-                         for f in dataclasses.fields(RunRecord))
+_RUN_COLUMNS = ", ".join(
+    f"r.{_JSON_COLUMNS.get(f.name, f.name)}" for f in dataclasses.fields(RunRecord)
+)
 
 
 def _run_from_row(row) -> RunRecord:

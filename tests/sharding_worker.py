@@ -45,10 +45,12 @@ MODEL = ModelConfig(SHAPE)
 # knob except attention_impl=cudnn (GPU only) appears at least once.
 KNOBS = {
     "compute=bf16,remat=dots,attention=xla": dict(
-        compute_dtype="bfloat16", remat="dots", attention_impl="xla"),
+        compute_dtype="bfloat16", remat="dots", attention_impl="xla"
+    ),
     "remat=full": dict(remat="full"),
     "params=bf16,compute=bf16,remat=dots_no_batch": dict(
-        param_dtype="bfloat16", compute_dtype="bfloat16", remat="dots_no_batch"),
+        param_dtype="bfloat16", compute_dtype="bfloat16", remat="dots_no_batch"
+    ),
 }
 STEPS, BATCH = 10, 8
 
@@ -95,7 +97,8 @@ def logical_names() -> dict[str, tuple]:
         jax.random.key(0),
     )
     leaves = jax.tree_util.tree_flatten_with_path(
-        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
     return {jax.tree_util.keystr(path): tuple(leaf.names) for path, leaf in leaves}
 
 
@@ -150,9 +153,15 @@ def meshes(out_path: str, ckpt_dir: str, *knob_labels: str):
     names = logical_names()
     ref_mesh = sharding.make_mesh(1, 1, 1, devices=devices[:1])
     ref, _, ref_losses, ref_norms = train(ref_mesh, tokens)
-    result = {"reference": {"losses": ref_losses, "grad_norms": ref_norms,
-                            "devices": len(jax.tree.leaves(ref.params)[0].sharding.device_set)},
-              "meshes": {}, "seconds": {"reference": time.perf_counter() - start}}
+    result = {
+        "reference": {
+            "losses": ref_losses,
+            "grad_norms": ref_norms,
+            "devices": len(jax.tree.leaves(ref.params)[0].sharding.device_set),
+        },
+        "meshes": {},
+        "seconds": {"reference": time.perf_counter() - start},
+    }
 
     kept = None
     for label, (d, f, t) in MESHES.items():
@@ -177,24 +186,36 @@ def meshes(out_path: str, ckpt_dir: str, *knob_labels: str):
     with nn.logical_axis_rules(sharding.RULES):
         abstract = jax.eval_shape(
             lambda r: steps.TrainState.create(
-                apply_fn=None, tx=steps.make_optimizer(train_config()),
-                params=Transformer(MODEL).init(r, np.zeros((1, SHAPE.n_ctx), np.int32))["params"]),
-            jax.random.key(0))
+                apply_fn=None,
+                tx=steps.make_optimizer(train_config()),
+                params=Transformer(MODEL).init(r, np.zeros((1, SHAPE.n_ctx), np.int32))["params"],
+            ),
+            jax.random.key(0),
+        )
         shardings4 = sharding.logical_shardings(abstract, mesh4, sharding.RULES)
     # `kept` lends only shapes and dtypes: restore reads every value from disk.
     loader = checkpoints.Checkpointer(ckpt_dir, max_to_keep=1)
     restored, next_step = loader.restore_latest(kept, shardings4, "synthetic")
     loader.close()
-    equal = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
-                         (restored.params, restored.opt_state), (kept.params, kept.opt_state))
+    equal = jax.tree.map(
+        lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+        (restored.params, restored.opt_state),
+        (kept.params, kept.opt_state),
+    )
     result["restore"] = {
         "next_step": next_step,
         "step": int(restored.step),
         "all_equal": all(jax.tree.leaves(equal)),
         "params": layout_report(restored.params, names, mesh4),
-        "same_shardings": all(jax.tree.leaves(jax.tree.map(
-            lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), restored.params,
-            shardings4.params))),
+        "same_shardings": all(
+            jax.tree.leaves(
+                jax.tree.map(
+                    lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
+                    restored.params,
+                    shardings4.params,
+                )
+            )
+        ),
     }
     result["seconds"]["restore"] = time.perf_counter() - start
 

@@ -10,24 +10,33 @@ from models import attention
 
 @pytest.mark.parametrize("budget_rows", [1, 3])
 @pytest.mark.parametrize("b, length, n, h", [(6, 32, 3, 16), (8, 16, 2, 32), (5, 8, 1, 8)])
-def test_chunked_attention_matches_xla_in_value_and_gradient(monkeypatch, budget_rows,
-                                                              b, length, n, h):
+def test_chunked_attention_matches_xla_in_value_and_gradient(
+    monkeypatch, budget_rows, b, length, n, h
+):
     # A score budget of `budget_rows` sequences: chunks of that many rows, or
     # fewer where they do not divide the batch (5 rows in chunks of 2 -> 1).
     monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", budget_rows * 4 * n * length * length)
     rows = attention.chunk_rows(b, n, length)
     assert b % rows == 0 and rows <= budget_rows
-    q, k, v, cotangent = (jax.random.normal(key, (b, length, n, h))
-                          for key in jax.random.split(jax.random.key(b * length), 4))
-    np.testing.assert_allclose(attention.chunked_attention(q, k, v),
-                               attention.reference_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    q, k, v, cotangent = (
+        jax.random.normal(key, (b, length, n, h))
+        for key in jax.random.split(jax.random.key(b * length), 4)
+    )
+    np.testing.assert_allclose(
+        attention.chunked_attention(q, k, v),
+        attention.reference_attention(q, k, v),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     def grads(fn):
         return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent), argnums=(0, 1, 2))(
-            q, k, v)
+            q, k, v
+        )
 
-    for got, want in zip(grads(attention.chunked_attention),
-                         grads(attention.reference_attention), strict=True):
+    for got, want in zip(
+        grads(attention.chunked_attention), grads(attention.reference_attention), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

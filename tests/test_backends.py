@@ -18,7 +18,7 @@ from launch.backends import get_backend, launch_steps, runner
 from launch.cli import main
 
 STUDY = "experiments/local_cpu.py:tiny"  # three members
-HOSTILE = "a b'c;d \"e\" $(touch pwned)"
+HOSTILE = 'a b\'c;d "e" $(touch pwned)'
 ZONE, ACCEL, NAME, PROJECT = "us-central2-b", "v4-32", "my-slice", "my-proj"
 FAKE = Path(__file__).with_name("fake_gcloud.py")
 
@@ -54,15 +54,38 @@ def fake(tmp_path, monkeypatch):
 
 
 def _flags(bucket, *extra):
-    return ["--backend", "tpu", "--tpu-name", NAME, "--zone", ZONE, "--accelerator", ACCEL,
-            "--bucket", str(bucket), "--project", PROJECT, "--spot",
-            "--config.data.paths", HOSTILE, *extra]
+    return [
+        "--backend",
+        "tpu",
+        "--tpu-name",
+        NAME,
+        "--zone",
+        ZONE,
+        "--accelerator",
+        ACCEL,
+        "--bucket",
+        str(bucket),
+        "--project",
+        PROJECT,
+        "--spot",
+        "--config.data.paths",
+        HOSTILE,
+        *extra,
+    ]
 
 
 def _overrides(bucket, **launch):
-    base = {"data.paths": HOSTILE, "launch.backend": "tpu", "launch.tpu_name": NAME,
-            "launch.zone": ZONE, "launch.accelerator": ACCEL, "launch.bucket": str(bucket),
-            "launch.project": PROJECT, "launch.spot": "true", "launch.retry_backoff_s": "5"}
+    base = {
+        "data.paths": HOSTILE,
+        "launch.backend": "tpu",
+        "launch.tpu_name": NAME,
+        "launch.zone": ZONE,
+        "launch.accelerator": ACCEL,
+        "launch.bucket": str(bucket),
+        "launch.project": PROJECT,
+        "launch.spot": "true",
+        "launch.retry_backoff_s": "5",
+    }
     return base | {f"launch.{k}": str(v) for k, v in launch.items()}
 
 
@@ -91,20 +114,84 @@ def test_dry_run_prints_every_command_in_order_and_runs_nothing(tmp_path, fake, 
     for i, members in enumerate([ids[:2], ids[2:]]):
         name = f"{NAME}-{i}"
         expected += [
-            ["gcloud", "compute", "tpus", "queued-resources", "create", name, "--node-id", name,
-             *where, "--accelerator-type", ACCEL, "--runtime-version", "tpu-ubuntu2204-base",
-             "--spot"],
-            ["gcloud", "compute", "tpus", "queued-resources", "describe", name, *where,
-             "--format=value(state.state)"],
-            ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive,
-             f"{name}:scaling-suite.tar.gz", "--worker=all", *where],
-            ["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *where, "--worker=all",
-             "--command", "install"],
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "queued-resources",
+                "create",
+                name,
+                "--node-id",
+                name,
+                *where,
+                "--accelerator-type",
+                ACCEL,
+                "--runtime-version",
+                "tpu-ubuntu2204-base",
+                "--spot",
+            ],
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "queued-resources",
+                "describe",
+                name,
+                *where,
+                "--format=value(state.state)",
+            ],
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "scp",
+                archive,
+                f"{name}:scaling-suite.tar.gz",
+                "--worker=all",
+                *where,
+            ],
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "ssh",
+                name,
+                *where,
+                "--worker=all",
+                "--command",
+                "install",
+            ],
         ]
-        expected += [["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *where,
-                      "--worker=all", "--command", run_id] for run_id in members]
-        expected += [["gcloud", "compute", "tpus", "queued-resources", "delete", name, *where,
-                      "--force", "--quiet"]]
+        expected += [
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "ssh",
+                name,
+                *where,
+                "--worker=all",
+                "--command",
+                run_id,
+            ]
+            for run_id in members
+        ]
+        expected += [
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "queued-resources",
+                "delete",
+                name,
+                *where,
+                "--force",
+                "--quiet",
+            ]
+        ]
     got = [shlex.split(line) for line in lines]
     assert len(got) == len(expected)
     run_ids = iter(ids)
@@ -156,8 +243,11 @@ def test_a_preempted_slice_is_requested_again_and_the_run_resumes(tmp_path, fake
     # The first member is tried three times, then the others once each, in order.
     ids = [m.run_id for m in plan.members]
     assert len(trains) == 5
-    assert [sum(f"--config.model.d_model={d}" in t for t in trains) for d in (16, 32, 48)] \
-        == [3, 1, 1], ids
+    assert [sum(f"--config.model.d_model={d}" in t for t in trains) for d in (16, 32, 48)] == [
+        3,
+        1,
+        1,
+    ], ids
     # Before each re-request the lost slice is deleted, and at the end the last one.
     verbs = [a[3] for a in gcloud]  # after "compute tpus queued-resources|tpu-vm"
     assert verbs.count("delete") == 3
@@ -167,8 +257,7 @@ def test_a_preempted_slice_is_requested_again_and_the_run_resumes(tmp_path, fake
 def test_preemption_retries_are_bounded_and_reported(tmp_path, fake, capsys):
     bucket = tmp_path / "bucket"
     fake.arm("preempt", 1000)
-    code = main(["sweep", STUDY, *_flags(bucket, "--max-retries", "2",
-                                         "--retry-backoff-s", "0")])
+    code = main(["sweep", STUDY, *_flags(bucket, "--max-retries", "2", "--retry-backoff-s", "0")])
     assert code == 1
     trains = [a for a in fake("gcloud") if _is_train(a)]
     assert len(trains) == 3 * 3  # three members, each tried once and re-requested twice
@@ -180,7 +269,8 @@ def test_a_failed_run_is_reported_with_its_reason_and_not_retried(tmp_path, fake
     plan = runner.prepare_launch(STUDY, _overrides(bucket))
     first = plan.members[0].run_id
     remote_records.RunRecords(str(bucket), first).status(
-        "failed", 7, "train loss became nan by step 7; lower train.learning_rate")
+        "failed", 7, "train loss became nan by step 7; lower train.learning_rate"
+    )
     fake.arm("fail", 1)
     outcome = runner.execute(get_backend("tpu"), plan, sleep=pytest.fail, say=lambda _: None)
     assert outcome[first] == "failed: train loss became nan by step 7; lower train.learning_rate"
@@ -211,8 +301,9 @@ def test_direct_slice_and_best_effort_commands(tmp_path):
     assert steps[1].args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", NAME]
     assert "--version" in steps[1].args and "--spot" in steps[1].args
     assert steps[-1].args[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", NAME]
-    best = runner.prepare_launch(STUDY, _overrides(bucket, spot="false", best_effort="true",
-                                              keep_slice="true"))
+    best = runner.prepare_launch(
+        STUDY, _overrides(bucket, spot="false", best_effort="true", keep_slice="true")
+    )
     steps = launch_steps(tpu, best)
     assert steps[1].args[:3] == ["gcloud", "alpha", "compute"] and "--best-effort" in steps[1].args
     assert not any("delete" in s.args for s in steps)  # keep_slice
@@ -238,15 +329,18 @@ def test_xpk_creates_one_workload_per_run_and_waits_for_it(tmp_path, fake):
     assert fake("gcloud") == []
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--bucket", "s3://b"], "neither gs://BUCKET"),
-    (["--accelerator", "v5-lite"], "is not a TPU type like v5litepod-16"),
-    (["--tpu-name", "My_Slice"], "config.launch.tpu_name='My_Slice'"),
-    (["--zone", "central"], "is not a zone like us-central2-b"),
-    (["--best-effort"], "spot and config.launch.best_effort are exclusive"),
-    (["--backend", "slurm"], "is not one of local, tpu, xpk"),
-    (["--backend", "xpk"], "needs the GKE cluster's name"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--bucket", "s3://b"], "neither gs://BUCKET"),
+        (["--accelerator", "v5-lite"], "is not a TPU type like v5litepod-16"),
+        (["--tpu-name", "My_Slice"], "config.launch.tpu_name='My_Slice'"),
+        (["--zone", "central"], "is not a zone like us-central2-b"),
+        (["--best-effort"], "spot and config.launch.best_effort are exclusive"),
+        (["--backend", "slurm"], "is not one of local, tpu, xpk"),
+        (["--backend", "xpk"], "needs the GKE cluster's name"),
+    ],
+)
 def test_bad_launch_settings_are_one_line_errors(tmp_path, fake, capsys, flags, message):
     assert main(["sweep", STUDY, *_flags(tmp_path / "b", *flags), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
@@ -262,8 +356,24 @@ def test_a_study_outside_the_repository_is_refused(tmp_path, capsys):
 
 
 def test_a_missing_zone_is_named(tmp_path, capsys):
-    assert main(["sweep", STUDY, "--backend", "tpu", "--tpu-name", NAME, "--accelerator",
-                 ACCEL, "--bucket", str(tmp_path), "--dry-run"]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                STUDY,
+                "--backend",
+                "tpu",
+                "--tpu-name",
+                NAME,
+                "--accelerator",
+                ACCEL,
+                "--bucket",
+                str(tmp_path),
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     assert "needs config.launch.zone (or --zone)" in capsys.readouterr().err
 
 
@@ -277,19 +387,26 @@ def test_real_gcloud_accepts_every_generated_command(tmp_path):
     """The real gcloud parses each command up to its need for an account."""
     bucket = tmp_path / "bucket"
     tpu = get_backend("tpu")
-    variants = [_overrides(bucket), _overrides(bucket, spot="false", best_effort="true"),
-                _overrides(bucket, queued="false")]
+    variants = [
+        _overrides(bucket),
+        _overrides(bucket, spot="false", best_effort="true"),
+        _overrides(bucket, queued="false"),
+    ]
     unique = {}
     for over in variants:
         for step in launch_steps(tpu, runner.prepare_launch(STUDY, over)):
             if step.args[0] == "gcloud":
                 unique[tuple(a for a in step.args if not a.startswith("--command"))] = step.args
-    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
-           "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    env = {
+        **os.environ,
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),
+        "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+    }
 
     def parse(args):
-        done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path,
-                              timeout=120)
+        done = subprocess.run(
+            args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
         return args, done.stdout + done.stderr
 
     with ThreadPoolExecutor(4) as pool:
@@ -314,7 +431,8 @@ class _FakeProcess:
         self.cpus = set((env or {})[local.CPUS_ENV].split(","))
         # Two at a time on two or more cores: each pinned to cores of its own.
         assert len(local.usable_cores()) < 2 or all(
-            not (self.cpus & other.cpus) for other in _FakeProcess.live)
+            not (self.cpus & other.cpus) for other in _FakeProcess.live
+        )
         _FakeProcess.live.append(self)
         _FakeProcess.most = max(_FakeProcess.most, len(_FakeProcess.live))
         _FakeProcess.started.append(args)
@@ -359,10 +477,20 @@ def test_parallel_members_get_disjoint_cores():
 @pytest.mark.slow  # three tiny trainings in subprocesses
 def test_local_parallel_sweep_trains_every_member(tmp_path, data_cache, capsys):
     store = tmp_path / "s.sqlite"
-    small = ["--config.store", str(store), "--config.workdir", str(tmp_path / "runs"),
-             "--config.data.cache_dir", data_cache, "--config.progress=false",
-             "--config.train.steps=10", "--config.train.warmup_steps=1",
-             "--config.model.n_ctx=32", "--config.eval.points=3", "--config.checkpoint.every=10"]
+    small = [
+        "--config.store",
+        str(store),
+        "--config.workdir",
+        str(tmp_path / "runs"),
+        "--config.data.cache_dir",
+        data_cache,
+        "--config.progress=false",
+        "--config.train.steps=10",
+        "--config.train.warmup_steps=1",
+        "--config.model.n_ctx=32",
+        "--config.eval.points=3",
+        "--config.checkpoint.every=10",
+    ]
     assert main(["sweep", STUDY, "--parallel", "2", *small]) == 0
     assert "sweep done: 3 finished" in capsys.readouterr().out
     from scaling.store import Store

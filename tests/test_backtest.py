@@ -29,8 +29,9 @@ def test_intervals_cover_at_about_their_nominal_rate():
     x, y, clean = synthetic(30)
     holdout = np.zeros(y.shape, bool)
     holdout[:, -2:] = True
-    out = backtest_arrays("saturating", x, y, np.ones(y.shape, bool), holdout, bootstrap=100,
-                          confidence=0.9)
+    out = backtest_arrays(
+        "saturating", x, y, np.ones(y.shape, bool), holdout, bootstrap=100, confidence=0.9
+    )
     assert out["result"].converged.all()
     rate = out["inside"][:, -2:].mean()  # observed held-out losses inside: nominal 0.9
     assert 0.78 <= rate <= 0.99, rate
@@ -58,11 +59,26 @@ def _sweep_store(path, n_runs=8, seed=3):
     with Store(path) as store:
         for i, n in enumerate(sizes):
             run_id = f"run{i}"
-            store.register_run(RunRecord(run_id, {}, int(n), int(n) + 10, 1, 8, 1, 16, 10_000,
-                                         6.0 * n * 10_000, flops_by_convention={
-                                             "6N": 6.0 * n * 1e4, "6N+attention": 6.0 * n * 1e4,
-                                             "6N_total": 6.0 * (n + 10) * 1e4}),
-                               sweep="sw")
+            store.register_run(
+                RunRecord(
+                    run_id,
+                    {},
+                    int(n),
+                    int(n) + 10,
+                    1,
+                    8,
+                    1,
+                    16,
+                    10_000,
+                    6.0 * n * 10_000,
+                    flops_by_convention={
+                        "6N": 6.0 * n * 1e4,
+                        "6N+attention": 6.0 * n * 1e4,
+                        "6N_total": 6.0 * (n + 10) * 1e4,
+                    },
+                ),
+                sweep="sw",
+            )
             loss = float(law.predict(TRUTH, float(n))) * np.exp(rng.normal(0, 0.005))
             store.log_eval(run_id, 100, {"eval_loss": loss})
             store.set_status(run_id, "finished", step=100)
@@ -87,11 +103,40 @@ def test_backtest_sweep_is_stored_with_the_fit(tmp_path):
 def test_backtest_command(tmp_path, capsys):
     path = tmp_path / "s.sqlite"
     _sweep_store(path)
-    assert cli.main(["backtest", "sw", "--law", "saturating", "--holdout-largest", "1",
-                     "--bootstrap", "50", "--store", str(path), "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "backtest",
+                "sw",
+                "--law",
+                "saturating",
+                "--holdout-largest",
+                "1",
+                "--bootstrap",
+                "50",
+                "--store",
+                str(path),
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["holdout"][0]["run_id"] == "run7" and out["by"] == "n"
     assert abs(out["holdout"][0]["rel_error"]) < 0.05
-    assert cli.main(["backtest", "sw", "--law", "saturating", "--holdout-largest", "9",
-                     "--store", str(path)]) == 2
+    assert (
+        cli.main(
+            [
+                "backtest",
+                "sw",
+                "--law",
+                "saturating",
+                "--holdout-largest",
+                "9",
+                "--store",
+                str(path),
+            ]
+        )
+        == 2
+    )
     assert "hold out 1 to 4 runs" in capsys.readouterr().err

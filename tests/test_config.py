@@ -5,8 +5,11 @@ import pytest
 from launch import config as config_lib
 from scaling.errors import UserError
 
-STUDIES = sorted(str(p) for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
-                 if p.name != "__init__.py")
+STUDIES = sorted(
+    str(p)
+    for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
+    if p.name != "__init__.py"
+)
 
 
 @pytest.mark.parametrize("study", STUDIES)
@@ -30,8 +33,15 @@ def test_local_study_spans_thirty_times_in_n_at_one_token_budget():
 
 def test_overrides_are_typed_by_the_key_they_replace():
     config = config_lib.base_config()
-    config_lib.apply_overrides(config, {"train.steps": "1e3", "train.learning_rate": "0.01",
-                                        "progress": "false", "model.remat": "dots"})
+    config_lib.apply_overrides(
+        config,
+        {
+            "train.steps": "1e3",
+            "train.learning_rate": "0.01",
+            "progress": "false",
+            "model.remat": "dots",
+        },
+    )
     assert config.train.steps == 1000 and isinstance(config.train.steps, int)
     assert config.train.learning_rate == 0.01 and config.progress is False
     assert config.model.remat == "dots"
@@ -93,8 +103,9 @@ def test_missing_study_file():
         config_lib.study_config("experiments/nope.py")
 
 
-@pytest.mark.parametrize("name", ["/abs/evil", "../../evil", "a/b", "new\nline", "x" * 5000,
-                                  ".hidden", "sp ace"])
+@pytest.mark.parametrize(
+    "name", ["/abs/evil", "../../evil", "a/b", "new\nline", "x" * 5000, ".hidden", "sp ace"]
+)
 def test_sweep_names_that_would_escape_their_folder_are_refused(name, tmp_path, capsys):
     with pytest.raises(UserError, match="sweep name .* is not allowed"):
         config_lib.study_config("experiments/local_cpu.py:tiny", {"sweep_name": name})
@@ -115,21 +126,38 @@ def test_plain_sweep_names_pass():
         assert config.sweep_name == name
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ("def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
-     "    return []\n", "get_sweep\\(\\) of .* returned '\\[\\]'"),
-    ("def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
-     "    return None\n", "get_sweep\\(\\) of .* returned 'None'"),
-    ("def get_config(arg=None):\n    return {'a': 1}\ndef get_sweep(arg=None):\n"
-     "    return [{}]\n", "get_config\\(\\) of 'bad' returned a dict"),
-    ("def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
-     "    return [1, 2]\n", "must return a non-empty list of dicts"),
-    ("def get_config(arg=None):\n    raise RuntimeError('no GPU here')\n"
-     "def get_sweep(arg=None):\n    return [{}]\n",
-     "get_config\\(\\) of .*bad.py' failed: RuntimeError: no GPU here \\(line 3\\)"),
-    ("def get_config(arg=None)\n    return 1\n", "failed to load: SyntaxError: .*line 2"),
-    ("import not_a_module_anywhere\n", "failed to load: ModuleNotFoundError"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
+            "    return []\n",
+            "get_sweep\\(\\) of .* returned '\\[\\]'",
+        ),
+        (
+            "def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
+            "    return None\n",
+            "get_sweep\\(\\) of .* returned 'None'",
+        ),
+        (
+            "def get_config(arg=None):\n    return {'a': 1}\ndef get_sweep(arg=None):\n"
+            "    return [{}]\n",
+            "get_config\\(\\) of 'bad' returned a dict",
+        ),
+        (
+            "def get_config(arg=None):\n    return base_config()\ndef get_sweep(arg=None):\n"
+            "    return [1, 2]\n",
+            "must return a non-empty list of dicts",
+        ),
+        (
+            "def get_config(arg=None):\n    raise RuntimeError('no GPU here')\n"
+            "def get_sweep(arg=None):\n    return [{}]\n",
+            "get_config\\(\\) of .*bad.py' failed: RuntimeError: no GPU here \\(line 3\\)",
+        ),
+        ("def get_config(arg=None)\n    return 1\n", "failed to load: SyntaxError: .*line 2"),
+        ("import not_a_module_anywhere\n", "failed to load: ModuleNotFoundError"),
+    ],
+)
 def test_study_files_that_return_nothing_usable_are_one_line(body, message, tmp_path):
     study = tmp_path / "bad.py"
     study.write_text("from launch.config import base_config\n" + body)
@@ -137,13 +165,16 @@ def test_study_files_that_return_nothing_usable_are_one_line(body, message, tmp_
         config_lib.study_sweep(str(study))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"train.learning_rate": "inf"}, "must be a finite number > 0"),
-    ({"train.learning_rate": "nan"}, "must be a finite number > 0"),
-    ({"train.steps": "1000000000000"}, "is more than 100,000,000"),
-    ({"eval.points": "1000000000"}, "is more than 100,000,000"),
-    ({"eval.points": "500", "train.steps": "100"}, "at most one eval a step"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.learning_rate": "inf"}, "must be a finite number > 0"),
+        ({"train.learning_rate": "nan"}, "must be a finite number > 0"),
+        ({"train.steps": "1000000000000"}, "is more than 100,000,000"),
+        ({"eval.points": "1000000000"}, "is more than 100,000,000"),
+        ({"eval.points": "500", "train.steps": "100"}, "at most one eval a step"),
+    ],
+)
 def test_values_out_of_range_are_refused_before_anything_runs(overrides, message):
     with pytest.raises(UserError, match=message):
         config_lib.study_config("experiments/local_cpu.py:tiny", overrides)

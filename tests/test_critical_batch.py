@@ -28,8 +28,9 @@ def test_b_crit_law_recovers_b_star_and_alpha_b():
 
 
 def test_min_steps_and_tokens_by_hand():
-    s_min, e_min = critical_batch.min_steps_and_tokens([1e6, 3e6], [1e6, 1e6], [100, 400],
-                                                       [1e8, 4e8])
+    s_min, e_min = critical_batch.min_steps_and_tokens(
+        [1e6, 3e6], [1e6, 1e6], [100, 400], [1e8, 4e8]
+    )
     # B = B_crit halves both; B_crit = 3B: S_min = S/4 and E_min = E/(4/3).
     np.testing.assert_allclose(s_min, [50, 100])
     np.testing.assert_allclose(e_min, [5e7, 3e8])
@@ -45,15 +46,17 @@ def _synthetic_sweep(path, sweep="kaplan"):
         for i, n in enumerate((1e6, 1e7, 1e8)):
             run_id = f"run{i}"
             config = {"train": {"batch_size": batch_size, "warmup_steps": 100}}
-            store.register_run(RunRecord(run_id, config, int(n), int(n) + 1, 4, 64, 4, n_ctx,
-                                         0, 0.0), sweep=sweep)
+            store.register_run(
+                RunRecord(run_id, config, int(n), int(n) + 1, 4, 64, 4, n_ctx, 0, 0.0), sweep=sweep
+            )
             s_min = np.geomspace(300, 3e4, 12)
             loss = np.asarray(ns.predict(NS, np.stack([np.full_like(s_min, n), s_min], 1)))
             noise = np.asarray(b_crit.predict({"B_star": B_STAR, "alpha_B": ALPHA_B}, loss))
             steps = np.round(s_min * (1 + noise / (batch_size * n_ctx))).astype(int)
             for step, value, b in zip(steps, loss, noise, strict=True):
-                store.log_eval(run_id, int(step), {"eval_loss": float(value),
-                                                   "noise_scale": float(b)})
+                store.log_eval(
+                    run_id, int(step), {"eval_loss": float(value), "noise_scale": float(b)}
+                )
             store.log_eval(run_id, 50, {"eval_loss": 9.0, "noise_scale": 1.0})  # in warmup
             store.set_status(run_id, "finished")
         store.add_sweep(sweep, {}, ["run0", "run1", "run2"])
@@ -66,8 +69,10 @@ def test_sweep_fit_recovers_b_crit_and_l_of_n_s_min_and_query_shows_them(tmp_pat
     with Store(path) as store:
         points = critical_batch.eval_points(store, store.runs("kaplan"))
     assert len(points.loss) == 36 and points.step.min() > 100  # warmup left out
-    assert main(["fit", "--sweep", "kaplan", "--law", "b_crit", "--store", path,
-                 "--bootstrap", "20"]) == 0
+    assert (
+        main(["fit", "--sweep", "kaplan", "--law", "b_crit", "--store", path, "--bootstrap", "20"])
+        == 0
+    )
     capsys.readouterr()
     assert main(["query", "--sweep", "kaplan", "--store", path]) == 0
     table = capsys.readouterr().out

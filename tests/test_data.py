@@ -95,8 +95,12 @@ def test_kjv_is_split_into_books(tmp_path):
 
 def test_user_text_files(tmp_path):
     texts = {f"doc{i}.txt": f"document {i} ü\n" * (50 + i) for i in range(10)}
-    cfg = config(tmp_path / "cache", corpus="text", paths=write_texts(tmp_path / "t", texts),
-                 val_fraction=0.2)
+    cfg = config(
+        tmp_path / "cache",
+        corpus="text",
+        paths=write_texts(tmp_path / "t", texts),
+        val_fraction=0.2,
+    )
     corpus = prepare_corpus(cfg, vocab_size=300, progress=False)
     assert len(corpus.val_docs) == 2 and len(corpus.train_docs) == 8
     assert (corpus.train_docs, corpus.val_docs) == split_documents(list(texts), 0.2)
@@ -168,8 +172,12 @@ def test_token_files(tmp_path):
     train, val = np.arange(1000) % 97, np.arange(300, dtype=np.int32) % 97
     np.save(tmp_path / "train.npy", train)
     np.save(tmp_path / "val.npy", val)
-    cfg = config(tmp_path / "cache", corpus="tokens", train_tokens=str(tmp_path / "train.npy"),
-                 val_tokens=str(tmp_path / "val.npy"))
+    cfg = config(
+        tmp_path / "cache",
+        corpus="tokens",
+        train_tokens=str(tmp_path / "train.npy"),
+        val_tokens=str(tmp_path / "val.npy"),
+    )
     corpus = prepare_corpus(cfg, vocab_size=97, progress=False)
     np.testing.assert_array_equal(corpus.train, train)
     np.testing.assert_array_equal(corpus.val, val)
@@ -194,8 +202,12 @@ def test_bad_token_files(tmp_path, array, message):
     if array is not None:
         np.save(tmp_path / "train.npy", array)
     np.save(tmp_path / "val.npy", np.arange(10))
-    cfg = config(tmp_path, corpus="tokens", train_tokens=str(tmp_path / "train.npy"),
-                 val_tokens=str(tmp_path / "val.npy"))
+    cfg = config(
+        tmp_path,
+        corpus="tokens",
+        train_tokens=str(tmp_path / "train.npy"),
+        val_tokens=str(tmp_path / "val.npy"),
+    )
     with pytest.raises(UserError, match=r"data\.train_tokens=.*" + message):
         prepare_corpus(cfg, vocab_size=256, progress=False)
 
@@ -206,8 +218,13 @@ def test_bpe_trains_on_train_documents_only_and_is_cached(tmp_path, monkeypatch)
     texts = {n: "the cat sat on the mat with a hat. " * 40 for n in train_names}
     # A word so frequent in the held-out document that any BPE trained on it would learn it.
     texts.update({n: "zyzzyva " * 2000 for n in val_names})
-    cfg = config(tmp_path / "cache", corpus="text", tokenizer="bpe",
-                 paths=write_texts(tmp_path / "t", texts), val_fraction=0.2)
+    cfg = config(
+        tmp_path / "cache",
+        corpus="text",
+        tokenizer="bpe",
+        paths=write_texts(tmp_path / "t", texts),
+        val_fraction=0.2,
+    )
     trainings = []
     train_bpe = data._train_bpe
     monkeypatch.setattr(data, "_train_bpe", lambda *a: trainings.append(a) or train_bpe(*a))
@@ -257,21 +274,25 @@ def test_an_epoch_visits_disjoint_windows_once():
     n = windows_per_epoch(len(STREAM), n_ctx)
     steps = -(-2 * n // batch_size)
     starts = np.concatenate(
-        [train_batch(STREAM, s, batch_size, n_ctx, seed=0)[:, 0] for s in range(steps)])
-    first, second = np.sort(starts[:n]), np.sort(starts[n:2 * n])
+        [train_batch(STREAM, s, batch_size, n_ctx, seed=0)[:, 0] for s in range(steps)]
+    )
+    first, second = np.sort(starts[:n]), np.sort(starts[n : 2 * n])
     assert len(np.unique(first)) == n and np.all(np.diff(first) == n_ctx)
     assert first[-1] + n_ctx + 1 <= len(STREAM) and second[-1] + n_ctx + 1 <= len(STREAM)
-    assert not np.array_equal(starts[:n], starts[n:2 * n])  # a fresh order each epoch
+    assert not np.array_equal(starts[:n], starts[n : 2 * n])  # a fresh order each epoch
 
 
 @settings(max_examples=30, deadline=None)
-@given(step=st.integers(0, 10_000), per_process=st.integers(1, 4),
-       processes=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**31))
+@given(
+    step=st.integers(0, 10_000),
+    per_process=st.integers(1, 4),
+    processes=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**31),
+)
 def test_processes_slice_one_global_batch(step, per_process, processes, seed):
     batch_size = per_process * processes
     whole = train_batch(STREAM, step, batch_size, 8, seed)
-    parts = [train_batch(STREAM, step, batch_size, 8, seed, p, processes)
-             for p in range(processes)]
+    parts = [train_batch(STREAM, step, batch_size, 8, seed, p, processes) for p in range(processes)]
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
@@ -303,9 +324,15 @@ def test_eval_set_is_fixed_disjoint_and_spread():
 
 
 def test_eval_set_too_big_for_the_validation_stream():
-    with pytest.raises(UserError, match=r"5000 tokens, fewer than the 20 eval batches x 8 rows "
-                                        r"x 32 tokens = 5120.*fewer eval\.batches"):
+    with pytest.raises(
+        UserError,
+        match=r"5000 tokens, fewer than the 20 eval batches x 8 rows "
+        r"x 32 tokens = 5120.*fewer eval\.batches",
+    ):
         eval_batches(STREAM, n_batches=20, batch_size=8, n_ctx=31)
-    with pytest.raises(UserError, match=r"n_ctx \+ 1 = 6001 tokens is longer than the "
-                                        r"validation stream \(5000 tokens\)"):
+    with pytest.raises(
+        UserError,
+        match=r"n_ctx \+ 1 = 6001 tokens is longer than the "
+        r"validation stream \(5000 tokens\)",
+    ):
         eval_batches(STREAM, n_batches=1, batch_size=1, n_ctx=6000)

@@ -62,8 +62,9 @@ def test_too_few_points_for_the_law():
     keep = slice(0, 10)
     (warning,) = [w for w in check_design(n[keep], d[keep], c[keep]) if "distinct" in w]
     assert "10 distinct" in warning and "3 x 5 = 15" in warning
-    assert not [w for w in check_design(n[:10], d[:10], c[:10], law="saturating")
-                if "distinct" in w]
+    assert not [
+        w for w in check_design(n[:10], d[:10], c[:10], law="saturating") if "distinct" in w
+    ]
 
 
 def test_sizes_within_a_decade():

@@ -18,13 +18,27 @@ from scaling.studies.csvfit import fit_csv
 
 # ../shared/data beside the checkout (or beside the folder of worktrees), or $SCALING_SHARED_DATA.
 _ROOT = Path(__file__).resolve().parents[1]
-DATA = next((p for p in (Path(os.environ.get("SCALING_SHARED_DATA", "/nonexistent")),
-                         _ROOT.parent / "shared" / "data", _ROOT.parents[1] / "shared" / "data")
-             if p.is_dir()), _ROOT.parent / "shared" / "data")
+DATA = next(
+    (
+        p
+        for p in (
+            Path(os.environ.get("SCALING_SHARED_DATA", "/nonexistent")),
+            _ROOT.parent / "shared" / "data",
+            _ROOT.parents[1] / "shared" / "data",
+        )
+        if p.is_dir()
+    ),
+    _ROOT.parent / "shared" / "data",
+)
 EPOCH_CSV = DATA / "chinchilla_fig4_epoch.csv"
 # Epoch AI's replication of Hoffmann et al. (2022): estimate, 95% bootstrap interval.
-EPOCH = {"A": (482.0, 285.2, 743.6), "B": (2085.4, 1042.4, 5810.3), "E": (1.817, 1.769, 1.871),
-         "alpha": (0.3478, 0.317, 0.373), "beta": (0.3659, 0.331, 0.415)}
+EPOCH = {
+    "A": (482.0, 285.2, 743.6),
+    "B": (2085.4, 1042.4, 5810.3),
+    "E": (1.817, 1.769, 1.871),
+    "alpha": (0.3478, 0.317, 0.373),
+    "beta": (0.3659, 0.331, 0.415),
+}
 
 
 def noisy(y, rng, sigma=3e-3):
@@ -38,19 +52,31 @@ def grid2(a, b):
 # Per law: inputs [n_points, n_inputs], true parameters, and how close the fit must come
 # (relative for exponents and offsets, in log units for scales searched as logs).
 RECOVERY = {
-    "power": (np.logspace(6, 10, 30)[:, None], {"x_c": 8.8e13, "alpha": 0.076},
-              {"x_c": 0.3, "alpha": 0.02}),
-    "saturating": (np.logspace(0, 4, 40)[:, None], {"E": 1.7, "A": 4.0, "alpha": 0.5},
-                   {"E": 0.005, "A": 0.01, "alpha": 0.01}),
-    "kaplan_nd": (grid2(np.logspace(6, 9, 6), np.logspace(8, 11, 6)),
-                  {"N_c": 6.4e13, "alpha_N": 0.076, "D_c": 1.8e13, "alpha_D": 0.103},
-                  {"N_c": 0.4, "alpha_N": 0.03, "D_c": 0.5, "alpha_D": 0.04}),
-    "kaplan_ns": (grid2(np.logspace(6, 9, 6), np.logspace(2, 5, 6)),
-                  {"N_c": 6.5e13, "alpha_N": 0.077, "S_c": 2.1e3, "alpha_S": 0.76},
-                  {"N_c": 0.4, "alpha_N": 0.03, "S_c": 0.05, "alpha_S": 0.01}),
-    "chinchilla": (grid2(np.logspace(7, 10, 6), np.logspace(9, 12, 6)),
-                   {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},
-                   {"E": 0.02, "A": 0.25, "B": 0.3, "alpha": 0.04, "beta": 0.05}),
+    "power": (
+        np.logspace(6, 10, 30)[:, None],
+        {"x_c": 8.8e13, "alpha": 0.076},
+        {"x_c": 0.3, "alpha": 0.02},
+    ),
+    "saturating": (
+        np.logspace(0, 4, 40)[:, None],
+        {"E": 1.7, "A": 4.0, "alpha": 0.5},
+        {"E": 0.005, "A": 0.01, "alpha": 0.01},
+    ),
+    "kaplan_nd": (
+        grid2(np.logspace(6, 9, 6), np.logspace(8, 11, 6)),
+        {"N_c": 6.4e13, "alpha_N": 0.076, "D_c": 1.8e13, "alpha_D": 0.103},
+        {"N_c": 0.4, "alpha_N": 0.03, "D_c": 0.5, "alpha_D": 0.04},
+    ),
+    "kaplan_ns": (
+        grid2(np.logspace(6, 9, 6), np.logspace(2, 5, 6)),
+        {"N_c": 6.5e13, "alpha_N": 0.077, "S_c": 2.1e3, "alpha_S": 0.76},
+        {"N_c": 0.4, "alpha_N": 0.03, "S_c": 0.05, "alpha_S": 0.01},
+    ),
+    "chinchilla": (
+        grid2(np.logspace(7, 10, 6), np.logspace(9, 12, 6)),
+        {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},
+        {"E": 0.02, "A": 0.25, "B": 0.3, "alpha": 0.04, "beta": 0.05},
+    ),
 }
 
 
@@ -100,8 +126,9 @@ def test_kaplan_per_token_curves_recover_their_exponents():
 
 def epoch_data():
     if not EPOCH_CSV.is_file():
-        pytest.skip(f"Epoch's Chinchilla data is not at {EPOCH_CSV} (../shared/data beside the "
-                    "checkout)")
+        pytest.skip(
+            f"Epoch's Chinchilla data is not at {EPOCH_CSV} (../shared/data beside the checkout)"
+        )
     with EPOCH_CSV.open(newline="") as f:
         rows = list(csv.DictReader(f))
     n = np.array([float(r["Model Size"]) for r in rows])
@@ -127,12 +154,19 @@ def test_reproduces_epochs_chinchilla_fit():
 @pytest.mark.slow
 def test_epochs_bootstrap_intervals_from_the_csv():
     epoch_data()
-    out = fit_csv(EPOCH_CSV, "chinchilla", ["Model Size", "[Training FLOP] / (6 * [Model Size])"],
-                  "loss", exclude_top=5, bootstrap=1000)
+    out = fit_csv(
+        EPOCH_CSV,
+        "chinchilla",
+        ["Model Size", "[Training FLOP] / (6 * [Model Size])"],
+        "loss",
+        exclude_top=5,
+        bootstrap=1000,
+    )
     for k, (_, low, high) in EPOCH.items():
         ours_low, ours_high = out["intervals"][k]
-        assert ours_low == pytest.approx(low, rel=0.1) and ours_high == pytest.approx(high,
-                                                                                     rel=0.1), k
+        assert ours_low == pytest.approx(low, rel=0.1) and ours_high == pytest.approx(
+            high, rel=0.1
+        ), k
 
 
 def test_padding_changes_nothing():
@@ -202,31 +236,38 @@ X5 = np.logspace(1, 3, 5)
 Y5 = np.logspace(0.5, 0.1, 5)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: fit("saturating", X5[:2], Y5[:2]), "curve 0 has 2 valid points.*3 free"),
-    (lambda: fit("power", X5, np.stack([Y5, -Y5])), r"curve 1, point 0: y = -"),
-    (lambda: fit("power", np.stack([X5, X5 * np.nan]), np.stack([Y5, Y5])), "curve 1.*x = nan"),
-    (lambda: fit("power", X5 - 10, Y5), "curve 0, point 0: x = 0.0"),
-    (lambda: fit("power", np.append(X5, 1e4), np.append(Y5, np.inf)), "point 5: y = inf"),
-    (lambda: fit("power", X5[:4], Y5), r"x has shape \(4,\) but y has shape \(1, 5\)"),
-    (lambda: fit("chinchilla", X5[None, :, None], Y5), "1 input columns.*takes 2"),
-    (lambda: fit("chinchilla", np.ones((5, 3)), Y5), "3 input columns.*takes 2"),
-    (lambda: fit("kaplan", X5, Y5), "unknown law 'kaplan'; known laws: .*chinchilla"),
-    (lambda: fit("power", X5, Y5, objective="l2"), "objective 'l2' is not one of huber, lsq"),
-    (lambda: fit("power", X5, Y5, mask=np.ones(4, bool)), "mask must be booleans"),
-    (lambda: fit("power", X5, Y5, fixed={"E": 1.0}), "fixed parameter 'E'"),
-    (lambda: fit("power", X5, Y5, fixed={"x_c": -1.0}), "fixed x_c = -1.0 must be finite and "
-                                                         "positive"),
-    (lambda: fit("power", X5, Y5, fixed={"x_c": 1e3, "alpha": 0.1}), "every parameter"),
-    (lambda: fit("power", X5, Y5, bootstrap=-1), "bootstrap = -1"),
-    (lambda: fit("power", X5, Y5, confidence=95), "confidence = 95"),
-    (lambda: fit("power", X5, Y5, init_grid={"beta": (1.0,)}), "init_grid names 'beta'"),
-    (lambda: fit("power", X5, Y5, keep_starts=0), "keep_starts = 0"),
-    (lambda: fit("power", X5, Y5[None, None]), "y has shape"),
-    (lambda: fit("power", X5, np.stack([Y5, Y5]), np.ones((5, 2), bool)),
-     r"mask must be .*\(2, 5\)"),
-    (lambda: fit("power", ["a"] * 5, Y5), "x must be an array of numbers"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: fit("saturating", X5[:2], Y5[:2]), "curve 0 has 2 valid points.*3 free"),
+        (lambda: fit("power", X5, np.stack([Y5, -Y5])), r"curve 1, point 0: y = -"),
+        (lambda: fit("power", np.stack([X5, X5 * np.nan]), np.stack([Y5, Y5])), "curve 1.*x = nan"),
+        (lambda: fit("power", X5 - 10, Y5), "curve 0, point 0: x = 0.0"),
+        (lambda: fit("power", np.append(X5, 1e4), np.append(Y5, np.inf)), "point 5: y = inf"),
+        (lambda: fit("power", X5[:4], Y5), r"x has shape \(4,\) but y has shape \(1, 5\)"),
+        (lambda: fit("chinchilla", X5[None, :, None], Y5), "1 input columns.*takes 2"),
+        (lambda: fit("chinchilla", np.ones((5, 3)), Y5), "3 input columns.*takes 2"),
+        (lambda: fit("kaplan", X5, Y5), "unknown law 'kaplan'; known laws: .*chinchilla"),
+        (lambda: fit("power", X5, Y5, objective="l2"), "objective 'l2' is not one of huber, lsq"),
+        (lambda: fit("power", X5, Y5, mask=np.ones(4, bool)), "mask must be booleans"),
+        (lambda: fit("power", X5, Y5, fixed={"E": 1.0}), "fixed parameter 'E'"),
+        (
+            lambda: fit("power", X5, Y5, fixed={"x_c": -1.0}),
+            "fixed x_c = -1.0 must be finite and positive",
+        ),
+        (lambda: fit("power", X5, Y5, fixed={"x_c": 1e3, "alpha": 0.1}), "every parameter"),
+        (lambda: fit("power", X5, Y5, bootstrap=-1), "bootstrap = -1"),
+        (lambda: fit("power", X5, Y5, confidence=95), "confidence = 95"),
+        (lambda: fit("power", X5, Y5, init_grid={"beta": (1.0,)}), "init_grid names 'beta'"),
+        (lambda: fit("power", X5, Y5, keep_starts=0), "keep_starts = 0"),
+        (lambda: fit("power", X5, Y5[None, None]), "y has shape"),
+        (
+            lambda: fit("power", X5, np.stack([Y5, Y5]), np.ones((5, 2), bool)),
+            r"mask must be .*\(2, 5\)",
+        ),
+        (lambda: fit("power", ["a"] * 5, Y5), "x must be an array of numbers"),
+    ],
+)
 def test_bad_input_is_a_user_error(call, message):
     with pytest.raises(UserError, match=message):
         call()
@@ -256,13 +297,16 @@ def test_fit_csv_returns_the_fit_as_json(small_csv):
     assert scaled["params"]["x_c"] == pytest.approx(10 * out["params"]["x_c"], rel=1e-6)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("missing.csv", "power", ["step"], "eval loss"), "no CSV file at"),
-    ((None, "power", ["steps"], "eval loss"), "no column 'steps'; its columns are"),
-    ((None, "power", ["step"], "note"), "column 'note' holds 'ok', not a number"),
-    ((None, "power", ["step", "step"], "eval loss"), "takes 1 x column"),
-    ((None, "power", ["[step] + len"], "eval loss"), "may only use numbers"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("missing.csv", "power", ["step"], "eval loss"), "no CSV file at"),
+        ((None, "power", ["steps"], "eval loss"), "no column 'steps'; its columns are"),
+        ((None, "power", ["step"], "note"), "column 'note' holds 'ok', not a number"),
+        ((None, "power", ["step", "step"], "eval loss"), "takes 1 x column"),
+        ((None, "power", ["[step] + len"], "eval loss"), "may only use numbers"),
+    ],
+)
 def test_fit_csv_bad_input_is_a_user_error(small_csv, args, message):
     path = small_csv[0] if args[0] is None else small_csv[0].parent / args[0]
     with pytest.raises(UserError, match=message):
@@ -274,7 +318,7 @@ def test_residual_bootstrap_keeps_the_design_and_covers_the_truth():
     rng = np.random.default_rng(7)
     T = np.arange(1, 129, dtype=float)
     truth = {"E": 1.8, "A": 0.9, "alpha": 1.2}
-    clean = truth["E"] + truth["A"] * T**-truth["alpha"]
+    clean = truth["E"] + truth["A"] * T ** -truth["alpha"]
     y = noisy(np.broadcast_to(clean, (24, len(T))), rng, sigma=0.005)
     residuals = fit("saturating", T, y, bootstrap=100, resample="residuals")
     cases = fit("saturating", T, y, bootstrap=100, resample="cases")

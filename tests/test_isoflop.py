@@ -17,30 +17,77 @@ def test_approach_two_recovers_the_compute_optimal_exponents(tmp_path, capsys):
     with Store(path) as store:
         for budget in (1e18, 1e19, 1e20, 1e21):
             n_opt = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
-                BETA / (ALPHA + BETA))
+                BETA / (ALPHA + BETA)
+            )
             for n in n_opt * np.geomspace(1 / 4, 4, 9):
                 tokens = budget / (6 * n)
                 run_id = f"r{len(ids)}"
                 ids.append(run_id)
-                store.register_run(RunRecord(run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048,
-                                             int(tokens), 0.0), sweep="grid")
+                store.register_run(
+                    RunRecord(run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0),
+                    sweep="grid",
+                )
                 store.log_eval(run_id, 10, {"eval_loss": E + A / n**ALPHA + B / tokens**BETA})
                 store.set_status(run_id, "finished")
         store.add_sweep("grid", {}, ids)
-    assert main(["fit", "--sweep", "grid", "--what", "isoflop", "--law", "compute_optimal",
-                 "--store", path, "--json", "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--sweep",
+                "grid",
+                "--what",
+                "isoflop",
+                "--law",
+                "compute_optimal",
+                "--store",
+                path,
+                "--json",
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     (record,) = json.loads(capsys.readouterr().out)
     assert record["n_points"] == 4
     assert record["params"]["a"] == pytest.approx(BETA / (ALPHA + BETA), abs=0.02)
     assert record["params"]["b"] == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.02)
     assert record["params"]["a"] + record["params"]["b"] == pytest.approx(1.0, abs=1e-6)
-    assert main(["plot", "grid", "--kind", "isoflop-total", "--store", path,
-                 "--out", str(tmp_path / "plots")]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "grid",
+                "--kind",
+                "isoflop-total",
+                "--store",
+                path,
+                "--out",
+                str(tmp_path / "plots"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "plots" / "isoflop-total.png").stat().st_size > 10_000
 
 
 def test_a_grid_without_profiles_is_refused(one_run_store, capsys):
     path = one_run_store
-    assert main(["fit", "--sweep", "s", "--what", "isoflop", "--law", "compute_optimal",
-                 "--store", path]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--sweep",
+                "s",
+                "--what",
+                "isoflop",
+                "--law",
+                "compute_optimal",
+                "--store",
+                path,
+            ]
+        )
+        == 2
+    )
     assert "profiles" in capsys.readouterr().err

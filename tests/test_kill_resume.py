@@ -39,20 +39,36 @@ def _sweep(study, out: Path, data_cache, fault: str | None):
     if fault:
         env["SCALING_FAULT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", "sweep", str(study),
-         f"--config.store={out / 'store.sqlite'}", f"--config.workdir={out / 'runs'}",
-         f"--config.data.cache_dir={data_cache}", "--config.progress=false"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "launch.cli",
+            "sweep",
+            str(study),
+            f"--config.store={out / 'store.sqlite'}",
+            f"--config.workdir={out / 'runs'}",
+            f"--config.data.cache_dir={data_cache}",
+            "--config.progress=false",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 def _rows(path: Path):
     """{(run, step, name): value} of every metric, and the per-token vectors by (run, step)."""
     with sqlite3.connect(path) as conn:
-        metrics = {(r, s, n): v for r, s, n, v in conn.execute(
-            "SELECT run_id, step, name, value FROM metrics")}
-        per_token = {(r, s): np.frombuffer(b, "<f4") for r, s, b in conn.execute(
-            "SELECT run_id, step, losses FROM per_token")}
+        metrics = {
+            (r, s, n): v
+            for r, s, n, v in conn.execute("SELECT run_id, step, name, value FROM metrics")
+        }
+        per_token = {
+            (r, s): np.frombuffer(b, "<f4")
+            for r, s, b in conn.execute("SELECT run_id, step, losses FROM per_token")
+        }
         counts = dict(conn.execute("SELECT run_id, COUNT(*) FROM runs GROUP BY run_id"))
     return metrics, per_token, counts
 

@@ -60,8 +60,9 @@ def test_one_input_laws_take_x_of_any_shape():
     law = get_law("saturating")
     x = np.array([[1.0, 10.0], [100.0, 1000.0]])
     expected = closed_form("saturating", PUBLISHED["saturating"], x.reshape(-1, 1))
-    np.testing.assert_allclose(np.asarray(law.predict(PUBLISHED["saturating"], x)).ravel(),
-                               expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(law.predict(PUBLISHED["saturating"], x)).ravel(), expected, rtol=1e-6
+    )
 
 
 def test_chinchilla_grid_is_epochs_4500_starts():
@@ -85,15 +86,24 @@ def test_registering_a_taken_name_needs_replace():
     assert register(LAWS["power"], replace=True) is LAWS["power"]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"positive": ("nope",)}, "positive names"),
-    ({"init_grid": {"x_c": (1.0,)}}, "init_grid needs"),
-    ({"param_names": ("x_c", "x_c")}, "distinct"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"positive": ("nope",)}, "positive names"),
+        ({"init_grid": {"x_c": (1.0,)}}, "init_grid needs"),
+        ({"param_names": ("x_c", "x_c")}, "distinct"),
+    ],
+)
 def test_malformed_laws_are_refused(bad, message):
-    fields = dict(name="broken", param_names=("x_c", "alpha"), n_inputs=1,
-                  predict_log=lambda p, log_x: log_x[..., 0], positive=("x_c",),
-                  init_grid={"x_c": (1.0,), "alpha": (0.1,)}, formula="-")
+    fields = dict(
+        name="broken",
+        param_names=("x_c", "alpha"),
+        n_inputs=1,
+        predict_log=lambda p, log_x: log_x[..., 0],
+        positive=("x_c",),
+        init_grid={"x_c": (1.0,), "alpha": (0.1,)},
+        formula="-",
+    )
     with pytest.raises(UserError, match=message):
         Law(**{**fields, **bad})
 
@@ -106,6 +116,7 @@ def test_compute_optimal_spends_all_compute_at_the_loss_minimum():
     # N_opt ~ C^a with a = beta / (alpha + beta).
     slope = np.diff(np.log(n_opt)) / np.diff(np.log(compute))
     np.testing.assert_allclose(slope, p["beta"] / (p["alpha"] + p["beta"]), rtol=1e-12)
+
     # Along C = 6 N D, moving N either way from N_opt raises the loss.
     def loss_at(n):
         return closed_form("chinchilla", p, np.stack([n, compute / (6 * n)], axis=1))
@@ -117,16 +128,20 @@ def test_compute_optimal_spends_all_compute_at_the_loss_minimum():
 
 
 def test_a_law_registered_in_a_few_lines_fits():
-    law = register(Law(
-        name="offset_power",
-        param_names=("E", "x_c", "alpha"),
-        n_inputs=1,
-        predict_log=lambda p, log_x: jnp.log(
-            p["E"] + jnp.exp(p["alpha"] * (jnp.log(p["x_c"]) - log_x[..., 0]))),
-        positive=("E", "x_c"),
-        init_grid={"E": (-1.0, 0.0, 1.0), "x_c": (0.0, 10.0, 20.0), "alpha": (0.1, 0.5)},
-        formula="L = E + (x_c / x)^alpha",
-    ), replace=True)
+    law = register(
+        Law(
+            name="offset_power",
+            param_names=("E", "x_c", "alpha"),
+            n_inputs=1,
+            predict_log=lambda p, log_x: jnp.log(
+                p["E"] + jnp.exp(p["alpha"] * (jnp.log(p["x_c"]) - log_x[..., 0]))
+            ),
+            positive=("E", "x_c"),
+            init_grid={"E": (-1.0, 0.0, 1.0), "x_c": (0.0, 10.0, 20.0), "alpha": (0.1, 0.5)},
+            formula="L = E + (x_c / x)^alpha",
+        ),
+        replace=True,
+    )
     x = np.logspace(3, 8, 40)
     truth = {"E": 2.0, "x_c": 1e5, "alpha": 0.3}
     y = (truth["E"] + (truth["x_c"] / x) ** truth["alpha"]) * np.exp(RNG.normal(0, 1e-3, 40))

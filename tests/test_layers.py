@@ -59,6 +59,9 @@ def test_no_module_imports_inside_a_function():
     for name, tree in _modules():
         for function in ast.walk(tree):
             if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
-                inside += [f"{name}.{function.name} imports {target}"
-                           for node in ast.walk(function) for target in _imported(node)]
+                inside += [
+                    f"{name}.{function.name} imports {target}"
+                    for node in ast.walk(function)
+                    for target in _imported(node)
+                ]
     assert not inside, "\n".join(inside)

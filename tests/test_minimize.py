@@ -15,9 +15,19 @@ def quadratic(x, centre):
 
 def solve(x0, h0=None, warm=False, active=None):
     active = jnp.ones(len(x0), bool) if active is None else active
-    run = jax.jit(lambda x0, h0: minimize_tasks(
-        lambda x, d: quadratic(x, d), lambda ids: CENTRE[ids], x0, jnp.full(len(x0), 1e-6),
-        active, h0, warm, max_evals=100, chunk=2))
+    run = jax.jit(
+        lambda x0, h0: minimize_tasks(
+            lambda x, d: quadratic(x, d),
+            lambda ids: CENTRE[ids],
+            x0,
+            jnp.full(len(x0), 1e-6),
+            active,
+            h0,
+            warm,
+            max_evals=100,
+            chunk=2,
+        )
+    )
     return run(x0, h0)
 
 

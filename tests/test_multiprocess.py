@@ -30,9 +30,16 @@ from scaling.errors import UserError
 from scaling.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
-            distributed.ENV_PROCESS_ID, distributed.ENV_MODE, distributed.ENV_TIMEOUT,
-            "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_NUM_SLICES")
+SETTINGS = (
+    distributed.ENV_COORDINATOR,
+    distributed.ENV_NUM_PROCESSES,
+    distributed.ENV_PROCESS_ID,
+    distributed.ENV_MODE,
+    distributed.ENV_TIMEOUT,
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+    "MEGASCALE_NUM_SLICES",
+)
 # Compile faster (the runs are tiny; these change code generation, not what is computed).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
@@ -63,20 +70,33 @@ def test_explicit_settings_from_env_and_arguments(calls, monkeypatch):
     # Arguments (the CLI flags) win over the environment.
     assert distributed.maybe_initialize(process_id=2) is True
     assert [(c["coordinator_address"], c["num_processes"], c["process_id"]) for c in calls] == [
-        ("10.0.0.1:1234", 4, 3), ("10.0.0.1:1234", 4, 2)]
+        ("10.0.0.1:1234", 4, 3),
+        ("10.0.0.1:1234", 4, 2),
+    ]
     assert calls[0]["initialization_timeout"] == 300
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "0"}, "coordinator not given"),
-    ({"SCALING_COORDINATOR": "h:1", "SCALING_NUM_PROCESSES": "2"}, "process id not given"),
-    ({"SCALING_COORDINATOR": "h:1", "SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "2"},
-     "must be in [0, 2)"),
-    ({"SCALING_COORDINATOR": "nohost", "SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "1"},
-     "must be host:port"),
-    ({"SCALING_NUM_PROCESSES": "two"}, "must be an integer"),
-    ({"SCALING_DISTRIBUTED": "yes"}, "must be 'auto' or 'off'"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "0"}, "coordinator not given"),
+        ({"SCALING_COORDINATOR": "h:1", "SCALING_NUM_PROCESSES": "2"}, "process id not given"),
+        (
+            {"SCALING_COORDINATOR": "h:1", "SCALING_NUM_PROCESSES": "2", "SCALING_PROCESS_ID": "2"},
+            "must be in [0, 2)",
+        ),
+        (
+            {
+                "SCALING_COORDINATOR": "nohost",
+                "SCALING_NUM_PROCESSES": "2",
+                "SCALING_PROCESS_ID": "1",
+            },
+            "must be host:port",
+        ),
+        ({"SCALING_NUM_PROCESSES": "two"}, "must be an integer"),
+        ({"SCALING_DISTRIBUTED": "yes"}, "must be 'auto' or 'off'"),
+    ],
+)
 def test_unusable_settings_are_user_errors(calls, monkeypatch, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -110,28 +130,52 @@ def _free_port() -> int:
 def _corpus(folder: Path) -> str:
     """Ten small text files, a few KB each: documents for data.corpus=text."""
     folder.mkdir()
-    words = ("the of and to in that is was he for it with as his on be at by had not but "
-             "what all were when we there can an your which their said if do will each").split()
+    words = (
+        "the of and to in that is was he for it with as his on be at by had not but "
+        "what all were when we there can an your which their said if do will each"
+    ).split()
     for d in range(10):
-        lines = [" ".join(words[(d * 7 + i * j) % len(words)] for j in range(12))
-                 for i in range(40)]
+        lines = [
+            " ".join(words[(d * 7 + i * j) % len(words)] for j in range(12)) for i in range(40)
+        ]
         (folder / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
     return str(folder / "*.txt")
 
 
-def _run_args(tmp: Path, store: Path, workdir: Path, paths: str,
-              mesh: tuple[int, int, int] = (1, 2, 2)) -> list[str]:
+def _run_args(
+    tmp: Path, store: Path, workdir: Path, paths: str, mesh: tuple[int, int, int] = (1, 2, 2)
+) -> list[str]:
     settings = {
-        "model.n_layer": 1, "model.d_model": 32, "model.n_heads": 2, "model.n_ctx": 16,
-        "train.steps": 4, "train.warmup_steps": 1, "train.batch_size": 8,
-        "eval.batches": 2, "eval.final_batches": 0, "eval.points": 2, "checkpoint.every": 2,
-        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
-        "data.corpus": "text", "data.paths": paths, "data.val_fraction": 0.2,
-        "data.cache_dir": str(tmp / "cache"), "store": str(store), "workdir": str(workdir),
+        "model.n_layer": 1,
+        "model.d_model": 32,
+        "model.n_heads": 2,
+        "model.n_ctx": 16,
+        "train.steps": 4,
+        "train.warmup_steps": 1,
+        "train.batch_size": 8,
+        "eval.batches": 2,
+        "eval.final_batches": 0,
+        "eval.points": 2,
+        "checkpoint.every": 2,
+        "mesh.data": mesh[0],
+        "mesh.fsdp": mesh[1],
+        "mesh.tensor": mesh[2],
+        "data.corpus": "text",
+        "data.paths": paths,
+        "data.val_fraction": 0.2,
+        "data.cache_dir": str(tmp / "cache"),
+        "store": str(store),
+        "workdir": str(workdir),
         "progress": False,
     }
-    return [sys.executable, "-m", "launch.cli", "run", "experiments/local_cpu.py",
-            *(f"--config.{k}={v}" for k, v in settings.items())]
+    return [
+        sys.executable,
+        "-m",
+        "launch.cli",
+        "run",
+        "experiments/local_cpu.py",
+        *(f"--config.{k}={v}" for k, v in settings.items()),
+    ]
 
 
 def _two_processes(args: list[str]) -> list[tuple[str, str]]:
@@ -139,9 +183,19 @@ def _two_processes(args: list[str]) -> list[tuple[str, str]]:
     port = _free_port()
     procs = [
         subprocess.Popen(
-            args, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=_env(2, SCALING_COORDINATOR=f"127.0.0.1:{port}", SCALING_NUM_PROCESSES="2",
-                     SCALING_PROCESS_ID=str(i), SCALING_INIT_TIMEOUT="120"))
+            args,
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(
+                2,
+                SCALING_COORDINATOR=f"127.0.0.1:{port}",
+                SCALING_NUM_PROCESSES="2",
+                SCALING_PROCESS_ID=str(i),
+                SCALING_INIT_TIMEOUT="120",
+            ),
+        )
         for i in range(2)
     ]
     outputs = []
@@ -159,8 +213,11 @@ def _two_processes(args: list[str]) -> list[tuple[str, str]]:
 
 def _env(devices: int, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
-    env.update(JAX_PLATFORMS="cpu", TQDM_DISABLE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        TQDM_DISABLE="1",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+    )
     env.update(extra)
     return env
 
@@ -168,8 +225,10 @@ def _env(devices: int, **extra) -> dict[str, str]:
 def _eval_rows(store: Path) -> tuple[list, dict]:
     with sqlite3.connect(store) as db:
         runs = db.execute("SELECT run_id, status, step FROM runs").fetchall()
-        metrics = db.execute("SELECT run_id, step, name, value FROM metrics "
-                             "WHERE name IN ('eval_loss', 'train_loss')").fetchall()
+        metrics = db.execute(
+            "SELECT run_id, step, name, value FROM metrics "
+            "WHERE name IN ('eval_loss', 'train_loss')"
+        ).fetchall()
     return runs, {(step, name): value for _, step, name, value in metrics}
 
 
@@ -180,9 +239,14 @@ def test_two_processes_train_one_run(tmp_path):
     outputs = _two_processes(_run_args(tmp_path, store, workdir, paths))
     # Only process 0 reports. (Gloo prints its connections on stdout, from
     # several threads, so its lines can come in pieces.)
-    own_lines = [[line for line in out.splitlines()
-                  if line.strip() and "[Gloo]" not in line and "peer ranks" not in line]
-                 for out, _ in outputs]
+    own_lines = [
+        [
+            line
+            for line in out.splitlines()
+            if line.strip() and "[Gloo]" not in line and "peer ranks" not in line
+        ]
+        for out, _ in outputs
+    ]
     assert len(own_lines[0]) == 1 and own_lines[0][0].startswith("finished run")
     assert own_lines[1] == []
 
@@ -199,8 +263,14 @@ def test_two_processes_train_one_run(tmp_path):
     # The same run by one process over 4 devices: the same losses (float32
     # reductions in another order: a few ulps).
     single_store = tmp_path / "single.sqlite"
-    one = subprocess.run(_run_args(tmp_path, single_store, tmp_path / "single_runs", paths),
-                         cwd=REPO, text=True, capture_output=True, env=_env(4), timeout=300)
+    one = subprocess.run(
+        _run_args(tmp_path, single_store, tmp_path / "single_runs", paths),
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        env=_env(4),
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-4000:]
     single_runs, single_rows = _eval_rows(single_store)
     assert single_runs[0][0] == run_id  # the mesh is not part of the run's identity

@@ -57,7 +57,8 @@ def test_estimator_recovers_the_noise_scale_of_a_linear_regression():
 def test_two_halves_take_alternate_rows():
     rows = jnp.arange(12.0).reshape(6, 2)
     _, _, g2_small, g2_big = steps.two_microbatch_grads(
-        lambda p, xy: p * xy[:, 0].mean(), jnp.float32(1.0), rows)
+        lambda p, xy: p * xy[:, 0].mean(), jnp.float32(1.0), rows
+    )
     # Halves are rows {0, 2, 4} and {1, 3, 5}: means of column 0 are 4 and 6.
     np.testing.assert_allclose(float(g2_small), (4.0**2 + 6.0**2) / 2)
     np.testing.assert_allclose(float(g2_big), 5.0**2)
@@ -95,8 +96,10 @@ def test_a_step_that_does_not_measure_leaves_the_averages_and_takes_the_same_upd
     def run(schedule):
         tx = steps.make_optimizer(config_lib.base_config().train)
         state, shardings = steps.init_state(model, tx, mesh, rules, seed=0)
-        step = {m: steps.compile_train_step(shardings, mesh, rules, noise_scale=m)
-                for m in (False, True)}
+        step = {
+            m: steps.compile_train_step(shardings, mesh, rules, noise_scale=m)
+            for m in (False, True)
+        }
         traces = []
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for measure, batch in zip(schedule, tokens, strict=True):
@@ -110,7 +113,8 @@ def test_a_step_that_does_not_measure_leaves_the_averages_and_takes_the_same_upd
     assert traces_never == [0.0] * 4
     assert traces[0] == traces_every[0] != 0 and traces[1] == traces[0]
     assert traces[2] != traces[1] and traces[3] == traces[2]
-    for a, b, c in zip(*(jax.tree.leaves(s.params) for s in (every, alternate, never)),
-                       strict=True):
+    for a, b, c in zip(
+        *(jax.tree.leaves(s.params) for s in (every, alternate, never)), strict=True
+    ):
         np.testing.assert_allclose(a, c, rtol=2e-4, atol=1e-6)
         np.testing.assert_allclose(b, c, rtol=2e-4, atol=1e-6)

@@ -52,8 +52,24 @@ def test_fit_a_frame_per_group_and_read_stored_fits(store, capsys):
     np.testing.assert_allclose(per_run["alpha"], 0.5, atol=1e-3)
     with pytest.raises(UserError, match="no column 'loss_'"):
         sn.fit_frame(tokens, "saturating", x="T", y="loss_")
-    assert main(["fit", "--store", str(store.path), "--sweep", "syn", "--law", "saturating",
-                 "--what", "final", "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--store",
+                str(store.path),
+                "--sweep",
+                "syn",
+                "--law",
+                "saturating",
+                "--what",
+                "final",
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     fits = sn.fits(store, "syn")
     assert set(fits["param"]) == {"E", "A", "alpha"} and set(fits["what"]) == {"final"}

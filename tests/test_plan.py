@@ -11,18 +11,26 @@ from scaling.store import RunRecord, Store
 KAPLAN = "experiments/kaplan2020.py"
 
 
-@pytest.mark.parametrize("name, family, chips", [
-    ("v4-32", "v4", 16), ("v5litepod-16", "v5litepod", 16), ("v5e-8", "v5litepod", 8),
-    ("v5p-32", "v5p", 16), ("v6e-8", "v6e", 8), ("h100-8", "h100", 8),
-])
+@pytest.mark.parametrize(
+    "name, family, chips",
+    [
+        ("v4-32", "v4", 16),
+        ("v5litepod-16", "v5litepod", 16),
+        ("v5e-8", "v5litepod", 8),
+        ("v5p-32", "v5p", 16),
+        ("v6e-8", "v6e", 8),
+        ("h100-8", "h100", 8),
+    ],
+)
 def test_chips_from_the_type_name(name, family, chips):
     acc, count = plan.parse_accelerator(name)
     assert (acc.family, count) == (family, chips)
 
 
 def test_plan_by_hand_for_one_member_and_totals_that_add_up(tmp_path):
-    result = plan.make_plan(KAPLAN, {"store": str(tmp_path / "none.sqlite")},
-                            accelerator="v4-32", mfu=0.5)
+    result = plan.make_plan(
+        KAPLAN, {"store": str(tmp_path / "none.sqlite")}, accelerator="v4-32", mfu=0.5
+    )
     # GPT-2 small's shape: 12 layers of width 768, 250k steps of 512 x 1024 tokens.
     run = next(r for r in result["runs"] if r["params"] == 12 * 12 * 768**2)
     tokens = 250_000 * 512 * 1024
@@ -39,8 +47,20 @@ def test_plan_by_hand_for_one_member_and_totals_that_add_up(tmp_path):
 
 
 def test_isoflop_plan_counts_flops_as_chinchilla_does(capsys):
-    assert main(["plan", "experiments/chinchilla_isoflop.py:local", "--json",
-                 "--mfu", "0.3", "--accelerator", "v5p-8"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "experiments/chinchilla_isoflop.py:local",
+                "--json",
+                "--mfu",
+                "0.3",
+                "--accelerator",
+                "v5p-8",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["flop_convention"] == "6N_total"
     for run in result["runs"]:
@@ -65,12 +85,15 @@ def test_default_mfu_is_the_median_measured_in_the_store(tmp_path):
     assert empty["mfu"] == plan.DEFAULT_MFU and empty["chip_hours"] is None
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--accelerator", "v4-31"], "multiple of 2"),
-    (["--accelerator", "tpu9-8"], "unknown accelerator"),
-    (["--accelerator", "v4"], "TYPE-COUNT"),
-    (["--mfu", "1.5"], "--mfu"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--accelerator", "v4-31"], "multiple of 2"),
+        (["--accelerator", "tpu9-8"], "unknown accelerator"),
+        (["--accelerator", "v4"], "TYPE-COUNT"),
+        (["--mfu", "1.5"], "--mfu"),
+    ],
+)
 def test_bad_plan_input_is_one_line(args, message, capsys):
     assert main(["plan", KAPLAN, *args]) == 2
     err = capsys.readouterr().err

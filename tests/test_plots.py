@@ -36,44 +36,90 @@ def _add_run(store, sweep, run_id, n, steps, final_law, status="finished"):
     """A run whose eval loss at step S is final_law(n, D) + 4 (S^-0.4 - steps^-0.4)."""
     tokens = steps * TOKENS_PER_STEP
     d_model = int(round((n / 24) ** 0.5))  # N = 12 n_layer d_model^2 with 2 layers
-    store.register_run(RunRecord(
-        run_id=run_id, config={"model": {"n_ctx": N_CTX, "n_layer": 2, "d_model": d_model},
-                               "train": {"steps": steps}, "seed": 0},
-        n_params=n, n_params_total=n + 20_000, n_layer=2, d_model=d_model, n_heads=2,
-        n_ctx=N_CTX, tokens=tokens, flops=6.0 * n * tokens), sweep=sweep)
+    store.register_run(
+        RunRecord(
+            run_id=run_id,
+            config={
+                "model": {"n_ctx": N_CTX, "n_layer": 2, "d_model": d_model},
+                "train": {"steps": steps},
+                "seed": 0,
+            },
+            n_params=n,
+            n_params_total=n + 20_000,
+            n_layer=2,
+            d_model=d_model,
+            n_heads=2,
+            n_ctx=N_CTX,
+            tokens=tokens,
+            flops=6.0 * n * tokens,
+        ),
+        sweep=sweep,
+    )
     T = np.arange(1, N_CTX + 1)
     noise = np.random.default_rng(n + steps).normal(0, 0.003, N_CTX)
-    for s in (_eval_steps(steps) if status != "pending" else []):
-        mean = final_law(n, tokens) + 4 * (s ** -0.4 - steps ** -0.4)
-        per_token = mean - OFFSET - 0.4 + 1.5 * T ** -0.6 + noise
-        store.log_eval(run_id, s, {
-            "eval_loss": float(per_token.astype("<f4").mean()), "train_loss": mean + 0.01,
-            "tokens": s * TOKENS_PER_STEP, "flops": 6.0 * n * s * TOKENS_PER_STEP,
-            "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e5, "mfu": 0.3,
-            "wall_time": 1e9 + s}, per_token)
+    for s in _eval_steps(steps) if status != "pending" else []:
+        mean = final_law(n, tokens) + 4 * (s**-0.4 - steps**-0.4)
+        per_token = mean - OFFSET - 0.4 + 1.5 * T**-0.6 + noise
+        store.log_eval(
+            run_id,
+            s,
+            {
+                "eval_loss": float(per_token.astype("<f4").mean()),
+                "train_loss": mean + 0.01,
+                "tokens": s * TOKENS_PER_STEP,
+                "flops": 6.0 * n * s * TOKENS_PER_STEP,
+                "learning_rate": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_s": 1e5,
+                "mfu": 0.3,
+                "wall_time": 1e9 + s,
+            },
+            per_token,
+        )
     store.set_status(run_id, status, step=steps if status == "finished" else None)
     return final_law(n, tokens) - OFFSET - 0.4
 
 
 def _fit(sweep, law, what, curve, params, intervals=None):
-    return FitRecord(sweep, law, what, curve, params, intervals or {}, 1e-4, True, 10,
-                     {"runs": [curve]}, {"objective": "huber", "bootstrap": 100})
+    return FitRecord(
+        sweep,
+        law,
+        what,
+        curve,
+        params,
+        intervals or {},
+        1e-4,
+        True,
+        10,
+        {"runs": [curve]},
+        {"objective": "huber", "bootstrap": 100},
+    )
 
 
 def make_single_budget_store(path, with_fits=True):
     """Five sizes, 1000 steps each, one failed run; the per-token and final fits stored."""
     store = Store(path)
-    law = lambda n, d: 1.5 + 40 * n ** -0.3  # noqa: E731
+    law = lambda n, d: 1.5 + 40 * n**-0.3  # noqa: E731
     for i, n in enumerate(SIZES):
         e_t = _add_run(store, "one", f"run{i}", n, 1000, law)
         if with_fits:
-            store.save_fit(_fit("one", "saturating", "per-token", f"run{i}",
-                                {"E": e_t, "A": 1.5, "alpha": 0.6}))
+            store.save_fit(
+                _fit(
+                    "one", "saturating", "per-token", f"run{i}", {"E": e_t, "A": 1.5, "alpha": 0.6}
+                )
+            )
     _add_run(store, "one", "diverged", 50_000, 1000, lambda n, d: 9.0, status="failed")
     if with_fits:
-        store.save_fit(_fit("one", "saturating", "final", "all",
-                            {"E": 1.5, "A": 40.0, "alpha": 0.3},
-                            {"E": [1.4, 1.6], "A": [30.0, 50.0], "alpha": [0.27, 0.33]}))
+        store.save_fit(
+            _fit(
+                "one",
+                "saturating",
+                "final",
+                "all",
+                {"E": 1.5, "A": 40.0, "alpha": 0.3},
+                {"E": [1.4, 1.6], "A": [30.0, 50.0], "alpha": [0.27, 0.33]},
+            )
+        )
     return store
 
 
@@ -152,8 +198,9 @@ def test_size_legend_shows_the_exponent_and_its_interval(single):
 
 
 def test_learning_curves_draw_stored_fits_and_a_token_axis(single):
-    single.save_fit(_fit("one", "saturating", "learning-curve", "run2",
-                         {"E": 2.5, "A": 4.0, "alpha": 0.4}))
+    single.save_fit(
+        _fit("one", "saturating", "learning-curve", "run2", {"E": 2.5, "A": 4.0, "alpha": 0.4})
+    )
     plot = plots.make_plot(single, "one", "learning-curves")
     assert plot.legend == ["run2: $L = 2.5 + 4\\,S^{-0.4}$", "failed run"]
     labels = [a.get_xlabel() for ax in plot.figure.axes for a in ax.child_axes]
@@ -166,16 +213,21 @@ def test_compute_frontier_fit_recovers_the_exponent(single):
     *_, alpha = _numbers(fit_text)
     # Along the frontier the loss falls like a power of C with a small exponent.
     assert 0.02 < alpha < 0.3
-    (frontier,) = [line for line in plot.figure.axes[0].get_lines()
-                   if line.get_label().startswith("compute-efficient frontier")]
+    (frontier,) = [
+        line
+        for line in plot.figure.axes[0].get_lines()
+        if line.get_label().startswith("compute-efficient frontier")
+    ]
     assert np.all(np.diff(frontier.get_ydata()) <= 0)  # the best loss within C never rises
 
 
 def test_per_token_steps_picks_the_largest_run_or_the_one_asked(single):
     plot = plots.make_plot(single, "one", "per-token-steps")
     assert "run4" in plot.notes[0]
-    assert "run1" in plots.make_plot(single, "one", "per-token-steps", run="run1") \
-        .figure.axes[0].get_title()
+    assert (
+        "run1"
+        in plots.make_plot(single, "one", "per-token-steps", run="run1").figure.axes[0].get_title()
+    )
     with pytest.raises(UserError, match="run 'nope' is not in sweep 'one'"):
         plots.make_plot(single, "one", "per-token-steps", run="nope")
 
@@ -186,7 +238,8 @@ def test_all_draws_every_kind_that_applies_and_says_why_not_the_rest(single, tmp
     (skipped,) = [p for p in result if p.skipped]
     assert skipped.kind == "isoflop" and "single token budget" in skipped.skipped
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == sorted(
-        f"{k}.{ext}" for k in plots.KINDS[:-1] for ext in ("png", "svg"))
+        f"{k}.{ext}" for k in plots.KINDS[:-1] for ext in ("png", "svg")
+    )
     for plot in result[:-1]:
         png, svg = plot.paths
         _assert_not_blank(png)
@@ -208,8 +261,10 @@ def test_missing_fits_are_fitted_saved_and_said(tmp_path, monkeypatch):
         assert plot.legend == ["run0 (10k): $L = 3 + 1.5\\,T^{-0.6}$"]
         assert "the saturating law was fitted now to 1 curve(s) and saved" in plot.notes[0]
         assert "no fit stored for run1, run2, run3, run4" in plot.notes[1]
-        assert "drawing the stored per-token fits" in plots.make_plot(
-            store, "one", "per-token").notes[0]
+        assert (
+            "drawing the stored per-token fits"
+            in plots.make_plot(store, "one", "per-token").notes[0]
+        )
 
 
 @pytest.mark.slow
@@ -218,18 +273,22 @@ def test_plot_fits_with_the_real_fitter_recover_the_laws(tmp_path):
         for text in plots.make_plot(store, "one", "per-token").legend:
             E, A, alpha = _numbers(text.split(":", 1)[1])
             assert A == pytest.approx(1.5, rel=0.02) and -alpha == pytest.approx(0.6, rel=0.02)
-        (text,) = [t for t in plots.make_plot(store, "one", "size").legend
-                   if t.startswith("saturating")]
+        (text,) = [
+            t for t in plots.make_plot(store, "one", "size").legend if t.startswith("saturating")
+        ]
         E, A, alpha, *_ = _numbers(text.split(":", 1)[1])
         assert (E, A, -alpha) == pytest.approx((1.5, 40, 0.3), rel=0.02)
 
 
-@pytest.mark.parametrize("sweep, kind, message", [
-    ("nope", "size", "no runs in sweep 'nope'; sweeps in this store: one"),
-    ("nope", "all", "no runs in sweep 'nope'; sweeps in this store: one"),
-    ("one", "scatter", "unknown plot kind 'scatter'"),
-    ("one", "isoflop", "single token budget per model size"),
-])
+@pytest.mark.parametrize(
+    "sweep, kind, message",
+    [
+        ("nope", "size", "no runs in sweep 'nope'; sweeps in this store: one"),
+        ("nope", "all", "no runs in sweep 'nope'; sweeps in this store: one"),
+        ("one", "scatter", "unknown plot kind 'scatter'"),
+        ("one", "isoflop", "single token budget per model size"),
+    ],
+)
 def test_bad_input_is_a_user_error(single, sweep, kind, message, tmp_path):
     with pytest.raises(UserError, match=re.escape(message)):
         plots.plot_sweep(single, sweep, kind, tmp_path / "out")
@@ -238,14 +297,23 @@ def test_bad_input_is_a_user_error(single, sweep, kind, message, tmp_path):
 
 def test_number_format():
     assert [num(v) for v in (0.3, 40.0, 1.23456, 12345.0, 1e13, 2.5e-5)] == [
-        "0.3", "40", "1.23", r"1.23\times10^{4}", "10^{13}", r"2.5\times10^{-5}"]
+        "0.3",
+        "40",
+        "1.23",
+        r"1.23\times10^{4}",
+        "10^{13}",
+        r"2.5\times10^{-5}",
+    ]
     assert _numbers(r"$L = (1.23\times10^{13}/C)^{0.05}$") == [1.23e13, 0.05]
     # A fitted exponent of the wrong sign is written as it is, not as T^{--2.9}.
-    assert law_formula("saturating", {"E": 2.5, "A": 1.5, "alpha": -2.9}, "T") == \
-        "$L = 2.5 + 1.5\\,T^{2.9}$"
+    assert (
+        law_formula("saturating", {"E": 2.5, "A": 1.5, "alpha": -2.9}, "T")
+        == "$L = 2.5 + 1.5\\,T^{2.9}$"
+    )
 
 
 # -- the HTML report --------------------------------------------------------------
+
 
 def test_report_is_one_self_contained_page(tmp_path, capsys):
     from launch.cli import main
@@ -258,8 +326,14 @@ def test_report_is_one_self_contained_page(tmp_path, capsys):
     assert page.count('<img src="data:image/png;base64,') == 5
     assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page)
     assert "<b>isoflop</b>: sweep &#x27;one&#x27; has a single token budget" in page
-    for text in ("run4", "1,000,000", "failed", "alpha = 0.3 [0.27, 0.33]",
-                 "What differs between the runs", "model.d_model"):
+    for text in (
+        "run4",
+        "1,000,000",
+        "failed",
+        "alpha = 0.3 [0.27, 0.33]",
+        "What differs between the runs",
+        "model.d_model",
+    ):
         assert text in page, text
     assert main(["report", "nope", *store]) == 2
     assert "error: no runs in sweep 'nope'" in capsys.readouterr().err
@@ -289,12 +363,23 @@ def test_report_opens_in_headless_chromium_with_every_figure(single, tmp_path):
     # loads and each image's natural width into the DOM once the page has loaded.
     probed = tmp_path / "probed.html"
     probed.write_text(path.read_text().replace("<head>", "<head>" + _PROBE, 1))
-    command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
-               "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-               "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
-    done = subprocess.run([*command, "--dump-dom", probed.as_uri()], capture_output=True,
-                          text=True, timeout=120)
+    command = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+    ]
+    done = subprocess.run(
+        [*command, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120
+    )
     probe = re.search(r'<pre id="probe">(.*?)</pre>', done.stdout, re.S)
     assert probe, done.stderr[-2000:]
     result = json.loads(probe.group(1).replace("&quot;", '"'))
@@ -302,9 +387,17 @@ def test_report_opens_in_headless_chromium_with_every_figure(single, tmp_path):
     assert len(result["widths"]) == len(drawn) == 5 and min(result["widths"]) > 0
     assert ":CONSOLE" not in done.stderr
     # And the page itself, unprobed, renders to a screenshot without console output.
-    shot = subprocess.run([*command, "--window-size=1200,3000",
-                           f"--screenshot={tmp_path / 'page.png'}", path.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    shot = subprocess.run(
+        [
+            *command,
+            "--window-size=1200,3000",
+            f"--screenshot={tmp_path / 'page.png'}",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ":CONSOLE" not in shot.stderr
     _assert_not_blank(tmp_path / "page.png")
 

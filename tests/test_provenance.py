@@ -20,9 +20,23 @@ def _store(path, convention="6N+attention"):
     with Store(path) as store:
         for i, n in enumerate(np.geomspace(1e3, 1e6, 7).astype(int)):
             counts = {"6N": 6.0 * n * 1e4, "6N+attention": 6.6 * n * 1e4}
-            store.register_run(RunRecord(f"r{i}", {}, int(n), int(n), 1, 8, 1, 16, 10_000,
-                                         counts[convention], flops_by_convention=counts,
-                                         flop_convention=convention), sweep="sw")
+            store.register_run(
+                RunRecord(
+                    f"r{i}",
+                    {},
+                    int(n),
+                    int(n),
+                    1,
+                    8,
+                    1,
+                    16,
+                    10_000,
+                    counts[convention],
+                    flops_by_convention=counts,
+                    flop_convention=convention,
+                ),
+                sweep="sw",
+            )
             loss = float(law.predict({"E": 1.7, "A": 40.0, "alpha": 0.3}, float(n)))
             store.log_eval(f"r{i}", 10, {"eval_loss": loss * np.exp(rng.normal(0, 3e-3))})
             store.set_status(f"r{i}", "finished", step=10)
@@ -32,8 +46,7 @@ def test_a_sweep_fit_records_where_it_came_from(tmp_path):
     path = tmp_path / "s.sqlite"
     _store(path)
     with Store(path) as store:
-        (record,) = analysis.fit_sweep(store, "sw", "saturating", bootstrap=0,
-                                       fixed={"E": 1.7})
+        (record,) = analysis.fit_sweep(store, "sw", "saturating", bootstrap=0, fixed={"E": 1.7})
         (stored,) = store.fits("sw")
     p = stored.provenance
     assert p == record.provenance
@@ -76,8 +89,7 @@ def test_a_convention_a_run_lacks_is_refused(tmp_path):
 def test_fit_fix_and_sensitivity_commands(tmp_path, capsys):
     path = tmp_path / "s.sqlite"
     _store(path)
-    args = ["fit", "--sweep", "sw", "--law", "saturating", "--store", str(path),
-            "--bootstrap", "0"]
+    args = ["fit", "--sweep", "sw", "--law", "saturating", "--store", str(path), "--bootstrap", "0"]
     assert cli.main(args + ["--fix", "E=1.7", "--json"]) == 0
     assert '"E": 1.7' in capsys.readouterr().out
     assert cli.main(args + ["--sensitivity", "E=1.5:1.8:4", "--json"]) == 0
@@ -102,8 +114,20 @@ def test_csv_fit_with_fix_varpro_and_sensitivity(tmp_path, capsys):
     y = np.asarray(law.predict({"E": 1.7, "A": 4.0, "alpha": 0.5}, x))
     path = tmp_path / "c.csv"
     path.write_text("x,y\n" + "".join(f"{a},{b}\n" for a, b in zip(x, y, strict=True)))
-    base = ["fit", "--law", "saturating", "--csv", str(path), "--x", "x", "--y", "y",
-            "--bootstrap", "0", "--json"]
+    base = [
+        "fit",
+        "--law",
+        "saturating",
+        "--csv",
+        str(path),
+        "--x",
+        "x",
+        "--y",
+        "y",
+        "--bootstrap",
+        "0",
+        "--json",
+    ]
     assert cli.main(base + ["--varpro", "--fix", "E=1.7"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["params"]["alpha"] == pytest.approx(0.5, rel=1e-4) and out["varpro"]["n_starts"] == 3

@@ -27,19 +27,25 @@ def _requested_steps(monkeypatch):
     return requested
 
 
-@pytest.mark.parametrize("damage", [
-    pytest.param("truncate_array", marks=pytest.mark.slow),  # the other damage runs by default
-    "remove_commit_marker",
-])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tiny_config, tmp_path,
-                                                                monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param("truncate_array", marks=pytest.mark.slow),  # the other damage runs by default
+        "remove_commit_marker",
+    ],
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
+    damage, tiny_config, tmp_path, monkeypatch, capsys
+):
     tiny_config.train.steps, tiny_config.checkpoint.every = 30, 10
     tiny_config.checkpoint.max_to_keep = 3
     run_id = train.train_and_evaluate(tiny_config)
     step_30 = _ckpt_dir(tiny_config) / "30"
     if damage == "truncate_array":
-        biggest = max((p for p in step_30.rglob("*") if p.is_file() and "ocdbt" in str(p)),
-                      key=lambda p: p.stat().st_size)
+        biggest = max(
+            (p for p in step_30.rglob("*") if p.is_file() and "ocdbt" in str(p)),
+            key=lambda p: p.stat().st_size,
+        )
         with open(biggest, "r+b") as f:
             f.truncate(biggest.stat().st_size // 2)
     else:
@@ -62,12 +68,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tiny_con
     train.train_and_evaluate(tiny_config)
     with Store(tmp_path / "store.sqlite") as a, Store(tiny_config.store) as b:
         assert a.run(run_id).status == "finished"
-        np.testing.assert_allclose(a.scalars(run_id, "eval_loss")[1],
-                                   b.scalars(run_id, "eval_loss")[1], rtol=1e-6)
+        np.testing.assert_allclose(
+            a.scalars(run_id, "eval_loss")[1], b.scalars(run_id, "eval_loss")[1], rtol=1e-6
+        )
 
 
-def test_divergence_stops_within_two_check_intervals_and_names_the_step(tiny_config,
-                                                                        monkeypatch):
+def test_divergence_stops_within_two_check_intervals_and_names_the_step(tiny_config, monkeypatch):
     tiny_config.train.steps = 400
     tiny_config.train.learning_rate = 1e6
     tiny_config.train.grad_clip = 0.0
@@ -86,11 +92,9 @@ def test_divergence_stops_within_two_check_intervals_and_names_the_step(tiny_con
     assert first_bad <= last_trained < first_bad + 2 * 7, (reason, last_trained)
 
 
-def test_a_run_refuses_to_start_without_disk_for_one_checkpoint(tiny_config, monkeypatch,
-                                                                capsys):
+def test_a_run_refuses_to_start_without_disk_for_one_checkpoint(tiny_config, monkeypatch, capsys):
     real = shutil.disk_usage
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda path: real(path)._replace(free=1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
     n_params = config_lib.model_config(tiny_config).shape.n_params
     code = main(["run", _study_of(tiny_config)])
     err = capsys.readouterr().err.strip()
@@ -100,17 +104,18 @@ def test_a_run_refuses_to_start_without_disk_for_one_checkpoint(tiny_config, mon
     assert not Path(tiny_config.store).exists() and not Path(tiny_config.workdir).exists()
     need = checkpoints.check_disk_space(Path(tiny_config.workdir), 0)
     assert need == 0
-    monkeypatch.setattr(shutil, "disk_usage",
-                        lambda path: real(path)._replace(free=n_params * 18))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=n_params * 18))
     assert checkpoints.check_disk_space(Path(tiny_config.workdir), n_params) == n_params * 18
 
 
 def _study_of(config):
     path = Path(config.workdir).parent / "study.py"
-    path.write_text("import ml_collections\n"
-                    f"BASE = {config.to_dict()!r}\n"
-                    "def get_config(arg=None):\n"
-                    "    return ml_collections.ConfigDict(BASE)\n")
+    path.write_text(
+        "import ml_collections\n"
+        f"BASE = {config.to_dict()!r}\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict(BASE)\n"
+    )
     return str(path)
 
 

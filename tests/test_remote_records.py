@@ -22,12 +22,26 @@ def trained(tmp_path_factory, data_cache):
     """
     tmp = tmp_path_factory.mktemp("remote")
     config = config_lib.base_config()
-    config.update_from_flattened_dict({
-        "store": str(tmp / "worker.sqlite"), "workdir": str(tmp / "runs"), "progress": False,
-        "data.cache_dir": data_cache, "model.n_layer": 1, "model.d_model": 32,
-        "model.n_heads": 2, "model.n_ctx": 32, "train.steps": 20, "train.batch_size": 8,
-        "train.warmup_steps": 2, "eval.batches": 2, "eval.points": 4, "checkpoint.every": 10,
-        "launch.bucket": str(tmp / "bucket"), "sweep_name": "remote-sweep.one"})
+    config.update_from_flattened_dict(
+        {
+            "store": str(tmp / "worker.sqlite"),
+            "workdir": str(tmp / "runs"),
+            "progress": False,
+            "data.cache_dir": data_cache,
+            "model.n_layer": 1,
+            "model.d_model": 32,
+            "model.n_heads": 2,
+            "model.n_ctx": 32,
+            "train.steps": 20,
+            "train.batch_size": 8,
+            "train.warmup_steps": 2,
+            "eval.batches": 2,
+            "eval.points": 4,
+            "checkpoint.every": 10,
+            "launch.bucket": str(tmp / "bucket"),
+            "sweep_name": "remote-sweep.one",
+        }
+    )
     return config, train_and_evaluate(config)
 
 
@@ -52,8 +66,7 @@ def test_records_and_checkpoints_land_in_the_bucket(remote_run):
     with Store(config.store) as store:
         steps, per_token = store.per_token(run_id)
         assert [e["step"] for e in remote["evals"]] == steps.tolist()
-        np.testing.assert_allclose([e["per_token"] for e in remote["evals"]], per_token,
-                                   rtol=1e-6)
+        np.testing.assert_allclose([e["per_token"] for e in remote["evals"]], per_token, rtol=1e-6)
         assert remote["run"]["n_params"] == store.run(run_id).n_params
     # Only whole files: no temporary names are left behind.
     assert not list(Path(run_dir / "records").rglob(".*"))
@@ -66,8 +79,12 @@ def test_sync_twice_gives_exactly_one_copy(remote_run, tmp_path, capsys):
     config, run_id = remote_run
     fresh = tmp_path / "laptop.sqlite"
     for _ in range(2):
-        assert main(["sync", config.sweep_name, "--bucket", config.launch.bucket,
-                     "--store", str(fresh)]) == 0
+        assert (
+            main(
+                ["sync", config.sweep_name, "--bucket", config.launch.bucket, "--store", str(fresh)]
+            )
+            == 0
+        )
     assert "synced 1 runs" in capsys.readouterr().out
     evals = len(remote_records.read_run(config.launch.bucket, run_id)["evals"])
     assert evals == 4
@@ -77,8 +94,9 @@ def test_sync_twice_gives_exactly_one_copy(remote_run, tmp_path, capsys):
         assert [r.run_id for r in mine.runs(config.sweep_name)] == [run_id]
         assert mine.run(run_id).status == "finished" and mine.run(run_id).step == 20
         for name in theirs.metric_names(run_id):
-            np.testing.assert_array_equal(mine.scalars(run_id, name)[1],
-                                          theirs.scalars(run_id, name)[1])
+            np.testing.assert_array_equal(
+                mine.scalars(run_id, name)[1], theirs.scalars(run_id, name)[1]
+            )
         np.testing.assert_allclose(mine.per_token(run_id)[1], theirs.per_token(run_id)[1])
 
 
@@ -125,8 +143,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_in_the_bucket(tiny_confi
 
 
 def test_sync_of_an_unknown_sweep_is_a_one_line_error(tmp_path, capsys):
-    assert main(["sync", "nope", "--bucket", str(tmp_path), "--store",
-                 str(tmp_path / "s.sqlite")]) == 2
+    assert (
+        main(["sync", "nope", "--bucket", str(tmp_path), "--store", str(tmp_path / "s.sqlite")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: no runs of sweep 'nope'") and err.count("\n") == 1
     assert sync.remote_runs(str(tmp_path), None) == []
@@ -142,8 +162,9 @@ def _poisoned_bucket(config, run_id, tmp_path) -> tuple[Path, dict]:
     bad = {}
 
     def clone(new_id):
-        shutil.copytree(good, bucket / "runs" / new_id,
-                        ignore=shutil.ignore_patterns("checkpoints"))
+        shutil.copytree(
+            good, bucket / "runs" / new_id, ignore=shutil.ignore_patterns("checkpoints")
+        )
         records = bucket / "runs" / new_id / "records"
         run = json.loads((records / "run.json").read_text())
         run["run_id"] = new_id
@@ -192,5 +213,21 @@ def test_sync_skips_poisoned_records_and_keeps_the_good_run(remote_run, tmp_path
     with Store(store) as synced:
         assert [r.run_id for r in synced.runs()] == [run_id]
     assert main(["status", "--store", str(store), "--sweep", config.sweep_name]) == 0
-    assert main(["fit", "--store", str(store), "--sweep", config.sweep_name, "--law",
-                 "saturating", "--what", "per-token", "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--store",
+                str(store),
+                "--sweep",
+                config.sweep_name,
+                "--law",
+                "saturating",
+                "--what",
+                "per-token",
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )

@@ -67,8 +67,14 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 def _start(args: list[str], fast: bool) -> subprocess.Popen:
     flags = "--xla_force_host_platform_device_count=8" + (f" {FAST_COMPILE}" if fast else "")
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, str(WORKER), *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run_workers(jobs: dict[str, list[str]], fast: bool = True) -> dict[str, str]:
@@ -90,8 +96,9 @@ def _run_workers(jobs: dict[str, list[str]], fast: bool = True) -> dict[str, str
 
 def _reports(tmp: Path, jobs: dict[str, list[str]]) -> dict:
     errors = _run_workers(jobs)
-    assert not errors, "\n".join(f"{name} worker failed:\n{err[-6000:]}"
-                                 for name, err in errors.items())
+    assert not errors, "\n".join(
+        f"{name} worker failed:\n{err[-6000:]}" for name, err in errors.items()
+    )
     return {name: json.loads((tmp / f"{name}.json").read_text()) for name in jobs}
 
 
@@ -132,8 +139,13 @@ def test_parameters_are_split_as_the_rules_say(worker, mesh):
         assert split == set()  # pure data parallelism replicates every parameter
     else:
         # Everything but the norms and biases of unsplit axes is split.
-        assert {"['token_embed']", "['pos_embed']", "['blocks']['qkv_kernel']",
-                "['blocks']['mlp_in_kernel']", "['blocks']['attn_out_kernel']"} <= split
+        assert {
+            "['token_embed']",
+            "['pos_embed']",
+            "['blocks']['qkv_kernel']",
+            "['blocks']['mlp_in_kernel']",
+            "['blocks']['attn_out_kernel']",
+        } <= split
     if mesh == "data=2,fsdp=2,tensor=2":
         params = run["params"]
         # qkv [layers, embed, qkv, heads, head_dim]: embed over fsdp, heads over tensor.
@@ -157,11 +169,13 @@ def test_checkpoint_from_8_devices_restores_on_4(worker):
 def test_batch_that_does_not_split_over_the_mesh_is_a_user_error(worker):
     assert worker["batch_error"] == (
         "train.batch_size=6 does not split into the 8 shards of the mesh's batch axes; "
-        "use a multiple of 8")
+        "use a multiple of 8"
+    )
 
 
 @pytest.mark.parametrize(
-    "knob", [FAST_KNOB, *(pytest.param(k, marks=pytest.mark.slow) for k in SLOW_KNOBS)])
+    "knob", [FAST_KNOB, *(pytest.param(k, marks=pytest.mark.slow) for k in SLOW_KNOBS)]
+)
 def test_memory_and_speed_knobs_train(worker, knob, request):
     ref = worker["reference"]["losses"]  # float32, no remat, one device
     runs = worker["knobs"] if knob == FAST_KNOB else request.getfixturevalue("slow_knobs")
@@ -184,8 +198,9 @@ SHAPE = ModelShape(n_layer=2, d_model=32, n_heads=4, n_ctx=16, vocab_size=256, d
 def _abstract_state(model_cfg: ModelConfig):
     def init(rng):
         params = Transformer(model_cfg).init(rng, np.zeros((1, SHAPE.n_ctx), np.int32))["params"]
-        return steps.TrainState.create(apply_fn=None, params=params,
-                                       tx=steps.make_optimizer(base_config().train))
+        return steps.TrainState.create(
+            apply_fn=None, params=params, tx=steps.make_optimizer(base_config().train)
+        )
 
     with nn.logical_axis_rules(sharding.RULES):
         return jax.eval_shape(init, jax.random.key(0))
@@ -243,22 +258,35 @@ def test_cli_reports_a_mesh_mismatch_in_one_line(tmp_path, capsys):
     from launch import cli
     from scaling.store import Store
 
-    saved = (jax.config.jax_compilation_cache_dir,
-             jax.config.jax_persistent_cache_min_compile_time_secs)
+    saved = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
     try:
-        code = cli.main([
-            "run", "experiments/local_cpu.py", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-            "--config.mesh.tensor=2", "--config.train.steps=10", "--config.train.warmup_steps=2",
-            f"--config.store={tmp_path / 'store.sqlite'}", f"--config.workdir={tmp_path / 'runs'}",
-            f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.progress=false",
-        ])
+        code = cli.main(
+            [
+                "run",
+                "experiments/local_cpu.py",
+                "--config.mesh.data=2",
+                "--config.mesh.fsdp=2",
+                "--config.mesh.tensor=2",
+                "--config.train.steps=10",
+                "--config.train.warmup_steps=2",
+                f"--config.store={tmp_path / 'store.sqlite'}",
+                f"--config.workdir={tmp_path / 'runs'}",
+                f"--config.data.cache_dir={tmp_path / 'cache'}",
+                "--config.progress=false",
+            ]
+        )
     finally:
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
     err = capsys.readouterr().err
     assert code == 2
-    message = ("mesh data=2 x fsdp=2 x tensor=2 = 8 devices, but 1 are present; make the "
-               "product equal the device count (or set one size to -1)")
+    message = (
+        "mesh data=2 x fsdp=2 x tensor=2 = 8 devices, but 1 are present; make the "
+        "product equal the device count (or set one size to -1)"
+    )
     assert err == f"error: {message}\n"
     # The run stays pending with the reason, and nothing was prepared or trained.
     with Store(str(tmp_path / "store.sqlite")) as store:

@@ -10,8 +10,18 @@ from scaling.store import SCHEMA_VERSION, FitRecord, RunRecord, Store, check_wri
 
 
 def _run(run_id="r1", n=1000):
-    return RunRecord(run_id=run_id, config={"seed": 0}, n_params=n, n_params_total=2 * n,
-                     n_layer=1, d_model=8, n_heads=1, n_ctx=4, tokens=10_000, flops=6e7)
+    return RunRecord(
+        run_id=run_id,
+        config={"seed": 0},
+        n_params=n,
+        n_params_total=2 * n,
+        n_layer=1,
+        d_model=8,
+        n_heads=1,
+        n_ctx=4,
+        tokens=10_000,
+        flops=6e7,
+    )
 
 
 def test_round_trip(tmp_path):
@@ -22,9 +32,21 @@ def test_round_trip(tmp_path):
         store.log_eval("a", 5, {"eval_loss": 3.0, "tokens": 50}, np.array([4, 3, 2, 1.5]))
         store.log_eval("a", 10, {"eval_loss": 2.5}, np.array([3, 2.5, 2, 1.25]))
         store.set_status("a", "finished", step=10)
-        fit_id = store.save_fit(FitRecord("sw", "power", "final", "all", {"alpha": 0.1},
-                                          {"alpha": [0.05, 0.15]}, 1e-3, True, 2,
-                                          {"runs": ["a", "b"]}, {"objective": "huber"}))
+        fit_id = store.save_fit(
+            FitRecord(
+                "sw",
+                "power",
+                "final",
+                "all",
+                {"alpha": 0.1},
+                {"alpha": [0.05, 0.15]},
+                1e-3,
+                True,
+                2,
+                {"runs": ["a", "b"]},
+                {"objective": "huber"},
+            )
+        )
     with Store(path) as store:  # reopened: everything came from the file
         assert [r.run_id for r in store.runs("sw")] == ["a", "b"]  # smallest N first
         run = store.run("a")
@@ -159,8 +181,14 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         _, errors, sequences = store.per_token_stderr("old")
         assert np.isnan(errors).all() and errors.shape == (1, 2) and sequences.tolist() == [0]
         store.register_run(_run("new"))  # and the upgraded store takes new records
-        store.log_eval("new", 5, {"eval_loss": 2.0}, np.array([3.0, 1.0]),
-                       np.array([0.5, 0.25]), n_sequences=64)
+        store.log_eval(
+            "new",
+            5,
+            {"eval_loss": 2.0},
+            np.array([3.0, 1.0]),
+            np.array([0.5, 0.25]),
+            n_sequences=64,
+        )
         _, errors, sequences = store.per_token_stderr("new")
         assert errors.tolist() == [[0.5, 0.25]] and sequences.tolist() == [64]
     version = sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchall()
@@ -170,16 +198,39 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
 def test_provenance_round_trips(tmp_path):
     path = tmp_path / "s.sqlite"
     counts = {"6N": 6e7, "6N_total": 1.2e8, "6N+attention": 6.5e7, "6N+causal_attention": 6.25e7}
-    provenance = {"runs": ["a", "b"], "points": [[1000.0, 3.0], [2000.0, 2.5]],
-                  "objective": "huber", "objective_value": 1.5e-4,
-                  "optimizer": {"method": "bfgs", "max_iter": 500, "tol": 1e-9},
-                  "n_starts": 27, "n_starts_converged": 25, "flop_convention": "6N",
-                  "version": "git:0123abc"}
+    provenance = {
+        "runs": ["a", "b"],
+        "points": [[1000.0, 3.0], [2000.0, 2.5]],
+        "objective": "huber",
+        "objective_value": 1.5e-4,
+        "optimizer": {"method": "bfgs", "max_iter": 500, "tol": 1e-9},
+        "n_starts": 27,
+        "n_starts_converged": 25,
+        "flop_convention": "6N",
+        "version": "git:0123abc",
+    }
     with Store(path) as store:
-        store.register_run(dataclasses.replace(_run("a"), flops_by_convention=counts,
-                                               flop_convention="6N", flops=6e7))
-        store.save_fit(FitRecord("sw", "power", "final", "all", {"alpha": 0.1}, {}, 1.5e-4,
-                                 True, 2, {"runs": ["a", "b"]}, {}, provenance=provenance))
+        store.register_run(
+            dataclasses.replace(
+                _run("a"), flops_by_convention=counts, flop_convention="6N", flops=6e7
+            )
+        )
+        store.save_fit(
+            FitRecord(
+                "sw",
+                "power",
+                "final",
+                "all",
+                {"alpha": 0.1},
+                {},
+                1.5e-4,
+                True,
+                2,
+                {"runs": ["a", "b"]},
+                {},
+                provenance=provenance,
+            )
+        )
     with Store(path) as store:
         run = store.run("a")
         assert run.flops_by_convention == counts and run.flop_convention == "6N"
@@ -219,17 +270,22 @@ def test_a_damaged_store_is_one_line_for_every_reader(tmp_path, capsys):
     path = tmp_path / "s.sqlite"
     with Store(path) as store:
         for i in range(50):
-            store.register_run(RunRecord(f"r{i}", {"x": "y" * 500}, 10, 20, 1, 8, 1, 16, 100,
-                                         1e6), sweep="sw")
+            store.register_run(
+                RunRecord(f"r{i}", {"x": "y" * 500}, 10, 20, 1, 8, 1, 16, 100, 1e6), sweep="sw"
+            )
     with path.open("r+b") as f:  # random bytes over the data pages, as `dd` would
         f.seek(3 * 4096)
         f.write(np.random.default_rng(0).bytes(20 * 4096))
-    for command in (["status", "--sweep", "sw"], ["query", "--sweep", "sw"],
-                    ["fit", "--sweep", "sw", "--law", "power", "--what", "final"]):
+    for command in (
+        ["status", "--sweep", "sw"],
+        ["query", "--sweep", "sw"],
+        ["fit", "--sweep", "sw", "--law", "power", "--what", "final"],
+    ):
         assert main([*command, "--store", str(path)]) == 2, command
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and ("damaged" in err or "not a readable" in err
-                                               or "not a results store" in err), err
+        assert len(err.splitlines()) == 1 and (
+            "damaged" in err or "not a readable" in err or "not a results store" in err
+        ), err
 
 
 def test_a_store_removed_under_a_writer_refuses_the_next_write(tmp_path):

@@ -50,8 +50,7 @@ def test_the_last_eval_reads_the_larger_final_set_with_standard_errors(tiny_conf
     assert means.shape == errors.shape
 
 
-def test_interrupted_run_resumes_at_its_checkpoint_and_matches(tiny_config, monkeypatch,
-                                                               tmp_path):
+def test_interrupted_run_resumes_at_its_checkpoint_and_matches(tiny_config, monkeypatch, tmp_path):
     real_batch = data.train_batch
     requested, crashed = [], []
 
@@ -78,8 +77,9 @@ def test_interrupted_run_resumes_at_its_checkpoint_and_matches(tiny_config, monk
     tiny_config.workdir = str(tmp_path / "other_runs")
     assert train.train_and_evaluate(tiny_config) == run_id
     with Store(tiny_config.store) as a, Store(str(tmp_path / "store.sqlite")) as b:
-        np.testing.assert_allclose(a.scalars(run_id, "eval_loss")[1],
-                                   b.scalars(run_id, "eval_loss")[1], rtol=1e-6)
+        np.testing.assert_allclose(
+            a.scalars(run_id, "eval_loss")[1], b.scalars(run_id, "eval_loss")[1], rtol=1e-6
+        )
 
 
 def _study(tmp_path, tiny_config):
@@ -126,11 +126,22 @@ def test_status_json_lists_every_run(tiny_config, tmp_path, capsys):
 
 def test_cli_overrides_reach_the_run(tmp_path, data_cache):
     store = tmp_path / "s.sqlite"
-    args = ["run", "experiments/local_cpu.py:tiny", f"--config.store={store}",
-            f"--config.workdir={tmp_path / 'runs'}", f"--config.data.cache_dir={data_cache}",
-            "--config.progress=false", "--config.model.n_layer=1", "--config.model.d_model=16",
-            "--config.model.n_heads=1", "--config.model.n_ctx=16", "--config.train.steps=7",
-            "--config.train.warmup_steps", "1", "--config.eval.points=2"]
+    args = [
+        "run",
+        "experiments/local_cpu.py:tiny",
+        f"--config.store={store}",
+        f"--config.workdir={tmp_path / 'runs'}",
+        f"--config.data.cache_dir={data_cache}",
+        "--config.progress=false",
+        "--config.model.n_layer=1",
+        "--config.model.d_model=16",
+        "--config.model.n_heads=1",
+        "--config.model.n_ctx=16",
+        "--config.train.steps=7",
+        "--config.train.warmup_steps",
+        "1",
+        "--config.eval.points=2",
+    ]
     assert main(args) == 0
     with Store(store) as s:
         (run,) = s.runs()
@@ -146,12 +157,19 @@ def test_cli_overrides_reach_the_run(tmp_path, data_cache):
         ("--config.data.corpus=text", "error: data.corpus=text needs data.paths"),
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(override, message, tmp_path, capsys,
-                                                  data_cache):
+def test_bad_input_is_one_line_and_writes_nothing(override, message, tmp_path, capsys, data_cache):
     store = tmp_path / "s.sqlite"
-    code = main(["run", "experiments/local_cpu.py:tiny", f"--config.store={store}",
-                 f"--config.workdir={tmp_path / 'runs'}", f"--config.data.cache_dir={data_cache}",
-                 "--config.model.d_model=64", override])
+    code = main(
+        [
+            "run",
+            "experiments/local_cpu.py:tiny",
+            f"--config.store={store}",
+            f"--config.workdir={tmp_path / 'runs'}",
+            f"--config.data.cache_dir={data_cache}",
+            "--config.model.d_model=64",
+            override,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith(message) and "\n" not in err, err
@@ -163,9 +181,16 @@ def test_bad_input_is_one_line_and_writes_nothing(override, message, tmp_path, c
 
 
 def test_missing_data_file_is_one_line(tmp_path, capsys):
-    code = main(["run", "experiments/local_cpu.py:tiny", f"--config.store={tmp_path / 's.db'}",
-                 f"--config.workdir={tmp_path / 'runs'}", "--config.data.corpus=text",
-                 f"--config.data.paths={tmp_path / 'missing.txt'}"])
+    code = main(
+        [
+            "run",
+            "experiments/local_cpu.py:tiny",
+            f"--config.store={tmp_path / 's.db'}",
+            f"--config.workdir={tmp_path / 'runs'}",
+            "--config.data.corpus=text",
+            f"--config.data.paths={tmp_path / 'missing.txt'}",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert "missing.txt" in err
@@ -215,8 +240,7 @@ def test_a_finished_run_is_not_touched_by_a_relaunch(tiny_config):
         assert store.run(run_id).status == "finished"
 
 
-def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, tmp_path,
-                                                                    capsys):
+def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, tmp_path, capsys):
     """Two sweeps over one workdir: the member the other holds is left to it, untouched."""
     from launch import config as config_lib
 
@@ -232,8 +256,11 @@ def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, 
             assert store.run(free).status == "finished"
         assert not (Path(tiny_config.workdir) / busy / "checkpoints").exists()
         one = config_lib.study_sweep(study)[0]
-        args = ["run", study, *(f"--config.{k}={v}" for k, v in
-                                {"model.d_model": 16, "model.n_heads": 1}.items())]
+        args = [
+            "run",
+            study,
+            *(f"--config.{k}={v}" for k, v in {"model.d_model": 16, "model.n_heads": 1}.items()),
+        ]
         assert config_lib.run_id(one) == busy
         assert main(args) == 75
         assert "is being trained by another process" in capsys.readouterr().err

@@ -21,9 +21,30 @@ def _load_bench():
 @pytest.mark.slow  # compiles four step variants per row
 def test_train_bench_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    _load_bench().main(["--d-models", "32,64", "--aspect", "32", "--head-dim", "16",
-                        "--n-ctx", "16", "--batch", "4", "--repeats", "1", "--peak-size", "512",
-                        "--e2e-steps", "0", "--torch-python", "", "--out", str(out)])
+    _load_bench().main(
+        [
+            "--d-models",
+            "32,64",
+            "--aspect",
+            "32",
+            "--head-dim",
+            "16",
+            "--n-ctx",
+            "16",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--peak-size",
+            "512",
+            "--e2e-steps",
+            "0",
+            "--torch-python",
+            "",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["peak_flops"] > 1e8
     assert result["device"]
@@ -47,8 +68,9 @@ def test_train_bench_writes_every_field(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a `scaling run` per shape on the real corpus, and two pinned workers
-def test_train_bench_reads_a_study_and_runs_the_trainer_end_to_end(tmp_path, data_cache,
-                                                                    monkeypatch, capsys):
+def test_train_bench_reads_a_study_and_runs_the_trainer_end_to_end(
+    tmp_path, data_cache, monkeypatch, capsys
+):
     monkeypatch.setenv("SCALING_CACHE", data_cache)
     study = tmp_path / "study.py"
     study.write_text(
@@ -58,12 +80,29 @@ def test_train_bench_reads_a_study_and_runs_the_trainer_end_to_end(tmp_path, dat
         "    c.model.n_ctx, c.train.batch_size = 16, 4\n"
         "    return c\n"
         "def get_sweep(arg=None):\n"
-        "    return [{'model.n_layer': 1, 'model.d_model': 16, 'model.n_heads': 1}]\n")
+        "    return [{'model.n_layer': 1, 'model.d_model': 16, 'model.n_heads': 1}]\n"
+    )
     out = tmp_path / "bench.json"
     # A PyTorch peer that cannot start (no torch here) is said once, not an error.
-    _load_bench().main(["--study", str(study), "--repeats", "1", "--peak-size", "256",
-                        "--e2e-steps", "6", "--e2e-study", str(study), "--pair",
-                        "--torch-python", "/nonexistent/python", "--out", str(out)])
+    _load_bench().main(
+        [
+            "--study",
+            str(study),
+            "--repeats",
+            "1",
+            "--peak-size",
+            "256",
+            "--e2e-steps",
+            "6",
+            "--e2e-study",
+            str(study),
+            "--pair",
+            "--torch-python",
+            "/nonexistent/python",
+            "--out",
+            str(out),
+        ]
+    )
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["d_model"], row["n_layer"], row["batch"], row["n_ctx"]) == (16, 1, 4, 16)
     assert row["e2e_tokens_per_s"] > 0 and row["e2e_vs_step"] > 0

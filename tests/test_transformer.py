@@ -88,8 +88,9 @@ def test_auto_attention_takes_cudnn_only_on_a_gpu_in_half_precision(monkeypatch)
     assert ModelConfig(SHAPE, compute_dtype="bfloat16").attention_kernel == "cudnn"
     assert ModelConfig(SHAPE, compute_dtype="float16").attention_kernel == "cudnn"
     assert ModelConfig(SHAPE).attention_kernel == "xla"  # cuDNN's fused attention is half-only
-    assert ModelConfig(SHAPE, compute_dtype="bfloat16", attention_impl="xla"
-                       ).attention_kernel == "xla"
+    assert (
+        ModelConfig(SHAPE, compute_dtype="bfloat16", attention_impl="xla").attention_kernel == "xla"
+    )
     wide_heads = ModelShape(n_layer=1, d_model=256, n_heads=1, n_ctx=8, vocab_size=32)
     assert ModelConfig(wide_heads, compute_dtype="bfloat16").attention_kernel == "xla"
 
@@ -144,8 +145,13 @@ def test_unrolled_layer_loop_computes_the_same_model():
     params = rolled.init(jax.random.key(0), tokens)["params"]
     # Same parameter tree, same logits: unrolling only changes how XLA runs it.
     assert jax.tree.structure(params) == jax.tree.structure(
-        unrolled.init(jax.random.key(0), tokens)["params"])
-    np.testing.assert_allclose(unrolled.apply({"params": params}, tokens),
-                               rolled.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+        unrolled.init(jax.random.key(0), tokens)["params"]
+    )
+    np.testing.assert_allclose(
+        unrolled.apply({"params": params}, tokens),
+        rolled.apply({"params": params}, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="scan_unroll"):
         ModelConfig(shape, scan_unroll=-1)

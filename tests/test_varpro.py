@@ -18,8 +18,9 @@ def test_nnls_matches_scipy(seed):
     ours = np.asarray(nnls(a, b))
     theirs, _ = scipy_nnls(a, b)
     assert (ours >= 0).all()
-    np.testing.assert_allclose(np.sum((a @ ours - b) ** 2), np.sum((a @ theirs - b) ** 2),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        np.sum((a @ ours - b) ** 2), np.sum((a @ theirs - b) ** 2), rtol=1e-9
+    )
 
 
 def test_varpro_and_full_fit_agree_on_saturating_curves():
@@ -27,8 +28,13 @@ def test_varpro_and_full_fit_agree_on_saturating_curves():
     x = np.logspace(0, 4, 30)
     truths = [(1.7, 4.0, 0.5), (0.5, 10.0, 0.3), (2.5, 1.0, 1.1)]
     rng = np.random.default_rng(4)
-    y = np.stack([np.asarray(law.predict({"E": e, "A": a, "alpha": al}, x))
-                  * np.exp(rng.normal(0, 3e-3, len(x))) for e, a, al in truths])
+    y = np.stack(
+        [
+            np.asarray(law.predict({"E": e, "A": a, "alpha": al}, x))
+            * np.exp(rng.normal(0, 3e-3, len(x)))
+            for e, a, al in truths
+        ]
+    )
     full, projected = fit(law, x, y), fit(law, x, y, varpro=True)
     assert projected.converged.all() and projected.varpro["n_starts"] == 3
     np.testing.assert_array_less(projected.objective, full.objective * (1 + 1e-7))
@@ -43,8 +49,9 @@ def test_varpro_and_full_fit_agree_on_chinchilla_data():
     x = np.stack([n.ravel(), d.ravel()], axis=1)
     truth = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
     rng = np.random.default_rng(2)
-    y = np.stack([np.asarray(law.predict(truth, x)) * np.exp(rng.normal(0, 3e-3, len(x)))
-                  for _ in range(3)])  # three noisy curves, fitted at once
+    y = np.stack(
+        [np.asarray(law.predict(truth, x)) * np.exp(rng.normal(0, 3e-3, len(x))) for _ in range(3)]
+    )  # three noisy curves, fitted at once
     full = fit(law, x, y, keep_starts=32)
     projected = fit(law, x, y, varpro=True)
     assert projected.converged.all()

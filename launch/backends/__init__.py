@@ -91,4 +91,4 @@ def split(members: list[Member], per_slice: int) -> list[list[Member]]:
     if not members:
         return []
     size = per_slice or len(members)
-    return [members[i:i + size] for i in range(0, len(members), size)]
+    return [members[i : i + size] for i in range(0, len(members), size)]

@@ -16,12 +16,16 @@ def trainer_args(python: str, plan, member) -> list[str]:
     The same order as launch/config.study_sweep applies them, so the run id
     computed on the worker is the member's run id here.
     """
-    return ([python, "-m", "launch.cli", "run", plan.study]
-            + config_flags(member.overrides) + config_flags(plan.overrides))
+    return (
+        [python, "-m", "launch.cli", "run", plan.study]
+        + config_flags(member.overrides)
+        + config_flags(plan.overrides)
+    )
 
 
 def remote_shell(directory: str, args: list[str], env: dict[str, str] | None = None) -> str:
     """`cd DIR && [K=V ...] ARGS...` with every value quoted for the remote POSIX shell."""
     assignments = [f"{key}={shlex.quote(value)}" for key, value in (env or {}).items()]
     return f"cd {shlex.quote(directory)} && " + " ".join(
-        assignments + [shlex.quote(a) for a in args])
+        assignments + [shlex.quote(a) for a in args]
+    )

@@ -55,8 +55,13 @@ def preempted(state_output: str, returncode: int) -> bool:
 
 
 # JAX plugins that give it an accelerator; with one installed, members share it one at a time.
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin", "libtpu")
+_ACCELERATOR_PLUGINS = (
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm60_plugin",
+    "jax_rocm7_plugin",
+    "libtpu",
+)
 
 
 def usable_cores() -> list[int]:
@@ -96,7 +101,7 @@ def core_sets(parallel: int, cores: list[int] | None = None) -> list[list[int]]:
     if len(cores) < parallel:
         return [list(cores)] * parallel  # more processes than cores: no pinning helps
     share = len(cores) // parallel
-    return [cores[i * share:(i + 1) * share] for i in range(parallel)]
+    return [cores[i * share : (i + 1) * share] for i in range(parallel)]
 
 
 def member_statuses(study: str, overrides: dict) -> dict[str, str]:
@@ -106,8 +111,14 @@ def member_statuses(study: str, overrides: dict) -> dict[str, str]:
     return sweep.member_statuses(study, overrides)
 
 
-def train_parallel(study: str, overrides: dict, parallel: int, retry_failed: bool = False,
-                   popen=subprocess.Popen, wait_s: float = 1.0) -> dict[str, str]:
+def train_parallel(
+    study: str,
+    overrides: dict,
+    parallel: int,
+    retry_failed: bool = False,
+    popen=subprocess.Popen,
+    wait_s: float = 1.0,
+) -> dict[str, str]:
     """Train the unfinished members, `parallel` processes at a time, largest first.
 
     Returns {run_id: "finished" | "failed (exit code N)"} for the members it trained.
@@ -123,18 +134,21 @@ def train_parallel(study: str, overrides: dict, parallel: int, retry_failed: boo
 
     todo = set(sweep.members_to_train(study, overrides, retry_failed))
     plan = runner.prepare_launch(study, overrides, retry_failed)
-    flops = {config_lib.run_id(c): train.run_record(c, "").flops
-             for c in config_lib.study_sweep(study, overrides)}
-    queue = sorted((m for m in plan.members if m.run_id in todo),
-                   key=lambda m: -flops[m.run_id])
+    flops = {
+        config_lib.run_id(c): train.run_record(c, "").flops
+        for c in config_lib.study_sweep(study, overrides)
+    }
+    queue = sorted((m for m in plan.members if m.run_id in todo), key=lambda m: -flops[m.run_id])
     free = core_sets(parallel)
     running: dict[str, tuple[object, list[int]]] = {}
     codes: dict[str, int] = {}
     while queue or running:
         while queue and free:
             member, cores = queue.pop(0), free.pop(0)
-            process = popen(trainer_args(sys.executable, plan, member),
-                            env={**os.environ, CPUS_ENV: ",".join(map(str, cores))})
+            process = popen(
+                trainer_args(sys.executable, plan, member),
+                env={**os.environ, CPUS_ENV: ",".join(map(str, cores))},
+            )
             running[member.run_id] = (process, cores)
         for run_id, (process, cores) in list(running.items()):
             if process.poll() is not None:
@@ -143,5 +157,11 @@ def train_parallel(study: str, overrides: dict, parallel: int, retry_failed: boo
                 del running[run_id]
         if running:
             time.sleep(wait_s)
-    return {run_id: "finished" if code == 0 else "busy" if code == BUSY_EXIT_CODE
-            else f"failed (exit code {code})" for run_id, code in codes.items()}
+    return {
+        run_id: "finished"
+        if code == 0
+        else "busy"
+        if code == BUSY_EXIT_CODE
+        else f"failed (exit code {code})"
+        for run_id, code in codes.items()
+    }

@@ -30,8 +30,9 @@ class _Unavailable(Exception):
     """The slice could not be had or was lost: retried with backoff."""
 
 
-def prepare_launch(study: str, overrides: dict, retry_failed: bool = False,
-              strict: bool = True) -> Launch:
+def prepare_launch(
+    study: str, overrides: dict, retry_failed: bool = False, strict: bool = True
+) -> Launch:
     """The sweep's members (validated) and what to skip, from the bucket's records.
 
     A bucket that cannot be read is an error, unless not `strict` (a dry run,
@@ -49,19 +50,29 @@ def prepare_launch(study: str, overrides: dict, retry_failed: bool = False,
             why = None if notes else _skip_reason(launch["bucket"], run_id, retry_failed)
         except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
             if strict:
-                raise UserError(f"cannot read the records in {launch['bucket']} ({e}); "
-                                "`pip install gcsfs` and `gcloud auth application-default "
-                                "login`, or check the bucket's name") from None
-            notes.append(f"could not read {launch['bucket']} ({type(e).__name__}: "
-                         f"{str(e)[:80]}); every member is listed")
+                raise UserError(
+                    f"cannot read the records in {launch['bucket']} ({e}); "
+                    "`pip install gcsfs` and `gcloud auth application-default "
+                    "login`, or check the bucket's name"
+                ) from None
+            notes.append(
+                f"could not read {launch['bucket']} ({type(e).__name__}: "
+                f"{str(e)[:80]}); every member is listed"
+            )
             why = None
         if why:
             skipped[run_id] = why
         else:
             members.append(Member(run_id, dict(own)))
-    return Launch(study=_repo_relative(study, launch["backend"]), overrides=dict(overrides),
-                     launch=launch, sweep_name=configs[0].sweep_name, members=members,
-                     skipped=skipped, notes=notes)
+    return Launch(
+        study=_repo_relative(study, launch["backend"]),
+        overrides=dict(overrides),
+        launch=launch,
+        sweep_name=configs[0].sweep_name,
+        members=members,
+        skipped=skipped,
+        notes=notes,
+    )
 
 
 def _skip_reason(bucket: str, run_id: str, retry_failed: bool) -> str | None:
@@ -83,8 +94,10 @@ def _repo_relative(study: str, backend: str) -> str:
     try:
         relative = Path(file).resolve().relative_to(Path.cwd().resolve())
     except ValueError:
-        raise UserError(f"study file {file!r} is outside this repository, so the workers would "
-                        "not have it; move it under experiments/ and commit it") from None
+        raise UserError(
+            f"study file {file!r} is outside this repository, so the workers would "
+            "not have it; move it under experiments/ and commit it"
+        ) from None
     return str(relative) + colon + arg
 
 
@@ -102,21 +115,29 @@ def _run(args: list[str], capture: bool) -> tuple[int, str]:
     try:
         done = subprocess.run(args, capture_output=capture, text=True, check=False)
     except FileNotFoundError:
-        raise UserError(f"{args[0]!r} is not installed or not on PATH; install it "
-                        "(gcloud: https://cloud.google.com/sdk, xpk: pip install xpk)") from None
+        raise UserError(
+            f"{args[0]!r} is not installed or not on PATH; install it "
+            "(gcloud: https://cloud.google.com/sdk, xpk: pip install xpk)"
+        ) from None
     return done.returncode, (done.stdout or "") if capture else ""
 
 
-def execute(backend: Backend, plan: Launch, run=_run, sleep=time.sleep,
-            say=lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, str]:
+def execute(
+    backend: Backend,
+    plan: Launch,
+    run=_run,
+    sleep=time.sleep,
+    say=lambda line: print(line, file=sys.stderr, flush=True),
+) -> dict[str, str]:
     """Run the launch; returns {run_id: "finished" | "failed: reason" | "skipped: why"}."""
     launch = plan.launch
     outcome = {run_id: f"skipped: {why}" for run_id, why in plan.skipped.items()}
     for step in backend.prepare(plan):
         rc, _ = run(step.args, False)
         if rc != 0:
-            raise UserError(f"`{shlex.join(step.args)}` failed (exit code {rc}); nothing was "
-                            "launched")
+            raise UserError(
+                f"`{shlex.join(step.args)}` failed (exit code {rc}); nothing was launched"
+            )
     for i, group in enumerate(backend.groups(plan)):
         ready = False
         try:
@@ -131,13 +152,16 @@ def execute(backend: Backend, plan: Launch, run=_run, sleep=time.sleep,
                     except _Unavailable as lost:
                         ready = False
                         if attempts >= launch["max_retries"]:
-                            outcome[member.run_id] = (f"failed: {lost}, {attempts} re-requests "
-                                                      "spent (launch.max_retries)")
+                            outcome[member.run_id] = (
+                                f"failed: {lost}, {attempts} re-requests spent (launch.max_retries)"
+                            )
                             break
                         attempts += 1
                         wait = launch["retry_backoff_s"] * 2 ** (attempts - 1)
-                        say(f"{member.run_id}: {lost}; re-requesting the slice in {wait:.0f} s "
-                            f"({attempts}/{launch['max_retries']})")
+                        say(
+                            f"{member.run_id}: {lost}; re-requesting the slice in {wait:.0f} s "
+                            f"({attempts}/{launch['max_retries']})"
+                        )
                         _release(backend, plan, i, run)
                         sleep(wait)
                 say(f"{member.run_id}: {outcome[member.run_id]}")
@@ -159,8 +183,9 @@ def _acquire(backend, plan, i, run, sleep):
             if rc == 0 and state == step.wait_for:
                 break
             if rc != 0 or state in _DEAD:
-                raise _Unavailable(f"the slice is {state or 'gone'} before it became "
-                                   f"{step.wait_for}")
+                raise _Unavailable(
+                    f"the slice is {state or 'gone'} before it became {step.wait_for}"
+                )
             sleep(plan.launch["poll_s"])
 
 
@@ -182,7 +207,8 @@ def _reason(plan: Launch, run_id: str, returncode: int) -> str:
     """The run's own failure reason from its records, else the exit code."""
     if plan.launch["bucket"]:
         status = remote_records.latest_status(
-            remote_records.records_dir(plan.launch["bucket"], run_id))
+            remote_records.records_dir(plan.launch["bucket"], run_id)
+        )
         if status and status["status"] == "failed" and status["reason"]:
             return status["reason"]
     return f"the trainer exited with code {returncode}"

@@ -54,18 +54,23 @@ def launch_defaults() -> ml_collections.ConfigDict:
 def validate_launch(launch):
     """Raise UserError naming the first launch.* key that is wrong, and the fix."""
     if launch.backend not in BACKENDS:
-        raise UserError(f"config.launch.backend={launch.backend!r} is not one of "
-                        f"{', '.join(BACKENDS)}")
+        raise UserError(
+            f"config.launch.backend={launch.backend!r} is not one of {', '.join(BACKENDS)}"
+        )
     bucket = launch.bucket
     if "://" in bucket and not bucket.startswith("gs://"):
-        raise UserError(f"config.launch.bucket={bucket!r} is neither gs://BUCKET[/path] "
-                        "nor a local folder")
+        raise UserError(
+            f"config.launch.bucket={bucket!r} is neither gs://BUCKET[/path] nor a local folder"
+        )
     if bucket.startswith("gs://") and not _BUCKET.match(bucket):
-        raise UserError(f"config.launch.bucket={bucket!r} is not a valid bucket address; "
-                        "write gs://BUCKET or gs://BUCKET/path (lower case)")
+        raise UserError(
+            f"config.launch.bucket={bucket!r} is not a valid bucket address; "
+            "write gs://BUCKET or gs://BUCKET/path (lower case)"
+        )
     if launch.parallel < 0:
-        raise UserError(f"config.launch.parallel={launch.parallel} must be 0 (one per core) "
-                        "or more")
+        raise UserError(
+            f"config.launch.parallel={launch.parallel} must be 0 (one per core) or more"
+        )
     for key in ("runs_per_slice", "max_retries"):
         if launch[key] < 0:
             raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more")
@@ -73,37 +78,52 @@ def validate_launch(launch):
         if launch[key] < 0:
             raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more seconds")
     if launch.spot and launch.best_effort:
-        raise UserError("config.launch.spot and config.launch.best_effort are exclusive; "
-                        "choose one (--spot or --best-effort)")
+        raise UserError(
+            "config.launch.spot and config.launch.best_effort are exclusive; "
+            "choose one (--spot or --best-effort)"
+        )
     if launch.backend == "local":
         return
     flag = {"zone": "--zone", "accelerator": "--accelerator", "bucket": "--bucket"}
     for key in ("zone", "accelerator", "bucket"):
         if not launch[key]:
-            raise UserError(f"the {launch.backend} backend needs config.launch.{key} "
-                            f"(or {flag[key]}); runs on a pod write their results there"
-                            if key == "bucket" else
-                            f"the {launch.backend} backend needs config.launch.{key} "
-                            f"(or {flag[key]})")
+            raise UserError(
+                f"the {launch.backend} backend needs config.launch.{key} "
+                f"(or {flag[key]}); runs on a pod write their results there"
+                if key == "bucket"
+                else f"the {launch.backend} backend needs config.launch.{key} (or {flag[key]})"
+            )
     if not _ZONE.match(launch.zone):
         raise UserError(f"config.launch.zone={launch.zone!r} is not a zone like us-central2-b")
     if not _ACCELERATOR.match(launch.accelerator):
-        raise UserError(f"config.launch.accelerator={launch.accelerator!r} is not a TPU type "
-                        "like v5litepod-16 or v4-32")
+        raise UserError(
+            f"config.launch.accelerator={launch.accelerator!r} is not a TPU type "
+            "like v5litepod-16 or v4-32"
+        )
     if launch.backend == "tpu":
         if not _RESOURCE.match(launch.tpu_name):
-            raise UserError(f"config.launch.tpu_name={launch.tpu_name!r} must be 1-39 lower-case "
-                            "letters, digits or '-', starting with a letter (--tpu-name NAME)")
+            raise UserError(
+                f"config.launch.tpu_name={launch.tpu_name!r} must be 1-39 lower-case "
+                "letters, digits or '-', starting with a letter (--tpu-name NAME)"
+            )
         if launch.best_effort and not launch.queued:
-            raise UserError("config.launch.best_effort needs config.launch.queued=True: "
-                            "best-effort capacity comes only through a queued resource")
+            raise UserError(
+                "config.launch.best_effort needs config.launch.queued=True: "
+                "best-effort capacity comes only through a queued resource"
+            )
     if launch.backend == "xpk":
         if not _RESOURCE.match(launch.cluster):
-            raise UserError(f"config.launch.cluster={launch.cluster!r}: the xpk backend needs "
-                            "the GKE cluster's name (--cluster NAME)")
+            raise UserError(
+                f"config.launch.cluster={launch.cluster!r}: the xpk backend needs "
+                "the GKE cluster's name (--cluster NAME)"
+            )
         if launch.tpu_name and not _RESOURCE.match(launch.tpu_name):
-            raise UserError(f"config.launch.tpu_name={launch.tpu_name!r} must be lower-case "
-                            "letters, digits or '-' (it prefixes the workload names)")
+            raise UserError(
+                f"config.launch.tpu_name={launch.tpu_name!r} must be lower-case "
+                "letters, digits or '-' (it prefixes the workload names)"
+            )
         if launch.best_effort:
-            raise UserError("config.launch.best_effort is a queued-resource option of the tpu "
-                            "backend; xpk takes --spot")
+            raise UserError(
+                "config.launch.best_effort is a queued-resource option of the tpu "
+                "backend; xpk takes --spot"
+            )

@@ -39,8 +39,7 @@ LIVE = {"ACTIVE", "READY"}
 
 def prepare(plan: Launch) -> list[Step]:
     """Pack the committed code (HEAD) once; every slice gets this archive."""
-    return [Step(["git", "archive", "--format=tar.gz", f"--output={local_archive(plan)}",
-                  "HEAD"])]
+    return [Step(["git", "archive", "--format=tar.gz", f"--output={local_archive(plan)}", "HEAD"])]
 
 
 def groups(plan: Launch) -> list[list[Member]]:
@@ -68,26 +67,76 @@ def acquire(plan: Launch, slice_index: int) -> list[Step]:
     if launch["queued"]:
         # --best-effort is offered by the alpha track only (gcloud SDK 528).
         track = ["alpha"] if launch["best_effort"] else []
-        capacity = ["--spot"] if launch["spot"] else (
-            ["--best-effort"] if launch["best_effort"] else [])
-        create = [Step(["gcloud", *track, "compute", "tpus", "queued-resources", "create", name,
-                        "--node-id", name, *where, "--accelerator-type", launch["accelerator"],
-                        "--runtime-version", launch["runtime_version"], *capacity]),
-                  Step(_describe(plan, slice_index), wait_for="ACTIVE")]
+        capacity = (
+            ["--spot"] if launch["spot"] else (["--best-effort"] if launch["best_effort"] else [])
+        )
+        create = [
+            Step(
+                [
+                    "gcloud",
+                    *track,
+                    "compute",
+                    "tpus",
+                    "queued-resources",
+                    "create",
+                    name,
+                    "--node-id",
+                    name,
+                    *where,
+                    "--accelerator-type",
+                    launch["accelerator"],
+                    "--runtime-version",
+                    launch["runtime_version"],
+                    *capacity,
+                ]
+            ),
+            Step(_describe(plan, slice_index), wait_for="ACTIVE"),
+        ]
     else:
-        create = [Step(["gcloud", "compute", "tpus", "tpu-vm", "create", name, *where,
-                        "--accelerator-type", launch["accelerator"],
-                        "--version", launch["runtime_version"],
-                        *(["--spot"] if launch["spot"] else [])])]
+        create = [
+            Step(
+                [
+                    "gcloud",
+                    "compute",
+                    "tpus",
+                    "tpu-vm",
+                    "create",
+                    name,
+                    *where,
+                    "--accelerator-type",
+                    launch["accelerator"],
+                    "--version",
+                    launch["runtime_version"],
+                    *(["--spot"] if launch["spot"] else []),
+                ]
+            )
+        ]
     directory = launch["remote_dir"]
-    install = " && ".join([shlex.join(["mkdir", "-p", directory]),
-                           shlex.join(["tar", "-xzf", ARCHIVE, "-C", directory]),
-                           remote_shell(directory, [launch["python"], "-m", "pip", "install",
-                                                    "-q", "-e", ".", "jax[tpu]", "gcsfs"])])
+    install = " && ".join(
+        [
+            shlex.join(["mkdir", "-p", directory]),
+            shlex.join(["tar", "-xzf", ARCHIVE, "-C", directory]),
+            remote_shell(
+                directory,
+                [launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]", "gcsfs"],
+            ),
+        ]
+    )
     return [
         *create,
-        Step(["gcloud", "compute", "tpus", "tpu-vm", "scp", local_archive(plan),
-              f"{name}:{ARCHIVE}", "--worker=all", *where]),
+        Step(
+            [
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "scp",
+                local_archive(plan),
+                f"{name}:{ARCHIVE}",
+                "--worker=all",
+                *where,
+            ]
+        ),
         _ssh(plan, name, install),
     ]
 
@@ -95,8 +144,11 @@ def acquire(plan: Launch, slice_index: int) -> list[Step]:
 def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
     launch = plan.launch
     # SCALING_DISTRIBUTED=auto: every worker joins the others (launch/distributed.py).
-    command = remote_shell(launch["remote_dir"], trainer_args(launch["python"], plan, member),
-                           env={"SCALING_DISTRIBUTED": "auto"})
+    command = remote_shell(
+        launch["remote_dir"],
+        trainer_args(launch["python"], plan, member),
+        env={"SCALING_DISTRIBUTED": "auto"},
+    )
     return [_ssh(plan, slice_name(plan, slice_index), command)]
 
 
@@ -106,10 +158,24 @@ def release(plan: Launch, slice_index: int) -> list[Step]:
         return []
     if launch["queued"]:
         # --force also deletes the TPU VM the queued resource holds.
-        return [Step(["gcloud", "compute", "tpus", "queued-resources", "delete", name,
-                      *_where(launch), "--force", "--quiet"])]
-    return [Step(["gcloud", "compute", "tpus", "tpu-vm", "delete", name, *_where(launch),
-                  "--quiet"])]
+        return [
+            Step(
+                [
+                    "gcloud",
+                    "compute",
+                    "tpus",
+                    "queued-resources",
+                    "delete",
+                    name,
+                    *_where(launch),
+                    "--force",
+                    "--quiet",
+                ]
+            )
+        ]
+    return [
+        Step(["gcloud", "compute", "tpus", "tpu-vm", "delete", name, *_where(launch), "--quiet"])
+    ]
 
 
 def state(plan: Launch, slice_index: int) -> Step:
@@ -123,13 +189,40 @@ def preempted(state_output: str, returncode: int) -> bool:
 def _describe(plan: Launch, slice_index: int) -> list[str]:
     launch, name = plan.launch, slice_name(plan, slice_index)
     if launch["queued"]:
-        return ["gcloud", "compute", "tpus", "queued-resources", "describe", name,
-                *_where(launch), "--format=value(state.state)"]
-    return ["gcloud", "compute", "tpus", "tpu-vm", "describe", name, *_where(launch),
-            "--format=value(state)"]
+        return [
+            "gcloud",
+            "compute",
+            "tpus",
+            "queued-resources",
+            "describe",
+            name,
+            *_where(launch),
+            "--format=value(state.state)",
+        ]
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "describe",
+        name,
+        *_where(launch),
+        "--format=value(state)",
+    ]
 
 
 def _ssh(plan: Launch, name: str, command: str) -> Step:
-    return Step(["gcloud", "compute", "tpus", "tpu-vm", "ssh", name, *_where(plan.launch),
-                 "--worker=all", "--command", command])
-
+    return Step(
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "ssh",
+            name,
+            *_where(plan.launch),
+            "--worker=all",
+            "--command",
+            command,
+        ]
+    )

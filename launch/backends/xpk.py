@@ -42,22 +42,56 @@ def acquire(plan: Launch, slice_index: int) -> list[Step]:
 
 def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
     launch, name = plan.launch, workload_name(plan, member)
-    where = ["--zone", launch["zone"]] + (["--project", launch["project"]]
-                                          if launch["project"] else [])
-    command = " && ".join([
-        # gcsfs: etils (and orbax through it) reach gs:// with it.
-        shlex.join([launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]",
-                    "gcsfs"]),
-        "SCALING_DISTRIBUTED=auto " + shlex.join(trainer_args(launch["python"], plan, member)),
-    ])
+    where = ["--zone", launch["zone"]] + (
+        ["--project", launch["project"]] if launch["project"] else []
+    )
+    command = " && ".join(
+        [
+            # gcsfs: etils (and orbax through it) reach gs:// with it.
+            shlex.join(
+                [launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]", "gcsfs"]
+            ),
+            "SCALING_DISTRIBUTED=auto " + shlex.join(trainer_args(launch["python"], plan, member)),
+        ]
+    )
     return [
-        Step(["xpk", "workload", "create", "--cluster", launch["cluster"], "--workload", name,
-              "--tpu-type", launch["accelerator"], "--num-slices", "1", "--script-dir", ".",
-              "--base-docker-image", launch["docker_image"],
-              "--max-restarts", str(launch["max_retries"]),
-              *(["--spot"] if launch["spot"] else []), *where, "--command", command]),
-        Step(["xpk", "workload", "list", "--cluster", launch["cluster"], *where,
-              "--wait-for-job-completion", name]),
+        Step(
+            [
+                "xpk",
+                "workload",
+                "create",
+                "--cluster",
+                launch["cluster"],
+                "--workload",
+                name,
+                "--tpu-type",
+                launch["accelerator"],
+                "--num-slices",
+                "1",
+                "--script-dir",
+                ".",
+                "--base-docker-image",
+                launch["docker_image"],
+                "--max-restarts",
+                str(launch["max_retries"]),
+                *(["--spot"] if launch["spot"] else []),
+                *where,
+                "--command",
+                command,
+            ]
+        ),
+        Step(
+            [
+                "xpk",
+                "workload",
+                "list",
+                "--cluster",
+                launch["cluster"],
+                *where,
+                "--wait-for-job-completion",
+                name,
+            ]
+        ),
     ]
 
 

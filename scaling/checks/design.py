@@ -33,8 +33,9 @@ MIN_PER_DECADE = 3.0
 EPOCH_PRIOR = {"E": 1.817, "A": 482.0, "B": 2085.4, "alpha": 0.3478, "beta": 0.3659}
 
 
-def check_design(n, d, c, eval_steps=None, *, law: str = "chinchilla", losses=None,
-                 prior: dict | None = None) -> list[str]:
+def check_design(
+    n, d, c, eval_steps=None, *, law: str = "chinchilla", losses=None, prior: dict | None = None
+) -> list[str]:
     """Warnings (empty when the design is sound) for members with N [M], D [M], C [M] FLOPs.
 
     eval_steps: per member, the steps it evaluates at (for learning-curve
@@ -58,9 +59,11 @@ def _collinear(n, d):
     r = float(np.corrcoef(ln, ld)[0, 1])
     if abs(r) <= COLLINEAR:
         return []
-    return [f"N and D are collinear across the {len(n)} members (corr(log N, log D) = {r:.3f}):"
-            " the N and D exponents cannot be separated; give some sizes several token budgets"
-            " (or an IsoFLOP design) so D varies independently of N"]
+    return [
+        f"N and D are collinear across the {len(n)} members (corr(log N, log D) = {r:.3f}):"
+        " the N and D exponents cannot be separated; give some sizes several token budgets"
+        " (or an IsoFLOP design) so D varies independently of N"
+    ]
 
 
 def iso_groups(c, ratio: float = ISO_RATIO) -> list[np.ndarray]:
@@ -98,7 +101,8 @@ def _isoflop(n, c, losses, prior):
             warnings.append(
                 f"IsoFLOP group at C = {compute:.3g} FLOPs has sizes {sizes[0]:.3g} to "
                 f"{sizes[-1]:.3g} but {where}: the group does not bracket its minimum; "
-                "add sizes beyond it so the parabola's vertex lies inside")
+                "add sizes beyond it so the parabola's vertex lies inside"
+            )
     return warnings
 
 
@@ -107,9 +111,11 @@ def _too_few_points(n, d, law):
     need = MARGIN * len(law.param_names)
     if points >= need:
         return []
-    return [f"{points} distinct (N, D) points for law {law.name!r} with "
-            f"{len(law.param_names)} parameters: fewer than {MARGIN} x {len(law.param_names)} = "
-            f"{need}; the fit will follow the noise; add members"]
+    return [
+        f"{points} distinct (N, D) points for law {law.name!r} with "
+        f"{len(law.param_names)} parameters: fewer than {MARGIN} x {len(law.param_names)} = "
+        f"{need}; the fit will follow the noise; add members"
+    ]
 
 
 def _span(n):
@@ -118,9 +124,11 @@ def _span(n):
     span = float(n.max() / n.min())
     if span >= MIN_SPAN:
         return []
-    return [f"sizes span only {span:.2g}x (N {n.min():.3g} to {n.max():.3g}), less than a "
-            "decade: an exponent fitted over so short a range is poorly determined; widen "
-            "the ladder"]
+    return [
+        f"sizes span only {span:.2g}x (N {n.min():.3g} to {n.max():.3g}), less than a "
+        "decade: an exponent fitted over so short a range is poorly determined; widen "
+        "the ladder"
+    ]
 
 
 def _eval_points(eval_steps, law):
@@ -138,7 +146,9 @@ def _eval_points(eval_steps, law):
     if not sparse:
         return []
     i, count, per_decade, decades = sparse[0]
-    return [f"{len(sparse)} of {len(eval_steps)} members evaluate too rarely for a "
-            f"learning-curve fit (member {i}: {count} steps over {decades:.1f} decades, "
-            f"{per_decade:.1f} per decade where sparsest; want >= {want} and >= "
-            f"{MIN_PER_DECADE:g} per decade); raise eval.points"]
+    return [
+        f"{len(sparse)} of {len(eval_steps)} members evaluate too rarely for a "
+        f"learning-curve fit (member {i}: {count} steps over {decades:.1f} decades, "
+        f"{per_decade:.1f} per decade where sparsest; want >= {want} and >= "
+        f"{MIN_PER_DECADE:g} per decade); raise eval.points"
+    ]

@@ -28,8 +28,10 @@ def parse_fix(items: list[str] | None) -> dict[str, float]:
             except ValueError:
                 number = math.nan
             if not eq or not name.strip() or not math.isfinite(number):
-                raise UserError(f"--fix {part!r} must look like NAME=VALUE with a finite number, "
-                                "e.g. --fix E=1.69")
+                raise UserError(
+                    f"--fix {part!r} must look like NAME=VALUE with a finite number, "
+                    "e.g. --fix E=1.69"
+                )
             fixed[name.strip()] = number
     return fixed
 
@@ -40,18 +42,38 @@ def parse_range(text: str) -> tuple[str, np.ndarray]:
     parts = spec.split(":")
     try:
         low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
-        ok = eq and name.strip() and len(parts) == 3 and math.isfinite(low) \
-            and math.isfinite(high) and low < high and count >= 2
+        ok = (
+            eq
+            and name.strip()
+            and len(parts) == 3
+            and math.isfinite(low)
+            and math.isfinite(high)
+            and low < high
+            and count >= 2
+        )
     except (ValueError, IndexError):
         ok = False
     if not ok:
-        raise UserError(f"--sensitivity {text!r} must look like NAME=LOW:HIGH:COUNT with "
-                        "LOW < HIGH and COUNT >= 2, e.g. E=1.5:2.0:11")
+        raise UserError(
+            f"--sensitivity {text!r} must look like NAME=LOW:HIGH:COUNT with "
+            "LOW < HIGH and COUNT >= 2, e.g. E=1.5:2.0:11"
+        )
     return name.strip(), np.linspace(low, high, count)
 
 
-def sensitivity(law, x, y, mask, name: str, values, *, fixed: dict | None = None,
-                objective: str = "huber", seed: int = 0, varpro: bool = False) -> dict:
+def sensitivity(
+    law,
+    x,
+    y,
+    mask,
+    name: str,
+    values,
+    *,
+    fixed: dict | None = None,
+    objective: str = "huber",
+    seed: int = 0,
+    varpro: bool = False,
+) -> dict:
     """Refit every curve of (x, y, mask) with `name` pinned at each of `values`.
 
     x [C, P, n_inputs], y [C, P], mask [C, P].  Returns {"param", "values",
@@ -62,15 +84,26 @@ def sensitivity(law, x, y, mask, name: str, values, *, fixed: dict | None = None
     if name in fixed:
         raise UserError(f"{name} is both pinned (--fix) and varied (--sensitivity); drop one")
     if name not in law.param_names:
-        raise UserError(f"--sensitivity names {name!r}, not a parameter of law {law.name!r} "
-                        f"{law.param_names}")
+        raise UserError(
+            f"--sensitivity names {name!r}, not a parameter of law {law.name!r} {law.param_names}"
+        )
     values = np.asarray(values, float)
     n_values, n_curves = len(values), len(y)
     repeat = lambda a: np.concatenate([np.asarray(a)] * n_values)  # noqa: E731
-    pinned = {**{k: np.full(n_values * n_curves, v) for k, v in fixed.items()},
-              name: np.repeat(values, n_curves)}
-    result = fit(law, repeat(x), repeat(y), repeat(mask), objective=objective, seed=seed,
-                 fixed=pinned, varpro=varpro)
+    pinned = {
+        **{k: np.full(n_values * n_curves, v) for k, v in fixed.items()},
+        name: np.repeat(values, n_curves),
+    }
+    result = fit(
+        law,
+        repeat(x),
+        repeat(y),
+        repeat(mask),
+        objective=objective,
+        seed=seed,
+        fixed=pinned,
+        varpro=varpro,
+    )
     fits = [[result.curve(v * n_curves + c) for c in range(n_curves)] for v in range(n_values)]
     return {"param": name, "values": values.tolist(), "fits": fits}
 
@@ -81,9 +114,12 @@ def sensitivity_table(out: dict, labels: list[str] | None = None) -> str:
     for value, curves in zip(out["values"], out["fits"], strict=True):
         for c, curve in enumerate(curves):
             label = f" {labels[c]}" if labels and len(curves) > 1 else ""
-            cells = "  ".join(f"{k}={v:.4g}" for k, v in curve["params"].items()
-                              if k != out["param"])
+            cells = "  ".join(
+                f"{k}={v:.4g}" for k, v in curve["params"].items() if k != out["param"]
+            )
             flag = "" if curve["converged"] else "  (not converged)"
-            lines.append(f"  {out['param']}={value:<8.4g}{label}  {cells}  "
-                         f"objective={curve['objective']:.4g}{flag}")
+            lines.append(
+                f"  {out['param']}={value:<8.4g}{label}  {cells}  "
+                f"objective={curve['objective']:.4g}{flag}"
+            )
     return "\n".join(lines)

@@ -21,15 +21,15 @@ from scaling.studies.analysis import latest_fits, param_cells, warnings_of
 
 DESCRIPTIONS = {
     "per-token": "Per-token eval loss at the last eval against the token's position T in "
-                 "the context, one line per run, with the fitted L = E + A T^-alpha dashed "
-                 "(Kaplan et al. 2020, Fig. 20 left).",
+    "the context, one line per run, with the fitted L = E + A T^-alpha dashed "
+    "(Kaplan et al. 2020, Fig. 20 left).",
     "per-token-steps": "Per-token loss of the largest run over training, one line per token "
-                       "index T (Kaplan et al. 2020, Fig. 20 right).",
+    "index T (Kaplan et al. 2020, Fig. 20 right).",
     "learning-curves": "Eval loss against training step (tokens on the top axis).",
     "size": "Final eval loss against non-embedding parameters N, with the fitted law and its "
-            "exponent's bootstrap interval.",
+    "exponent's bootstrap interval.",
     "compute": "Eval loss against training FLOPs for every run, the compute-efficient frontier "
-               "(lower envelope) and a power law fitted to it.",
+    "(lower envelope) and a power law fitted to it.",
     "isoflop": "IsoFLOP profiles: final loss against N at fixed training compute.",
 }
 
@@ -65,8 +65,10 @@ def write_report(store: Store, sweep: str, path: str | Path | None = None) -> tu
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")
     except OSError as e:
-        raise UserError(f"cannot write the report to {str(path)!r} ({e.strerror}); "
-                        "give a writable file with --out FILE") from None
+        raise UserError(
+            f"cannot write the report to {str(path)!r} ({e.strerror}); "
+            "give a writable file with --out FILE"
+        ) from None
     return path, plots
 
 
@@ -98,12 +100,20 @@ def build_report(store: Store, sweep: str) -> tuple[str, list]:
         *(_figure(p) for p in plots),
     ]
     if skipped:
-        parts.append("<p>Not drawn:</p><ul>" + "".join(
-            f"<li><b>{_e(k)}</b>: {_e(why)}</li>" for k, why in skipped) + "</ul>")
-    parts += ["<h2>Runs</h2>", _runs_table(store, runs),
-              "<h2>Fits</h2>", _fits_table(fits),
-              "<h2>Configs</h2>", _configs(runs),
-              "</body></html>"]
+        parts.append(
+            "<p>Not drawn:</p><ul>"
+            + "".join(f"<li><b>{_e(k)}</b>: {_e(why)}</li>" for k, why in skipped)
+            + "</ul>"
+        )
+    parts += [
+        "<h2>Runs</h2>",
+        _runs_table(store, runs),
+        "<h2>Fits</h2>",
+        _fits_table(fits),
+        "<h2>Configs</h2>",
+        _configs(runs),
+        "</body></html>",
+    ]
     return "\n".join(parts), plots
 
 
@@ -113,25 +123,42 @@ def _summary(runs) -> str:
         counts[r.status] = counts.get(r.status, 0) + 1
     sizes = sorted({r.n_params for r in runs})
     budgets = sorted({r.tokens for r in runs})
-    return (f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-            f"N from {sizes[0]:,} to {sizes[-1]:,} non-embedding parameters in {len(sizes)} "
-            f"sizes; {len(budgets)} token budget{'s' if len(budgets) > 1 else ''} "
-            f"({', '.join(f'{b:,}' for b in budgets[:6])}{', ...' if len(budgets) > 6 else ''})")
+    return (
+        f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+        f"N from {sizes[0]:,} to {sizes[-1]:,} non-embedding parameters in {len(sizes)} "
+        f"sizes; {len(budgets)} token budget{'s' if len(budgets) > 1 else ''} "
+        f"({', '.join(f'{b:,}' for b in budgets[:6])}{', ...' if len(budgets) > 6 else ''})"
+    )
 
 
 def _figure(plot) -> str:
     data = base64.b64encode(png_bytes(plot.figure)).decode("ascii")
     width, height = (int(v * 100) for v in plot.figure.get_size_inches())
     notes = "".join(f"<li>{_e(n)}</li>" for n in plot.notes)
-    return (f'<figure id="{plot.kind}"><img src="data:image/png;base64,{data}" '
-            f'alt="{_e(plot.kind)} plot" width="{width * 7 // 6}" height="{height * 7 // 6}">'
-            f"<figcaption><b>{_e(plot.kind)}</b>: {_e(DESCRIPTIONS[plot.kind])}"
-            f"{f'<ul>{notes}</ul>' if notes else ''}</figcaption></figure>")
+    return (
+        f'<figure id="{plot.kind}"><img src="data:image/png;base64,{data}" '
+        f'alt="{_e(plot.kind)} plot" width="{width * 7 // 6}" height="{height * 7 // 6}">'
+        f"<figcaption><b>{_e(plot.kind)}</b>: {_e(DESCRIPTIONS[plot.kind])}"
+        f"{f'<ul>{notes}</ul>' if notes else ''}</figcaption></figure>"
+    )
 
 
 def _runs_table(store, runs) -> str:
-    head = ["run", "status", "step", "N", "N (all)", "layers", "d_model", "heads", "n_ctx",
-            "tokens D", "FLOPs C", "final eval loss", "reason"]
+    head = [
+        "run",
+        "status",
+        "step",
+        "N",
+        "N (all)",
+        "layers",
+        "d_model",
+        "heads",
+        "n_ctx",
+        "tokens D",
+        "FLOPs C",
+        "final eval loss",
+        "reason",
+    ]
     rows = []
     for r in runs:
         last = store.last_eval(r.run_id)
@@ -142,7 +169,8 @@ def _runs_table(store, runs) -> str:
             f"<td>{r.n_params:,}</td><td>{r.n_params_total:,}</td><td>{r.n_layer}</td>"
             f"<td>{r.d_model}</td><td>{r.n_heads}</td><td>{r.n_ctx}</td><td>{r.tokens:,}</td>"
             f"<td>{r.flops:.3g}</td><td>{'-' if last is None else f'{last[1]:.4f}'}</td>"
-            f'<td class="l">{_e(r.reason or "")}</td></tr>')
+            f'<td class="l">{_e(r.reason or "")}</td></tr>'
+        )
     return _table(head, rows, left={0, 1, 12})
 
 
@@ -151,8 +179,17 @@ def _fits_table(fits) -> str:
         return "<p>No fits stored; run <code>scaling fit --sweep NAME --law LAW</code>.</p>"
     levels = {f.settings.get("confidence", 0.95) for f in fits}
     level = f"{levels.pop():.0%} " if len(levels) == 1 else ""
-    head = ["law", "fitted to", "curve", f"parameters [{level}bootstrap interval]", "points",
-            "converged", "objective", "fit id", "warnings"]
+    head = [
+        "law",
+        "fitted to",
+        "curve",
+        f"parameters [{level}bootstrap interval]",
+        "points",
+        "converged",
+        "objective",
+        "fit id",
+        "warnings",
+    ]
     rows = []
     for f in fits:
         cells = [_e(cell) for cell in param_cells(f, equals=" = ")]
@@ -161,31 +198,53 @@ def _fits_table(fits) -> str:
             f'<tr><td class="l">{_e(f.law)}</td><td class="l">{_e(f.what)}</td>'
             f'<td class="l">{_e(f.curve)}</td><td class="l">{"<br>".join(cells)}</td>'
             f"<td>{f.n_points}</td><td>{'yes' if f.converged else 'no'}</td>"
-            f'<td>{f.objective:.3g}</td><td>{f.fit_id}</td><td class="l">{warnings}</td></tr>')
+            f'<td>{f.objective:.3g}</td><td>{f.fit_id}</td><td class="l">{warnings}</td></tr>'
+        )
     return _table(head, rows, left={0, 1, 2, 3, 8})
 
 
 def _configs(runs) -> str:
     flat = {r.run_id: _flatten(r.config) for r in runs}
     keys = sorted(set().union(*flat.values()))
-    shared = {k: flat[runs[0].run_id].get(k) for k in keys
-              if all(k in f and f[k] == flat[runs[0].run_id][k] for f in flat.values())}
+    shared = {
+        k: flat[runs[0].run_id].get(k)
+        for k in keys
+        if all(k in f and f[k] == flat[runs[0].run_id][k] for f in flat.values())
+    }
     differing = [k for k in keys if k not in shared]
     parts = []
     if differing:
         parts.append("<p>What differs between the runs:</p>")
-        parts.append(_table(["run", *differing], [
-            f'<tr><td class="l">{_e(r.run_id)}</td>'
-            + "".join(f"<td>{_e(_value(flat[r.run_id].get(k, '-')))}</td>" for k in differing)
-            + "</tr>" for r in runs]))
+        parts.append(
+            _table(
+                ["run", *differing],
+                [
+                    f'<tr><td class="l">{_e(r.run_id)}</td>'
+                    + "".join(
+                        f"<td>{_e(_value(flat[r.run_id].get(k, '-')))}</td>" for k in differing
+                    )
+                    + "</tr>"
+                    for r in runs
+                ],
+            )
+        )
     parts.append("<p>Shared by every run:</p>")
-    parts.append(_table(["key", "value"], [
-        f'<tr><td class="l">{_e(k)}</td><td class="l">{_e(_value(v))}</td></tr>'
-        for k, v in shared.items()], left={0, 1}))
+    parts.append(
+        _table(
+            ["key", "value"],
+            [
+                f'<tr><td class="l">{_e(k)}</td><td class="l">{_e(_value(v))}</td></tr>'
+                for k, v in shared.items()
+            ],
+            left={0, 1},
+        )
+    )
     for r in runs:
-        parts.append(f"<details><summary>full config of {_e(r.run_id)}</summary>"
-                     f"<pre>{_e(json.dumps(r.config, indent=2, sort_keys=True))}</pre>"
-                     "</details>")
+        parts.append(
+            f"<details><summary>full config of {_e(r.run_id)}</summary>"
+            f"<pre>{_e(json.dumps(r.config, indent=2, sort_keys=True))}</pre>"
+            "</details>"
+        )
     return "\n".join(parts)
 
 
@@ -201,8 +260,9 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def _table(head, rows, left=frozenset({0})) -> str:
     """A table; the columns in `left` hold text and align left, the rest numbers."""
-    cells = "".join(f'<th{" class=l" if i in left else ""}>{_e(h)}</th>'
-                    for i, h in enumerate(head))
+    cells = "".join(
+        f"<th{' class=l' if i in left else ''}>{_e(h)}</th>" for i, h in enumerate(head)
+    )
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 

@@ -36,18 +36,39 @@ def draw(store, sweep, runs, notes: list):
         ax.plot(grid, np.polyval(coeffs, np.log(grid)), color=color, lw=1.2)
         best = parabola_minimum(p.n_total, p.loss)
         if best is not None and p.n_total[0] <= best <= p.n_total[-1]:
-            ax.scatter([best], [np.polyval(coeffs, np.log(best))], marker="*", s=120,
-                       color=color, edgecolors="black", linewidths=0.5, zorder=4)
+            ax.scatter(
+                [best],
+                [np.polyval(coeffs, np.log(best))],
+                marker="*",
+                s=120,
+                color=color,
+                edgecolors="black",
+                linewidths=0.5,
+                zorder=4,
+            )
     ax.scatter([], [], color="grey", s=28, label="final loss of a run")
     ax.plot([], [], color="grey", lw=1.2, label="parabola in $\\log N$ per budget")
-    ax.scatter([], [], marker="*", s=120, color="grey", edgecolors="black", linewidths=0.5,
-               label="its minimum, $N_{opt}(C)$")
+    ax.scatter(
+        [],
+        [],
+        marker="*",
+        s=120,
+        color="grey",
+        edgecolors="black",
+        linewidths=0.5,
+        label="its minimum, $N_{opt}(C)$",
+    )
     budgets, n_opt = optimum(found)
     if len(budgets) >= 2:
         e = exponents(budgets, n_opt)
         notes.append(f"isoflop-total: N_opt ~ C^{e['a']:.3f}, D_opt ~ C^{e['b']:.3f}")
-        ax.plot([], [], " ", label=f"$N_{{opt}} \\propto C^{{{e['a']:.2f}}}$, "
-                                   f"$D_{{opt}} \\propto C^{{{e['b']:.2f}}}$")
+        ax.plot(
+            [],
+            [],
+            " ",
+            label=f"$N_{{opt}} \\propto C^{{{e['a']:.2f}}}$, "
+            f"$D_{{opt}} \\propto C^{{{e['b']:.2f}}}$",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("parameters $N$ (total, embeddings included)")
     ax.set_ylabel("final eval loss (nats/token)")

@@ -41,8 +41,9 @@ STYLE = {
     "pdf.fonttype": 42,
 }
 # Viridis without its last, pale yellow tenth, which vanishes on white.
-CMAP = colors.ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.88, 256)),
-                             name="viridis_dark")
+CMAP = colors.ListedColormap(
+    matplotlib.colormaps["viridis"](np.linspace(0.0, 0.88, 256)), name="viridis_dark"
+)
 
 
 # Axes a caller gave to draw on (`drawing_on`): builders draw there instead of
@@ -84,8 +85,12 @@ def colorbar(fig, ax, norm, label: str):
     return bar
 
 
-_NICE = ((1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9), (1, 1.5, 2, 3, 4, 5, 6, 8),
-         (1, 2, 3, 5, 7), (1, 2, 5))
+_NICE = (
+    (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9),
+    (1, 1.5, 2, 3, 4, 5, 6, 8),
+    (1, 2, 3, 5, 7),
+    (1, 2, 5),
+)
 
 
 def plain_log_axis(axis):
@@ -100,8 +105,11 @@ def plain_log_axis(axis):
     if choices:
         ticks = next((t for t in choices if len(t) <= 8), choices[-1])
     else:  # a narrow range: evenly spaced round numbers, as on a linear axis
-        ticks = [t for t in ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10])
-                 .tick_values(lo, hi) if lo <= t <= hi]
+        ticks = [
+            t
+            for t in ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+            if lo <= t <= hi
+        ]
     axis.set_major_locator(ticker.FixedLocator(ticks))
     axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     axis.set_minor_formatter(ticker.NullFormatter())
@@ -143,8 +151,7 @@ def save(fig: Figure, out_dir: Path, name: str, vector: str = "svg") -> list[Pat
     for ext in ("png", vector):
         path = out_dir / f"{name}.{ext}"
         with matplotlib.rc_context(STYLE):
-            fig.savefig(path, dpi=PNG_DPI if ext == "png" else None,
-                        metadata=_NO_DATE.get(ext))
+            fig.savefig(path, dpi=PNG_DPI if ext == "png" else None, metadata=_NO_DATE.get(ext))
         # The layout is solved once, by the first save; the second reuses it.
         fig.set_layout_engine("none")
         paths.append(path)
@@ -160,6 +167,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 # -- numbers and formulas ---------------------------------------------------
+
 
 def num(v: float, digits: int = 3) -> str:
     """A number for mathtext: 3 significant digits, powers of ten for big or small ones."""
@@ -199,8 +207,13 @@ def law_formula(law: str, params: dict, var: str = "x") -> str:
     return f"$L = {body}$"
 
 
-GREEK = {"alpha": r"\alpha", "beta": r"\beta", "alpha_N": r"\alpha_N", "alpha_D": r"\alpha_D",
-         "alpha_S": r"\alpha_S"}
+GREEK = {
+    "alpha": r"\alpha",
+    "beta": r"\beta",
+    "alpha_N": r"\alpha_N",
+    "alpha_D": r"\alpha_D",
+    "alpha_S": r"\alpha_S",
+}
 
 
 def interval_text(record, name: str) -> str:
@@ -224,6 +237,7 @@ def one_input(law: str) -> bool:
 
 
 # -- data helpers -----------------------------------------------------------
+
 
 def short(n: float) -> str:
     """786k, 1.2M, 3.4B: a count for a label."""

@@ -55,8 +55,7 @@ def flop_levels(points) -> tuple[list[float], float]:
 
 def chinchilla_fit(store, sweep):
     """The newest stored chinchilla fit of the final losses, or None."""
-    records = [r for r in stored_fits(store, sweep, "final", law="chinchilla")
-               if r.curve == "all"]
+    records = [r for r in stored_fits(store, sweep, "final", law="chinchilla") if r.curve == "all"]
     return records[0] if records else None
 
 
@@ -81,16 +80,19 @@ def stored_or_new_fits(store, sweep, law, what, plot, keep=None) -> list:
     fits = [r for r in stored_fits(store, sweep, what) if keep(r)]
     if fits:
         laws = sorted({f.law for f in fits})
-        plot.notes.append(f"{plot.kind}: drawing the stored {what} fits ({', '.join(laws)}, "
-                          f"{len(fits)} curve(s))")
+        plot.notes.append(
+            f"{plot.kind}: drawing the stored {what} fits ({', '.join(laws)}, {len(fits)} curve(s))"
+        )
         return fits
     try:
         records = analysis.fit_sweep(store, sweep, law, what)
     except UserError as e:
         plot.notes.append(f"{plot.kind}: no {what} fit stored and none could be made ({e})")
         return []
-    plot.notes.append(f"{plot.kind}: no {what} fit was stored, so the {law} law was fitted now "
-                      f"to {len(records)} curve(s) and saved to the store")
+    plot.notes.append(
+        f"{plot.kind}: no {what} fit was stored, so the {law} law was fitted now "
+        f"to {len(records)} curve(s) and saved to the store"
+    )
     return records
 
 
@@ -104,7 +106,7 @@ def log_bins(n: int, count: int) -> list[tuple[int, int]]:
 def bin_means(y: np.ndarray, bins) -> tuple[np.ndarray, np.ndarray]:
     """(geometric centre, mean of y) of each bin, along y's last axis (index 1 = y[..., 0])."""
     centres = np.array([np.sqrt(lo * hi) for lo, hi in bins])
-    means = np.stack([y[..., lo - 1:hi].mean(axis=-1) for lo, hi in bins], axis=-1)
+    means = np.stack([y[..., lo - 1 : hi].mean(axis=-1) for lo, hi in bins], axis=-1)
     return centres, means
 
 

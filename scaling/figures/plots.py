@@ -78,8 +78,15 @@ class Plot:
     skipped: str | None = None  # why `all` left this kind out
 
 
-def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None = None, *,
-               run: str | None = None, vector: str = "svg") -> list[Plot]:
+def plot_sweep(
+    store: Store,
+    sweep: str,
+    kind: str,
+    out_dir: str | Path | None = None,
+    *,
+    run: str | None = None,
+    vector: str = "svg",
+) -> list[Plot]:
     """Draw `kind` (or every kind that applies, for "all") and save each as PNG + vector."""
     if kind != "all":
         _check_kind(kind)
@@ -87,11 +94,12 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
         raise UserError(f"vector format {vector!r} is not one of {', '.join(VECTOR_FORMATS)}")
     runs = sweep_runs(store, sweep)
     if run is not None and run not in {r.run_id for r in runs}:
-        raise UserError(f"run {run!r} is not in sweep {sweep!r}; its runs: "
-                        + ", ".join(r.run_id for r in runs))
+        raise UserError(
+            f"run {run!r} is not in sweep {sweep!r}; its runs: " + ", ".join(r.run_id for r in runs)
+        )
     out = Path(out_dir) if out_dir is not None else Path("results/plots") / sweep
     plots = []
-    for k in (KINDS if kind == "all" else (kind,)):
+    for k in KINDS if kind == "all" else (kind,):
         try:
             plot = make_plot(store, sweep, k, run=run)
         except UserError as e:
@@ -104,8 +112,7 @@ def plot_sweep(store: Store, sweep: str, kind: str, out_dir: str | Path | None =
     return plots
 
 
-def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None,
-              ax=None) -> Plot:
+def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None, ax=None) -> Plot:
     """One figure of `sweep` (drawn onto `ax` when given); raises UserError when the
     sweep's data does not allow it."""
     _check_kind(kind)
@@ -124,6 +131,7 @@ def _check_kind(kind):
 
 # -- per-token loss (Kaplan Fig. 20) ------------------------------------------
 
+
 def _per_token(store, sweep, runs, plot, _run):
     curves = []
     for r in runs:
@@ -131,8 +139,10 @@ def _per_token(store, sweep, runs, plot, _run):
         if len(steps) and r.status != "failed":
             curves.append((r, losses[-1].astype(float)))
     if not curves:
-        raise UserError(f"sweep {sweep!r} has no per-token eval losses yet; "
-                        "train it with `scaling sweep CONFIG`")
+        raise UserError(
+            f"sweep {sweep!r} has no per-token eval losses yet; "
+            "train it with `scaling sweep CONFIG`"
+        )
     fits = by_curve(stored_or_new_fits(store, sweep, "saturating", "per-token", plot))
     fig, ax = new_figure()
     norm = log_norm([r.n_params for r, _ in curves])
@@ -150,9 +160,15 @@ def _per_token(store, sweep, runs, plot, _run):
         if record is None:
             unfitted.append(r.run_id)
             continue
-        ax.plot(T, predict("saturating", record.params, T), color=color, ls="--", lw=1.6,
-                label=f"{r.run_id} ({short(r.n_params)}): "
-                      + law_formula("saturating", record.params, "T"))
+        ax.plot(
+            T,
+            predict("saturating", record.params, T),
+            color=color,
+            ls="--",
+            lw=1.6,
+            label=f"{r.run_id} ({short(r.n_params)}): "
+            + law_formula("saturating", record.params, "T"),
+        )
     if unfitted:
         plot.notes.append(f"per-token: no fit stored for {', '.join(unfitted)} (data only)")
     ax.set_xscale("log")
@@ -160,9 +176,12 @@ def _per_token(store, sweep, runs, plot, _run):
     plain_ticks(ax.xaxis)
     ax.set_xlabel("token index $T$ (position in the context)")
     ax.set_ylabel("per-token " + LOSS_LABEL)
-    ax.set_title(f"{sweep}: per-token loss at the last eval\n"
-                 r"solid: mean over log-spaced bins of $T$; faint: each $T$; dashed: fitted "
-                 r"$L = E + A\,T^{-\alpha}$", fontsize="small")
+    ax.set_title(
+        f"{sweep}: per-token loss at the last eval\n"
+        r"solid: mean over log-spaced bins of $T$; faint: each $T$; dashed: fitted "
+        r"$L = E + A\,T^{-\alpha}$",
+        fontsize="small",
+    )
     colorbar(fig, ax, norm, N_LABEL)
     add_legend(fig, ax, max_inside=3, title="run (N): fitted law")
     return fig
@@ -172,16 +191,22 @@ def _per_token_steps(store, sweep, runs, plot, run):
     if run is None:
         candidates = [r for r in runs if len(store.per_token(r.run_id)[0])]
         if not candidates:
-            raise UserError(f"sweep {sweep!r} has no per-token eval losses yet; "
-                            "train it with `scaling sweep CONFIG`")
+            raise UserError(
+                f"sweep {sweep!r} has no per-token eval losses yet; "
+                "train it with `scaling sweep CONFIG`"
+            )
         target = candidates[-1]  # runs come smallest N first
-        plot.notes.append(f"per-token-steps: run {target.run_id}, the largest with per-token "
-                          "data (choose another with --run RUN_ID)")
+        plot.notes.append(
+            f"per-token-steps: run {target.run_id}, the largest with per-token "
+            "data (choose another with --run RUN_ID)"
+        )
     else:
         target = next((r for r in runs if r.run_id == run), None)
         if target is None:
-            raise UserError(f"run {run!r} is not in sweep {sweep!r}; its runs: "
-                            + ", ".join(r.run_id for r in runs))
+            raise UserError(
+                f"run {run!r} is not in sweep {sweep!r}; its runs: "
+                + ", ".join(r.run_id for r in runs)
+            )
     steps, losses = store.per_token(target.run_id)
     keep = steps > 0
     steps, losses = steps[keep], losses[keep].astype(float)
@@ -193,42 +218,63 @@ def _per_token_steps(store, sweep, runs, plot, run):
     fig, ax = new_figure()
     for centre, curve in zip(centres, means.T, strict=True):
         ax.plot(steps, curve, color=CMAP(norm(centre)), lw=1.3, marker="o", ms=2.5)
-    ax.plot(steps, losses.mean(axis=1), color="black", ls="--", lw=1.2,
-            label="mean over all $T$ (the eval loss)")
+    ax.plot(
+        steps,
+        losses.mean(axis=1),
+        color="black",
+        ls="--",
+        lw=1.2,
+        label="mean over all $T$ (the eval loss)",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.autoscale_view()
     plain_log_axis(ax.yaxis)
     ax.set_xlabel("training step")
     ax.set_ylabel("per-token " + LOSS_LABEL)
-    ax.set_title(f"{sweep}: run {target.run_id}, N = {short(target.n_params)}, "
-                 f"per-token loss over training")
+    ax.set_title(
+        f"{sweep}: run {target.run_id}, N = {short(target.n_params)}, per-token loss over training"
+    )
     add_legend(fig, ax, "lower left")
-    plain_ticks(colorbar(fig, ax, norm, "token index $T$ (mean over log-spaced bins)")
-                .ax.yaxis)
+    plain_ticks(colorbar(fig, ax, norm, "token index $T$ (mean over log-spaced bins)").ax.yaxis)
     return fig
 
 
 # -- learning curves ----------------------------------------------------------
 
+
 def _learning_curves(store, sweep, runs, plot, _run):
     curves = [(r, *store.scalars(r.run_id, "eval_loss")) for r in runs]
     curves = [(r, s[s > 0], y[s > 0]) for r, s, y in curves if (s > 0).any()]
     if not curves:
-        raise UserError(f"sweep {sweep!r} has no eval losses yet; train it with "
-                        "`scaling sweep CONFIG`")
+        raise UserError(
+            f"sweep {sweep!r} has no eval losses yet; train it with `scaling sweep CONFIG`"
+        )
     fits = by_curve(stored_fits(store, sweep, "learning-curve"))
     fig, ax = new_figure()
     norm = log_norm([r.n_params for r, _, _ in curves])
     for r, steps, y in curves:
         color = CMAP(norm(r.n_params))
-        ax.plot(steps, y, color=color, lw=1.5, ls=":" if r.status == "failed" else "-",
-                marker="o", ms=2.5)
+        ax.plot(
+            steps,
+            y,
+            color=color,
+            lw=1.5,
+            ls=":" if r.status == "failed" else "-",
+            marker="o",
+            ms=2.5,
+        )
         record = fits.get(r.run_id)
         if record is not None and one_input(record.law):
             s = np.geomspace(steps[0], steps[-1], 200)
-            ax.plot(s, predict(record.law, record.params, s), color=color, ls="--", lw=1.1,
-                    label=f"{r.run_id}: " + law_formula(record.law, record.params, "S"))
+            ax.plot(
+                s,
+                predict(record.law, record.params, s),
+                color=color,
+                ls="--",
+                lw=1.1,
+                label=f"{r.run_id}: " + law_formula(record.law, record.params, "S"),
+            )
     if any(r.status == "failed" for r, _, _ in curves):
         ax.plot([], [], color="grey", ls=":", label="failed run")
     ax.set_xscale("log")
@@ -240,11 +286,12 @@ def _learning_curves(store, sweep, runs, plot, _run):
     ax.set_title(f"{sweep}: learning curves")
     per_step = tokens_per_step(store, [r for r, _, _ in curves])
     if per_step is None:
-        plot.notes.append("learning-curves: the runs differ in tokens per step (or did not "
-                          "log tokens), so there is no token axis")
+        plot.notes.append(
+            "learning-curves: the runs differ in tokens per step (or did not "
+            "log tokens), so there is no token axis"
+        )
     else:
-        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step,
-                                                   lambda t: t / per_step))
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel(f"tokens seen ({short(per_step)} per step)")
     colorbar(fig, ax, norm, N_LABEL)
     add_legend(fig, ax, "lower left", max_inside=3)
@@ -253,11 +300,14 @@ def _learning_curves(store, sweep, runs, plot, _run):
 
 # -- final loss against model size ------------------------------------------
 
+
 def _size(store, sweep, runs, plot, _run):
     points = final_points(store, runs, plot)
     if len(points) < 2:
-        raise UserError(f"sweep {sweep!r} has {len(points)} finished run(s) with an eval loss; "
-                        "the size plot needs two or more")
+        raise UserError(
+            f"sweep {sweep!r} has {len(points)} finished run(s) with an eval loss; "
+            "the size plot needs two or more"
+        )
     N = np.array([r.n_params for r, _ in points], float)
     L = np.array([loss for _, loss in points])
     D = np.array([r.tokens for r, _ in points], float)
@@ -267,24 +317,33 @@ def _size(store, sweep, runs, plot, _run):
         # A law of N alone would mix the budgets: draw stored fits, fit none.
         fits = [r for r in stored_fits(store, sweep, "final") if keep(r)]
         norm = log_norm(D)
-        ax.scatter(N, L, c=D, cmap=CMAP, norm=norm, s=30, zorder=3, edgecolors="black",
-                   linewidths=0.4)
+        ax.scatter(
+            N, L, c=D, cmap=CMAP, norm=norm, s=30, zorder=3, edgecolors="black", linewidths=0.4
+        )
         colorbar(fig, ax, norm, "token budget $D$ (tokens)")
-        plot.notes.append("size: the runs have several token budgets, which a law of N alone "
-                          "mixes; " + ("drawing the stored fits anyway" if fits else
-                                       "no fit drawn (see the isoflop plot)"))
+        plot.notes.append(
+            "size: the runs have several token budgets, which a law of N alone "
+            "mixes; "
+            + ("drawing the stored fits anyway" if fits else "no fit drawn (see the isoflop plot)")
+        )
     else:
         fits = stored_or_new_fits(store, sweep, "saturating", "final", plot, keep=keep)
-        ax.scatter(N, L, color="black", s=30, zorder=3,
-                   label=f"finished runs (D = {short(D[0])} tokens)")
+        ax.scatter(
+            N, L, color="black", s=30, zorder=3, label=f"finished runs (D = {short(D[0])} tokens)"
+        )
     grid = np.geomspace(N.min() / 1.5, N.max() * 1.5, 200)
-    for record, color, ls in zip(fits, ("tab:red", "tab:blue", "tab:green", "tab:orange"),
-                                 ("-", "--", "-.", ":"), strict=False):
+    for record, color, ls in zip(
+        fits,
+        ("tab:red", "tab:blue", "tab:green", "tab:orange"),
+        ("-", "--", "-.", ":"),
+        strict=False,
+    ):
         label = f"{record.law}: {law_formula(record.law, record.params, 'N')}"
         if "alpha" in record.params:
             label += "\n" + interval_text(record, "alpha")
-        ax.plot(grid, predict(record.law, record.params, grid), color=color, ls=ls, lw=1.5,
-                label=label)
+        ax.plot(
+            grid, predict(record.law, record.params, grid), color=color, ls=ls, lw=1.5, label=label
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.autoscale_view()
@@ -298,6 +357,7 @@ def _size(store, sweep, runs, plot, _run):
 
 # -- compute ------------------------------------------------------------------
 
+
 def _compute(store, sweep, runs, plot, _run):
     curves = []
     for r in runs:
@@ -308,18 +368,34 @@ def _compute(store, sweep, runs, plot, _run):
         if keep.any():
             curves.append((r, flops[fi][keep], loss[li][keep]))
     if not curves:
-        raise UserError(f"sweep {sweep!r} has no eval losses with FLOPs yet; train it with "
-                        "`scaling sweep CONFIG`")
+        raise UserError(
+            f"sweep {sweep!r} has no eval losses with FLOPs yet; train it with "
+            "`scaling sweep CONFIG`"
+        )
     fig, ax = new_figure()
     norm = log_norm([r.n_params for r, _, _ in curves])
     for r, c, y in curves:
-        ax.plot(c, y, color=CMAP(norm(r.n_params)), lw=1.2, alpha=0.9,
-                ls=":" if r.status == "failed" else "-")
-    healthy = [(c, y) for r, c, y in curves if r.status != "failed"] or \
-              [(c, y) for _, c, y in curves]
+        ax.plot(
+            c,
+            y,
+            color=CMAP(norm(r.n_params)),
+            lw=1.2,
+            alpha=0.9,
+            ls=":" if r.status == "failed" else "-",
+        )
+    healthy = [(c, y) for r, c, y in curves if r.status != "failed"] or [
+        (c, y) for _, c, y in curves
+    ]
     fx, fy = lower_envelope(healthy)
-    ax.plot(fx, fy, color="black", lw=4, alpha=0.2, solid_capstyle="round",
-            label="compute-efficient frontier (lower envelope)")
+    ax.plot(
+        fx,
+        fy,
+        color="black",
+        lw=4,
+        alpha=0.2,
+        solid_capstyle="round",
+        label="compute-efficient frontier (lower envelope)",
+    )
     # Fit where the frontier is made of trained models: from the cheapest
     # run's final budget on (before it, the frontier is early training).
     region = fx >= min(c[-1] for c, _ in healthy)
@@ -327,11 +403,19 @@ def _compute(store, sweep, runs, plot, _run):
         region = np.arange(len(fx)) >= len(fx) // 2
     c_c, alpha = fit_power(fx[region], fy[region])
     grid = fx[region]
-    ax.plot(grid, (c_c / grid) ** alpha, color="tab:red", ls="--", lw=1.5,
-            label=f"frontier fit for $C \\geq {num(grid[0])}$: "
-                  + law_formula("power", {"x_c": c_c, "alpha": alpha}, "C"))
-    plot.notes.append(f"compute: power law fitted to the frontier for C >= {grid[0]:.3g} "
-                      f"(least squares in log-log): alpha_C = {alpha:.4g}")
+    ax.plot(
+        grid,
+        (c_c / grid) ** alpha,
+        color="tab:red",
+        ls="--",
+        lw=1.5,
+        label=f"frontier fit for $C \\geq {num(grid[0])}$: "
+        + law_formula("power", {"x_c": c_c, "alpha": alpha}, "C"),
+    )
+    plot.notes.append(
+        f"compute: power law fitted to the frontier for C >= {grid[0]:.3g} "
+        f"(least squares in log-log): alpha_C = {alpha:.4g}"
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.autoscale_view()
@@ -346,6 +430,7 @@ def _compute(store, sweep, runs, plot, _run):
 
 # -- IsoFLOP profiles -----------------------------------------------------------
 
+
 def _isoflop(store, sweep, runs, plot, _run):
     points = final_points(store, runs, plot)
     by_size: dict[int, list] = {}
@@ -353,9 +438,11 @@ def _isoflop(store, sweep, runs, plot, _run):
         by_size.setdefault(r.n_params, []).append((r.flops, loss, r.tokens))
     if not any(len({t for _, _, t in v}) > 1 for v in by_size.values()):
         budgets = sorted({short(r.tokens) for r, _ in points})
-        raise UserError(f"sweep {sweep!r} has a single token budget per model size "
-                        f"(D = {', '.join(budgets) or 'none'}); isoflop needs several budgets "
-                        "per size: train each size for a few train.steps values")
+        raise UserError(
+            f"sweep {sweep!r} has a single token budget per model size "
+            f"(D = {', '.join(budgets) or 'none'}); isoflop needs several budgets "
+            "per size: train each size for a few train.steps values"
+        )
     levels, tolerance = flop_levels(points)
     fig, ax = new_figure()
     norm = log_norm(levels)
@@ -370,8 +457,9 @@ def _isoflop(store, sweep, runs, plot, _run):
             if near.any():
                 profile.append((n, float(y[near][0]), True))
             elif c[0] < level < c[-1]:  # interpolate log L in log C between budgets
-                profile.append((n, float(np.exp(np.interp(np.log(level), np.log(c),
-                                                          np.log(y)))), False))
+                profile.append(
+                    (n, float(np.exp(np.interp(np.log(level), np.log(c), np.log(y)))), False)
+                )
         if len(profile) < 2:
             continue
         drawn += 1
@@ -381,33 +469,66 @@ def _isoflop(store, sweep, runs, plot, _run):
         color = CMAP(norm(level))
         ax.plot(n, y, color=color, lw=1.3)
         ax.scatter(n[measured], y[measured], color=color, s=28, zorder=3)
-        ax.scatter(n[~measured], y[~measured], facecolors="white", edgecolors=color, s=28,
-                   zorder=3)
+        ax.scatter(n[~measured], y[~measured], facecolors="white", edgecolors=color, s=28, zorder=3)
         if len(n) >= 3:
             a, b, c0 = np.polyfit(np.log(n), y, 2)
             if a > 0 and n[0] <= np.exp(-b / (2 * a)) <= n[-1]:
                 best = np.exp(-b / (2 * a))
-                ax.scatter([best], [c0 - b * b / (4 * a)], marker="*", s=110, color=color,
-                           edgecolors="black", linewidths=0.5, zorder=4)
+                ax.scatter(
+                    [best],
+                    [c0 - b * b / (4 * a)],
+                    marker="*",
+                    s=110,
+                    color=color,
+                    edgecolors="black",
+                    linewidths=0.5,
+                    zorder=4,
+                )
         record = chinchilla_fit(store, sweep)
         if record is not None:  # the stored fit along the profile, with D = C / (6 N)
             grid = np.geomspace(n[0], n[-1], 100)
-            ax.plot(grid, predict("chinchilla", record.params,
-                                  np.stack([grid, level / (6 * grid)], 1)),
-                    color=color, ls="--", lw=1.0)
+            ax.plot(
+                grid,
+                predict("chinchilla", record.params, np.stack([grid, level / (6 * grid)], 1)),
+                color=color,
+                ls="--",
+                lw=1.0,
+            )
     if not drawn:
-        raise UserError(f"sweep {sweep!r}: no FLOP budget is reached by two model sizes, so "
-                        "there is no IsoFLOP profile; give the sizes overlapping budgets")
+        raise UserError(
+            f"sweep {sweep!r}: no FLOP budget is reached by two model sizes, so "
+            "there is no IsoFLOP profile; give the sizes overlapping budgets"
+        )
     ax.scatter([], [], color="grey", s=28, label="final loss of a run")
     if interpolated:
-        ax.scatter([], [], facecolors="white", edgecolors="grey", s=28,
-                   label="interpolated in log C between a size's budgets")
-    ax.scatter([], [], marker="*", s=110, color="grey", edgecolors="black", linewidths=0.5,
-               label="minimum of a parabola in $\\log N$")
+        ax.scatter(
+            [],
+            [],
+            facecolors="white",
+            edgecolors="grey",
+            s=28,
+            label="interpolated in log C between a size's budgets",
+        )
+    ax.scatter(
+        [],
+        [],
+        marker="*",
+        s=110,
+        color="grey",
+        edgecolors="black",
+        linewidths=0.5,
+        label="minimum of a parabola in $\\log N$",
+    )
     record = chinchilla_fit(store, sweep)
     if record is not None:
-        ax.plot([], [], color="grey", ls="--", lw=1.0,
-                label="chinchilla, $D = C/6N$: " + law_formula("chinchilla", record.params))
+        ax.plot(
+            [],
+            [],
+            color="grey",
+            ls="--",
+            lw=1.0,
+            label="chinchilla, $D = C/6N$: " + law_formula("chinchilla", record.params),
+        )
     ax.set_xscale("log")
     ax.set_xlabel(N_LABEL)
     ax.set_ylabel("final " + LOSS_LABEL)

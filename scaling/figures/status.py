@@ -10,25 +10,29 @@ def status_rows(store: Store, sweep: str | None = None) -> list[dict]:
     rows = []
     for run in store.runs(sweep):
         last = store.last_eval(run.run_id)
-        rows.append({
-            "run_id": run.run_id,
-            "sweep": run.config.get("sweep_name"),
-            "status": run.status,
-            "step": run.step,
-            "steps": run.config["train"]["steps"],
-            "eval_loss": None if last is None else last[1],
-            "n_params": run.n_params,
-            "tokens": run.tokens,
-            "reason": run.reason,
-        })
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "sweep": run.config.get("sweep_name"),
+                "status": run.status,
+                "step": run.step,
+                "steps": run.config["train"]["steps"],
+                "eval_loss": None if last is None else last[1],
+                "n_params": run.n_params,
+                "tokens": run.tokens,
+                "reason": run.reason,
+            }
+        )
     return rows
 
 
 def status_table(rows: list[dict]) -> str:
     if not rows:
         return "no runs in this store"
-    lines = [f"{'run_id':<13}{'sweep':<14}{'status':<10}{'step':>12}{'eval_loss':>11}"
-             f"{'N':>12}{'tokens':>12}  reason"]
+    lines = [
+        f"{'run_id':<13}{'sweep':<14}{'status':<10}{'step':>12}{'eval_loss':>11}"
+        f"{'N':>12}{'tokens':>12}  reason"
+    ]
     for r in rows:
         loss = "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
         lines.append(

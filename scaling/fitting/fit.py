@@ -116,16 +116,32 @@ class FitResult:
         }
         if self.law.derived is not None:
             out["derived"] = {k: float(v[i]) for k, v in self.derived.items()}
-            out["derived_intervals"] = {k: [float(v[i, 0]), float(v[i, 1])]
-                                        for k, v in self.derived_intervals.items()}
+            out["derived_intervals"] = {
+                k: [float(v[i, 0]), float(v[i, 1])] for k, v in self.derived_intervals.items()
+            }
         return out
 
 
-def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: float = 1e-3,
-        bootstrap: int = 0, seed: int = 0, max_iter: int = 500, tol: float = 1e-9,
-        init_grid: Mapping | None = None, fixed: Mapping | None = None,
-        confidence: float = 0.95, keep_starts: int | None = None, varpro: bool = False,
-        starts=None, resample: str = "cases") -> FitResult:
+def fit(
+    law: str | Law,
+    x,
+    y,
+    mask=None,
+    *,
+    objective: str = "huber",
+    delta: float = 1e-3,
+    bootstrap: int = 0,
+    seed: int = 0,
+    max_iter: int = 500,
+    tol: float = 1e-9,
+    init_grid: Mapping | None = None,
+    fixed: Mapping | None = None,
+    confidence: float = 0.95,
+    keep_starts: int | None = None,
+    varpro: bool = False,
+    starts=None,
+    resample: str = "cases",
+) -> FitResult:
     """Fit `law` to each curve of (x, y) where `mask` is true; see the module docstring.
 
     objective: "huber" (with `delta`, on log residuals) or "lsq".
@@ -157,9 +173,18 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
     if resample not in RESAMPLES:
         raise UserError(f"resample {resample!r} is not one of {', '.join(RESAMPLES)}")
     if resample == "residuals" and bootstrap:
-        options = dict(objective=objective, delta=delta, max_iter=max_iter, tol=tol,
-                       init_grid=init_grid, fixed=fixed, confidence=confidence,
-                       keep_starts=keep_starts, varpro=varpro, starts=starts)
+        options = dict(
+            objective=objective,
+            delta=delta,
+            max_iter=max_iter,
+            tol=tol,
+            init_grid=init_grid,
+            fixed=fixed,
+            confidence=confidence,
+            keep_starts=keep_starts,
+            varpro=varpro,
+            starts=starts,
+        )
         point = fit(law, x, y, mask, **options)
         return _residual_bootstrap(point, x, y, mask, bootstrap, seed, options)
     fixed_values = check_fixed(law, fixed, len(y))
@@ -168,53 +193,131 @@ def fit(law: str | Law, x, y, mask=None, *, objective: str = "huber", delta: flo
     short = np.flatnonzero(n_points < len(free))
     if short.size:
         c = int(short[0])
-        raise UserError(f"curve {c} has {n_points[c]} valid points but law {law.name!r} has "
-                        f"{len(free)} free parameters; give it more points, pin some with "
-                        "fixed=, or drop the curve")
+        raise UserError(
+            f"curve {c} has {n_points[c]} valid points but law {law.name!r} has "
+            f"{len(free)} free parameters; give it more points, pin some with "
+            "fixed=, or drop the curve"
+        )
     if varpro:
         if keep_starts is not None:
-            raise UserError("keep_starts screens the start grid of a full fit; varpro searches "
-                            "only the exponents from every start: use one or the other")
-        return _fit_varpro(law, x, y, mask, fixed_values, objective=objective, delta=delta,
-                           bootstrap=bootstrap, seed=seed, max_iter=max_iter, tol=tol,
-                           init_grid=init_grid, confidence=confidence)
+            raise UserError(
+                "keep_starts screens the start grid of a full fit; varpro searches "
+                "only the exponents from every start: use one or the other"
+            )
+        return _fit_varpro(
+            law,
+            x,
+            y,
+            mask,
+            fixed_values,
+            objective=objective,
+            delta=delta,
+            bootstrap=bootstrap,
+            seed=seed,
+            max_iter=max_iter,
+            tol=tol,
+            init_grid=init_grid,
+            confidence=confidence,
+        )
     if starts is None:
         starts = law.grid_points(free, merged_grid(law, init_grid))
-    starts = np.broadcast_to(np.asarray(starts, float).reshape(-1, *np.shape(starts)[-2:]),
-                             (len(y), np.shape(starts)[-2], len(free)))
-    spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), int(bootstrap),
-                 _chunk_size(y.shape[1]), int(keep_starts or 0), min(SCREEN_EVALS, max_iter),
-                 ())
-    fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
+    starts = np.broadcast_to(
+        np.asarray(starts, float).reshape(-1, *np.shape(starts)[-2:]),
+        (len(y), np.shape(starts)[-2], len(free)),
+    )
+    spec = _Spec(
+        law,
+        free,
+        tuple(fixed_values),
+        objective,
+        int(max_iter),
+        int(bootstrap),
+        _chunk_size(y.shape[1]),
+        int(keep_starts or 0),
+        min(SCREEN_EVALS, max_iter),
+        (),
+    )
+    fixed_array = (
+        np.stack([fixed_values[k] for k in spec.fixed], axis=1)
+        if fixed_values
         else np.zeros((len(y), 0))
+    )
     with jax.enable_x64(True):
-        out = _compiled_program()(spec, np.log(x), np.log(y), mask, fixed_array, starts,
-                                  float(tol), float(delta), jax.random.key(seed))
+        out = _compiled_program()(
+            spec,
+            np.log(x),
+            np.log(y),
+            mask,
+            fixed_array,
+            starts,
+            float(tol),
+            float(delta),
+            jax.random.key(seed),
+        )
         out = jax.tree.map(np.asarray, out)
     return _result(spec, out, fixed_values, n_points, confidence, starts.shape[1])
 
 
-def _fit_varpro(law, x, y, mask, fixed_values, *, objective, delta, bootstrap, seed, max_iter,
-                tol, init_grid, confidence) -> FitResult:
+def _fit_varpro(
+    law,
+    x,
+    y,
+    mask,
+    fixed_values,
+    *,
+    objective,
+    delta,
+    bootstrap,
+    seed,
+    max_iter,
+    tol,
+    init_grid,
+    confidence,
+) -> FitResult:
     """Exponents by BFGS with projected coefficients, then a full-fit polish; see scaling.varpro."""
     projected = vp.check_law(law, fixed_values)
     free = tuple(k for k in law.param_names if k not in fixed_values and k not in projected)
     starts = law.grid_points(free, merged_grid(law, init_grid))
-    spec = _Spec(law, free, tuple(fixed_values), objective, int(max_iter), 0,
-                 _chunk_size(y.shape[1]), 0, min(SCREEN_EVALS, max_iter), projected)
-    fixed_array = np.stack([fixed_values[k] for k in spec.fixed], axis=1) if fixed_values \
+    spec = _Spec(
+        law,
+        free,
+        tuple(fixed_values),
+        objective,
+        int(max_iter),
+        0,
+        _chunk_size(y.shape[1]),
+        0,
+        min(SCREEN_EVALS, max_iter),
+        projected,
+    )
+    fixed_array = (
+        np.stack([fixed_values[k] for k in spec.fixed], axis=1)
+        if fixed_values
         else np.zeros((len(y), 0))
+    )
     with jax.enable_x64(True):
-        out = _compiled_program()(spec, np.log(x), np.log(y), mask, fixed_array,
-                                  np.broadcast_to(starts, (len(y),) + starts.shape),
-                                  float(tol), float(delta), jax.random.key(seed))
+        out = _compiled_program()(
+            spec,
+            np.log(x),
+            np.log(y),
+            mask,
+            fixed_array,
+            np.broadcast_to(starts, (len(y),) + starts.shape),
+            float(tol),
+            float(delta),
+            jax.random.key(seed),
+        )
         out = jax.tree.map(np.asarray, out)
         coef = jax.jit(jax.vmap(partial(_projected, spec)))(
-            out["theta"], np.log(x), np.log(y), mask.astype(float), fixed_array)
+            out["theta"], np.log(x), np.log(y), mask.astype(float), fixed_array
+        )
         coef = {k: np.asarray(v) for k, v in coef.items()}
-    stage = {"objective": out["objective"], "n_starts": len(starts),
-             "n_starts_converged": out["n_starts_converged"].astype(int),
-             "n_evaluations": int(out["evaluations"])}
+    stage = {
+        "objective": out["objective"],
+        "n_starts": len(starts),
+        "n_starts_converged": out["n_starts_converged"].astype(int),
+        "n_evaluations": int(out["evaluations"]),
+    }
     # The polish: a full fit of every free parameter from the projected optimum.
     full_free = tuple(k for k in law.param_names if k not in fixed_values)
     exponents = _to_natural(spec, out["theta"], {})
@@ -225,9 +328,21 @@ def _fit_varpro(law, x, y, mask, fixed_values, *, objective, delta, bootstrap, s
             point.append(np.log(np.maximum(coef[k], 1e-12 * y.max(axis=1))))
         else:
             point.append(exponents[k] if k not in law.positive else np.log(exponents[k]))
-    polished = fit(law, x, y, mask, objective=objective, delta=delta, bootstrap=bootstrap,
-                   seed=seed, max_iter=max_iter, tol=tol, fixed=fixed_values or None,
-                   confidence=confidence, starts=np.stack(point, axis=-1)[:, None, :])
+    polished = fit(
+        law,
+        x,
+        y,
+        mask,
+        objective=objective,
+        delta=delta,
+        bootstrap=bootstrap,
+        seed=seed,
+        max_iter=max_iter,
+        tol=tol,
+        fixed=fixed_values or None,
+        confidence=confidence,
+        starts=np.stack(point, axis=-1)[:, None, :],
+    )
     return dataclasses.replace(polished, varpro=stage)
 
 
@@ -282,8 +397,9 @@ def _natural(spec: _Spec, theta, fixed) -> dict:
 def _objective(spec: _Spec, delta, theta, data: _Data):
     params = _natural(spec, theta, data.fixed)
     if spec.projected:
-        params.update(vp.coefficients(spec.law, params, spec.projected, data.log_x, data.log_y,
-                                      data.weight))
+        params.update(
+            vp.coefficients(spec.law, params, spec.projected, data.log_x, data.log_y, data.weight)
+        )
         log_pred = vp.predict_log(spec.law, params, data.log_x)
     else:
         log_pred = spec.law.predict_log(params, data.log_x)
@@ -347,16 +463,20 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
         """The phase's results as [groups, members, ...] (task t is member t % members
         of group t // members; a group is a curve, or in BOOT a resample of one)."""
         size = groups[phase] * members[phase]
-        return jax.tree.map(lambda a: a[:size].reshape(groups[phase], members[phase],
-                                                       *a.shape[1:]), sol)
+        return jax.tree.map(
+            lambda a: a[:size].reshape(groups[phase], members[phase], *a.shape[1:]), sol
+        )
 
     def best_of(sol: Solution, phase, k):
         """Each curve's k lowest-objective results of `phase`, flattened to tasks."""
         grid = per_group(sol, phase)
         best = jnp.argsort(grid.f, axis=1)[:, :k]
-        return jax.tree.map(lambda a: jnp.take_along_axis(
-            a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1).reshape(
-            -1, *a.shape[2:]), grid)
+        return jax.tree.map(
+            lambda a: jnp.take_along_axis(
+                a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1
+            ).reshape(-1, *a.shape[2:]),
+            grid,
+        )
 
     def run_phases(phases, dtype, gtol_per_point, task_fns, results=None):
         """Run `phases` in order with one solver traced at `dtype`; returns phase -> Solution."""
@@ -368,8 +488,7 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
         smallest = min(groups[p] * members[p] for p in phases)
         chunk = min(spec.chunk, max(16, -(-smallest // 8) * 8))
         task = jnp.arange(n_tasks)
-        data_x, data_y, data_w, data_f = (a.astype(dtype) for a in (log_x, log_y, weight,
-                                                                     fixed))
+        data_x, data_y, data_w, data_f = (a.astype(dtype) for a in (log_x, log_y, weight, fixed))
         value_and_grad = jax.value_and_grad(partial(_objective, spec, delta))
         eye = jnp.broadcast_to(jnp.eye(n_free, dtype=dtype), (n_tasks, n_free, n_free))
 
@@ -387,49 +506,72 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
             def load(ids):
                 w = data_w[curve[ids]]
                 if BOOT in phases:
-                    w = jax.lax.cond(phase == BOOT, lambda: draw(group[ids]).astype(dtype),
-                                     lambda: w)
+                    w = jax.lax.cond(
+                        phase == BOOT, lambda: draw(group[ids]).astype(dtype), lambda: w
+                    )
                 return _Data(data_x[curve[ids]], data_y[curve[ids]], w, data_f[curve[ids]])
 
             gtol = (gtol_per_point * n_valid[curve]).astype(dtype)
-            sol = minimize_tasks(value_and_grad, load, x0, gtol, active, h0, warm,
-                                 max_evals=max_evals, chunk=chunk)
-            return {**results,
-                    **{p: jax.tree.map(partial(jnp.where, phase == p), sol, results[p])
-                       for p in phases}}
+            sol = minimize_tasks(
+                value_and_grad, load, x0, gtol, active, h0, warm, max_evals=max_evals, chunk=chunk
+            )
+            return {
+                **results,
+                **{
+                    p: jax.tree.map(partial(jnp.where, phase == p), sol, results[p]) for p in phases
+                },
+            }
 
-        empty = Solution(jnp.zeros((n_tasks, n_free), dtype), jnp.full(n_tasks, jnp.inf, dtype),
-                         jnp.zeros(n_tasks, bool), jnp.zeros(n_tasks, jnp.int32), eye,
-                         jnp.zeros(n_tasks, bool))
-        return jax.lax.fori_loop(0, len(phases), run_phase,
-                                 {**(results or {}), **{p: empty for p in phases}})
+        empty = Solution(
+            jnp.zeros((n_tasks, n_free), dtype),
+            jnp.full(n_tasks, jnp.inf, dtype),
+            jnp.zeros(n_tasks, bool),
+            jnp.zeros(n_tasks, jnp.int32),
+            eye,
+            jnp.zeros(n_tasks, bool),
+        )
+        return jax.lax.fori_loop(
+            0, len(phases), run_phase, {**(results or {}), **{p: empty for p in phases}}
+        )
 
     # Each phase's tasks: (x0, h0, warm, active, max_evals).
     def grid_tasks(results, pad, eye, task):
-        return (pad(starts.reshape(-1, n_free)), eye, jnp.zeros(len(task), bool),
-                task < n_curves * n_starts, spec.screen if FINISH in search else spec.max_iter)
+        return (
+            pad(starts.reshape(-1, n_free)),
+            eye,
+            jnp.zeros(len(task), bool),
+            task < n_curves * n_starts,
+            spec.screen if FINISH in search else spec.max_iter,
+        )
 
     def finish_tasks(results, pad, eye, task):
         # Continue each curve's `keep` best screened starts, curvature estimate and all.
         chosen = best_of(results[GRID], GRID, keep)
-        return (pad(chosen.x), pad(chosen.h), pad(chosen.scaled), pad(jnp.isfinite(chosen.f)),
-                spec.max_iter)
+        return (
+            pad(chosen.x),
+            pad(chosen.h),
+            pad(chosen.scaled),
+            pad(jnp.isfinite(chosen.f)),
+            spec.max_iter,
+        )
 
     def polish_tasks(results, pad, eye, task):
         found = per_group(results[search[-1]], search[-1])
-        x0, h0, warm, used = jax.vmap(partial(_distinct_minima, k=polish, near_tie=POLISH_TIE,
-                                              converged_only=False))(
-            found.x, found.f, found.converged, found.h, found.scaled)
+        x0, h0, warm, used = jax.vmap(
+            partial(_distinct_minima, k=polish, near_tie=POLISH_TIE, converged_only=False)
+        )(found.x, found.f, found.converged, found.h, found.scaled)
         flat = lambda a: pad(a.reshape(-1, *a.shape[2:]))  # noqa: E731
         return flat(x0), flat(h0), flat(warm), flat(used), spec.max_iter
 
     def boot_tasks(results, pad, eye, task):
         fits = per_group(results[POLISH], POLISH)
-        x0, h0, warm, used = jax.vmap(partial(_distinct_minima, k=BOOTSTRAP_STARTS,
-                                              near_tie=NEAR_TIE))(
-            fits.x, fits.f, fits.converged, fits.h, fits.scaled)
-        tile = lambda a: pad(jnp.tile(a.reshape(-1, *a.shape[2:]),  # noqa: E731
-                                      (spec.n_boot,) + (1,) * (a.ndim - 2)))
+        x0, h0, warm, used = jax.vmap(
+            partial(_distinct_minima, k=BOOTSTRAP_STARTS, near_tie=NEAR_TIE)
+        )(fits.x, fits.f, fits.converged, fits.h, fits.scaled)
+
+        def tile(a):
+            return pad(jnp.tile(a.reshape(-1, *a.shape[2:]), (spec.n_boot,) + (1,) * (a.ndim - 2)))
+
         return tile(x0), tile(h0), tile(warm), tile(used), spec.max_iter
 
     task_fns = {GRID: grid_tasks, FINISH: finish_tasks, POLISH: polish_tasks, BOOT: boot_tasks}
@@ -437,18 +579,24 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
     # evaluation, which wants float64 throughout.
     search_dtype = log_y.dtype if spec.projected else SEARCH_DTYPE
     found = run_phases(search, search_dtype, jnp.maximum(tol, SEARCH_TOL), task_fns)
-    found = {p: jax.tree.map(lambda a: a.astype(log_y.dtype)
-                             if jnp.issubdtype(a.dtype, jnp.floating) else a, sol)
-             for p, sol in found.items()}
+    found = {
+        p: jax.tree.map(
+            lambda a: a.astype(log_y.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, sol
+        )
+        for p, sol in found.items()
+    }
     results = run_phases(refine, log_y.dtype, tol, task_fns, found)
 
     searched = per_group(results[search[-1]], search[-1])
     fits = per_group(results[POLISH], POLISH)
     rows, best = jnp.arange(n_curves), jnp.argmin(fits.f, axis=1)
-    out = {"theta": fits.x[rows, best], "objective": fits.f[rows, best],
-           "converged": fits.converged[rows, best],
-           "n_starts_converged": searched.converged.sum(axis=1),
-           "evaluations": sum(results[p].evals.sum() for p in search + [POLISH])}
+    out = {
+        "theta": fits.x[rows, best],
+        "objective": fits.f[rows, best],
+        "converged": fits.converged[rows, best],
+        "n_starts_converged": searched.converged.sum(axis=1),
+        "evaluations": sum(results[p].evals.sum() for p in search + [POLISH]),
+    }
     if spec.n_boot:
         refits = per_group(results[BOOT], BOOT)
         pairs, best = jnp.arange(spec.n_boot * n_curves), jnp.argmin(refits.f, axis=1)
@@ -493,8 +641,9 @@ def bootstrap_weights(mask, n_resamples: int, seed: int = 0) -> np.ndarray:
     mask = np.asarray(mask, bool).reshape(-1, np.shape(mask)[-1])
     with jax.enable_x64(True):
         draw = jax.jit(jax.vmap(_resample, in_axes=(None, None, None, 0)))
-        weights = draw(jax.random.key(seed), *_valid_first(mask),
-                       jnp.arange(n_resamples * mask.shape[0]))
+        weights = draw(
+            jax.random.key(seed), *_valid_first(mask), jnp.arange(n_resamples * mask.shape[0])
+        )
         return np.asarray(weights).reshape(n_resamples, *mask.shape)
 
 
@@ -543,15 +692,30 @@ def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResul
         if law.derived is not None:
             derived_intervals = {
                 k: np.nanpercentile(np.asarray(v, float), [tail, 100 - tail], axis=0).T
-                for k, v in law.derived(samples).items()}
-    return FitResult(law, params, intervals, out["objective"], out["converged"],
-                     n_points.astype(int), n_starts, out["n_starts_converged"].astype(int),
-                     int(out["evaluations"]), spec.fixed, confidence, boot, boot_objective,
-                     derived, derived_intervals)
+                for k, v in law.derived(samples).items()
+            }
+    return FitResult(
+        law,
+        params,
+        intervals,
+        out["objective"],
+        out["converged"],
+        n_points.astype(int),
+        n_starts,
+        out["n_starts_converged"].astype(int),
+        int(out["evaluations"]),
+        spec.fixed,
+        confidence,
+        boot,
+        boot_objective,
+        derived,
+        derived_intervals,
+    )
 
 
-def _residual_bootstrap(point: FitResult, x, y, mask, n_resamples: int, seed: int,
-                        options: dict) -> FitResult:
+def _residual_bootstrap(
+    point: FitResult, x, y, mask, n_resamples: int, seed: int, options: dict
+) -> FitResult:
     """`point` with intervals from refits of (fitted curve x resampled residual ratios).
 
     The resamples are ordinary curves to the fitter (n_resamples x n_curves of
@@ -565,21 +729,34 @@ def _residual_bootstrap(point: FitResult, x, y, mask, n_resamples: int, seed: in
     residual = np.where(mask, np.log(y) - log_fitted, 0.0)
     rng = np.random.default_rng(seed)
     order, n_valid = (np.asarray(a) for a in _valid_first(mask))
-    picks = np.floor(rng.random((n_resamples, n_curves, y.shape[1]))
-                     * n_valid[None, :, None]).astype(int)
-    drawn = np.take_along_axis(residual[None], np.take_along_axis(
-        np.broadcast_to(order, picks.shape), picks, axis=2), axis=2)
+    picks = np.floor(
+        rng.random((n_resamples, n_curves, y.shape[1])) * n_valid[None, :, None]
+    ).astype(int)
+    drawn = np.take_along_axis(
+        residual[None],
+        np.take_along_axis(np.broadcast_to(order, picks.shape), picks, axis=2),
+        axis=2,
+    )
     resampled = np.exp(log_fitted[None] + drawn)
     resampled = np.where(mask[None], resampled, y[None])
     tile = lambda a: np.broadcast_to(a, (n_resamples, *a.shape)).reshape(-1, *a.shape[1:])  # noqa: E731
     fixed, starts = options.pop("fixed"), options.pop("starts")
     if fixed:
-        fixed = {k: np.tile(np.broadcast_to(np.asarray(v, float), (n_curves,)), n_resamples)
-                 for k, v in fixed.items()}
+        fixed = {
+            k: np.tile(np.broadcast_to(np.asarray(v, float), (n_curves,)), n_resamples)
+            for k, v in fixed.items()
+        }
     if starts is not None and np.ndim(starts) == 3:  # one grid per curve
         starts = tile(np.asarray(starts, float))
-    refits = fit(law, tile(x), resampled.reshape(-1, y.shape[1]), tile(mask), fixed=fixed,
-                 starts=starts, **options)
+    refits = fit(
+        law,
+        tile(x),
+        resampled.reshape(-1, y.shape[1]),
+        tile(mask),
+        fixed=fixed,
+        starts=starts,
+        **options,
+    )
     tail = 100 * (1 - point.confidence) / 2
     free = [k for k in law.param_names if k not in point.fixed]
     boot = {k: refits.params[k].reshape(n_resamples, n_curves) for k in free}
@@ -588,13 +765,17 @@ def _residual_bootstrap(point: FitResult, x, y, mask, n_resamples: int, seed: in
     if law.derived is not None:
         derived_intervals = {
             k: np.nanpercentile(np.asarray(v, float), [tail, 100 - tail], axis=0).T
-            for k, v in law.derived(boot | {k: np.broadcast_to(params[k], (n_resamples,
-                                                                          n_curves))
-                                            for k in point.fixed}).items()}
-    return dataclasses.replace(point, intervals=intervals, bootstrap_params=boot,
-                               bootstrap_objective=refits.objective.reshape(n_resamples,
-                                                                            n_curves),
-                               derived_intervals=derived_intervals)
+            for k, v in law.derived(
+                boot | {k: np.broadcast_to(params[k], (n_resamples, n_curves)) for k in point.fixed}
+            ).items()
+        }
+    return dataclasses.replace(
+        point,
+        intervals=intervals,
+        bootstrap_params=boot,
+        bootstrap_objective=refits.objective.reshape(n_resamples, n_curves),
+        derived_intervals=derived_intervals,
+    )
 
 
 def _to_natural(spec, theta, fixed_values) -> dict[str, np.ndarray]:

@@ -33,14 +33,20 @@ def as_curves(law: Law, x, y, mask):
         x = x[None]
     elif x.ndim == 3 and x.shape[:2] == (n_curves, n_points):
         if x.shape[2] != k:
-            raise UserError(f"x has {x.shape[2]} input columns but law {law.name!r} "
-                            f"({law.formula}) takes {k}; pass one column per input")
+            raise UserError(
+                f"x has {x.shape[2]} input columns but law {law.name!r} "
+                f"({law.formula}) takes {k}; pass one column per input"
+            )
     elif x.ndim >= 2 and x.shape[-1] != k and x.shape[-2] == n_points:
-        raise UserError(f"x has {x.shape[-1]} input columns but law {law.name!r} "
-                        f"({law.formula}) takes {k}; pass one column per input")
+        raise UserError(
+            f"x has {x.shape[-1]} input columns but law {law.name!r} "
+            f"({law.formula}) takes {k}; pass one column per input"
+        )
     else:
-        raise UserError(f"x has shape {x.shape} but y has shape {y.shape}; give x as "
-                        f"[n_curves, n_points, n_inputs] = [{n_curves}, {n_points}, {k}]")
+        raise UserError(
+            f"x has shape {x.shape} but y has shape {y.shape}; give x as "
+            f"[n_curves, n_points, n_inputs] = [{n_curves}, {n_points}, {k}]"
+        )
     x = np.broadcast_to(x, (n_curves, n_points, k))
 
     if mask is None:
@@ -48,17 +54,20 @@ def as_curves(law: Law, x, y, mask):
     else:
         mask = np.asarray(mask)
         if mask.dtype != bool or mask.shape not in (given_shape, y.shape):
-            raise UserError(f"mask must be booleans shaped like y {given_shape}, got "
-                            f"{mask.dtype} {mask.shape}")
+            raise UserError(
+                f"mask must be booleans shaped like y {given_shape}, got {mask.dtype} {mask.shape}"
+            )
         mask = mask.reshape(y.shape)
     for name, values in (("x", x), ("y", y[..., None])):
         bad = mask[..., None] & ~(np.isfinite(values) & (values > 0))
         if bad.any():
             c, p, j = (int(i) for i in np.argwhere(bad)[0])
             column = f" (input {j})" if values.shape[-1] > 1 else ""
-            raise UserError(f"curve {c}, point {p}: {name}{column} = {values[c, p, j]} is not a "
-                            f"positive finite number; fix it or mask it out (mask[{c}, {p}] = "
-                            "False)")
+            raise UserError(
+                f"curve {c}, point {p}: {name}{column} = {values[c, p, j]} is not a "
+                f"positive finite number; fix it or mask it out (mask[{c}, {p}] = "
+                "False)"
+            )
     # Padding takes the values of the curve's first valid point, so it stays
     # finite through every law (its weight is zero either way).
     first = np.argmax(mask, axis=1)
@@ -72,8 +81,9 @@ def _numbers(name, values) -> np.ndarray:
     try:
         return np.asarray(values, float)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be an array of numbers, got {type(values).__name__}; "
-                        "convert it first") from None
+        raise UserError(
+            f"{name} must be an array of numbers, got {type(values).__name__}; convert it first"
+        ) from None
 
 
 # Every resample is a fit held in memory at once: beyond this the fitter asks
@@ -87,15 +97,19 @@ def check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_
     if not (math.isfinite(delta) and delta > 0):
         raise UserError(f"delta = {delta} must be a positive number (Chinchilla uses 1e-3)")
     if int(bootstrap) != bootstrap or not 0 <= bootstrap <= MAX_BOOTSTRAP:
-        raise UserError(f"bootstrap = {bootstrap} must be a whole number from 0 to "
-                        f"{MAX_BOOTSTRAP:,} (1000 gives 95% intervals to about 1%)")
+        raise UserError(
+            f"bootstrap = {bootstrap} must be a whole number from 0 to "
+            f"{MAX_BOOTSTRAP:,} (1000 gives 95% intervals to about 1%)"
+        )
     if int(max_iter) != max_iter or max_iter < 1:
         raise UserError(f"max_iter = {max_iter} must be a whole number >= 1")
     if not (math.isfinite(tol) and tol >= 0):
         raise UserError(f"tol = {tol} must be a number >= 0")
     if keep_starts is not None and (int(keep_starts) != keep_starts or keep_starts < 1):
-        raise UserError(f"keep_starts = {keep_starts} must be a whole number >= 1, or None to "
-                        "run every start to the end")
+        raise UserError(
+            f"keep_starts = {keep_starts} must be a whole number >= 1, or None to "
+            "run every start to the end"
+        )
     if not 0 < confidence < 1:
         raise UserError(f"confidence = {confidence} must lie strictly between 0 and 1, e.g. 0.95")
 
@@ -104,18 +118,24 @@ def check_fixed(law: Law, fixed, n_curves) -> dict[str, np.ndarray]:
     values = {}
     for name, value in (fixed or {}).items():
         if name not in law.param_names:
-            raise UserError(f"fixed parameter {name!r} is not one of law {law.name!r}'s "
-                            f"parameters {law.param_names}")
+            raise UserError(
+                f"fixed parameter {name!r} is not one of law {law.name!r}'s "
+                f"parameters {law.param_names}"
+            )
         v = np.asarray(value, float)
         if v.ndim > 1 or v.size not in (1, n_curves):
-            raise UserError(f"fixed {name} must be one number or one per curve ({n_curves}), "
-                            f"got shape {v.shape}")
+            raise UserError(
+                f"fixed {name} must be one number or one per curve ({n_curves}), "
+                f"got shape {v.shape}"
+            )
         v = np.broadcast_to(v.reshape(-1), (n_curves,))
         ok = np.isfinite(v) & ((v > 0) if name in law.positive else True)
         if not ok.all():
             c = int(np.flatnonzero(~ok)[0])
-            raise UserError(f"curve {c}: fixed {name} = {v[c]} must be finite"
-                            + (" and positive" if name in law.positive else ""))
+            raise UserError(
+                f"curve {c}: fixed {name} = {v[c]} must be finite"
+                + (" and positive" if name in law.positive else "")
+            )
         values[name] = v.copy()
     if len(values) == len(law.param_names):
         raise UserError(f"every parameter of law {law.name!r} is fixed; leave one free to fit")
@@ -126,11 +146,14 @@ def merged_grid(law: Law, init_grid) -> dict[str, tuple[float, ...]]:
     grid = dict(law.init_grid)
     for name, values in (init_grid or {}).items():
         if name not in law.param_names:
-            raise UserError(f"init_grid names {name!r}, not a parameter of law {law.name!r} "
-                            f"{law.param_names}")
+            raise UserError(
+                f"init_grid names {name!r}, not a parameter of law {law.name!r} {law.param_names}"
+            )
         values = tuple(float(v) for v in np.atleast_1d(values))
         if not values or not all(math.isfinite(v) for v in values):
-            raise UserError(f"init_grid[{name!r}] must hold finite starting values (log for "
-                            "positive parameters)")
+            raise UserError(
+                f"init_grid[{name!r}] must hold finite starting values (log for "
+                "positive parameters)"
+            )
         grid[name] = values
     return grid

@@ -74,16 +74,21 @@ class Law:
     def __post_init__(self):
         names = tuple(self.param_names)
         if len(set(names)) != len(names) or not names:
-            raise UserError(f"law {self.name!r}: param_names {names} must be distinct and "
-                            "non-empty")
+            raise UserError(
+                f"law {self.name!r}: param_names {names} must be distinct and non-empty"
+            )
         positive = frozenset(self.positive)
         if not positive <= set(names):
-            raise UserError(f"law {self.name!r}: positive names {sorted(positive - set(names))} "
-                            f"are not parameters; use names from {names}")
+            raise UserError(
+                f"law {self.name!r}: positive names {sorted(positive - set(names))} "
+                f"are not parameters; use names from {names}"
+            )
         grid = {k: tuple(float(v) for v in np.atleast_1d(vs)) for k, vs in self.init_grid.items()}
         if set(grid) != set(names) or not all(grid.values()):
-            raise UserError(f"law {self.name!r}: init_grid needs a non-empty tuple for each of "
-                            f"{names}, got keys {sorted(grid)}")
+            raise UserError(
+                f"law {self.name!r}: init_grid needs a non-empty tuple for each of "
+                f"{names}, got keys {sorted(grid)}"
+            )
         if int(self.n_inputs) < 1:
             raise UserError(f"law {self.name!r}: n_inputs must be at least 1")
         object.__setattr__(self, "param_names", names)
@@ -98,13 +103,17 @@ class Law:
             x = x[..., None]
         return jnp.exp(self.predict_log(dict(params), jnp.log(x)))
 
-    def grid_points(self, names: tuple[str, ...] | None = None,
-                    grid: Mapping[str, tuple[float, ...]] | None = None) -> np.ndarray:
+    def grid_points(
+        self,
+        names: tuple[str, ...] | None = None,
+        grid: Mapping[str, tuple[float, ...]] | None = None,
+    ) -> np.ndarray:
         """Cartesian product of the init grid over `names`: [n_starts, len(names)], fitted space."""
         names = self.param_names if names is None else names
         grid = self.init_grid if grid is None else grid
         return np.array(list(itertools.product(*(grid[k] for k in names))), float).reshape(
-            -1, len(names))
+            -1, len(names)
+        )
 
 
 LAWS: dict[str, Law] = {}
@@ -113,8 +122,10 @@ LAWS: dict[str, Law] = {}
 def register(law: Law, *, replace: bool = False) -> Law:
     """Add `law` to `LAWS` under its name (a taken name needs replace=True)."""
     if law.name in LAWS and not replace:
-        raise UserError(f"a law named {law.name!r} is already registered; pick another name "
-                        "or pass replace=True")
+        raise UserError(
+            f"a law named {law.name!r} is already registered; pick another name "
+            "or pass replace=True"
+        )
     LAWS[law.name] = law
     return law
 
@@ -169,8 +180,14 @@ def _saturating_basis(p, log_x):
 
 
 def _chinchilla_basis(p, log_x):
-    return jnp.stack([jnp.ones_like(log_x[..., 0]), jnp.exp(-p["alpha"] * log_x[..., 0]),
-                      jnp.exp(-p["beta"] * log_x[..., 1])], -1)
+    return jnp.stack(
+        [
+            jnp.ones_like(log_x[..., 0]),
+            jnp.exp(-p["alpha"] * log_x[..., 0]),
+            jnp.exp(-p["beta"] * log_x[..., 1]),
+        ],
+        -1,
+    )
 
 
 def _chinchilla_derived(p):
@@ -192,50 +209,92 @@ def compute_optimal(params: Mapping, compute) -> tuple[np.ndarray, np.ndarray]:
     return g * half ** (beta / (alpha + beta)), half ** (alpha / (alpha + beta)) / g
 
 
-POWER = register(Law(
-    name="power", param_names=("x_c", "alpha"), n_inputs=1, predict_log=_power,
-    positive=("x_c",),
-    init_grid={"x_c": (0.0, 10.0, 20.0, 30.0, 40.0), "alpha": (0.05, 0.2, 0.5, 1.0)},
-    formula="L = (x_c / x)^alpha",
-))
-SATURATING = register(Law(
-    name="saturating", param_names=("E", "A", "alpha"), n_inputs=1, predict_log=_saturating,
-    positive=("E", "A"),
-    init_grid={"E": (-1.0, 0.5, 2.0), "A": (0.0, 4.0, 8.0), "alpha": (0.2, 0.6, 1.2)},
-    formula="L = E + A x^-alpha",
-    linear=(("E", "A"), _saturating_basis),
-))
-KAPLAN_ND = register(Law(
-    name="kaplan_nd", param_names=("N_c", "alpha_N", "D_c", "alpha_D"), n_inputs=2,
-    predict_log=_kaplan_nd, positive=("N_c", "D_c"),
-    init_grid={"N_c": (10.0, 20.0, 30.0, 40.0), "alpha_N": (0.05, 0.2, 0.5),
-               "D_c": (10.0, 20.0, 30.0, 40.0), "alpha_D": (0.05, 0.2, 0.5)},
-    formula="L = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D",
-))
-KAPLAN_NS = register(Law(
-    name="kaplan_ns", param_names=("N_c", "alpha_N", "S_c", "alpha_S"), n_inputs=2,
-    predict_log=_kaplan_ns, positive=("N_c", "S_c"),
-    init_grid={"N_c": (10.0, 20.0, 30.0, 40.0), "alpha_N": (0.05, 0.2, 0.5),
-               "S_c": (0.0, 5.0, 10.0, 15.0), "alpha_S": (0.1, 0.5, 1.0)},
-    formula="L = (N_c / N)^alpha_N + (S_c / S)^alpha_S",
-))
+POWER = register(
+    Law(
+        name="power",
+        param_names=("x_c", "alpha"),
+        n_inputs=1,
+        predict_log=_power,
+        positive=("x_c",),
+        init_grid={"x_c": (0.0, 10.0, 20.0, 30.0, 40.0), "alpha": (0.05, 0.2, 0.5, 1.0)},
+        formula="L = (x_c / x)^alpha",
+    )
+)
+SATURATING = register(
+    Law(
+        name="saturating",
+        param_names=("E", "A", "alpha"),
+        n_inputs=1,
+        predict_log=_saturating,
+        positive=("E", "A"),
+        init_grid={"E": (-1.0, 0.5, 2.0), "A": (0.0, 4.0, 8.0), "alpha": (0.2, 0.6, 1.2)},
+        formula="L = E + A x^-alpha",
+        linear=(("E", "A"), _saturating_basis),
+    )
+)
+KAPLAN_ND = register(
+    Law(
+        name="kaplan_nd",
+        param_names=("N_c", "alpha_N", "D_c", "alpha_D"),
+        n_inputs=2,
+        predict_log=_kaplan_nd,
+        positive=("N_c", "D_c"),
+        init_grid={
+            "N_c": (10.0, 20.0, 30.0, 40.0),
+            "alpha_N": (0.05, 0.2, 0.5),
+            "D_c": (10.0, 20.0, 30.0, 40.0),
+            "alpha_D": (0.05, 0.2, 0.5),
+        },
+        formula="L = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D",
+    )
+)
+KAPLAN_NS = register(
+    Law(
+        name="kaplan_ns",
+        param_names=("N_c", "alpha_N", "S_c", "alpha_S"),
+        n_inputs=2,
+        predict_log=_kaplan_ns,
+        positive=("N_c", "S_c"),
+        init_grid={
+            "N_c": (10.0, 20.0, 30.0, 40.0),
+            "alpha_N": (0.05, 0.2, 0.5),
+            "S_c": (0.0, 5.0, 10.0, 15.0),
+            "alpha_S": (0.1, 0.5, 1.0),
+        },
+        formula="L = (N_c / N)^alpha_N + (S_c / S)^alpha_S",
+    )
+)
 # The grid of Hoffmann et al. (2022) as Epoch's replication runs it: 4,500 starts.
-CHINCHILLA = register(Law(
-    name="chinchilla", param_names=("E", "A", "B", "alpha", "beta"), n_inputs=2,
-    predict_log=_chinchilla, positive=("E", "A", "B"),
-    init_grid={"E": (-1.0, -0.5, 0.0, 0.5, 1.0), "A": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-               "B": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
-               "beta": (0.0, 0.5, 1.0, 1.5, 2.0)},
-    formula="L = E + A / N^alpha + B / D^beta",
-    derived=_chinchilla_derived,
-    linear=(("E", "A", "B"), _chinchilla_basis),
-))
+CHINCHILLA = register(
+    Law(
+        name="chinchilla",
+        param_names=("E", "A", "B", "alpha", "beta"),
+        n_inputs=2,
+        predict_log=_chinchilla,
+        positive=("E", "A", "B"),
+        init_grid={
+            "E": (-1.0, -0.5, 0.0, 0.5, 1.0),
+            "A": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+            "B": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+            "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+            "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+        },
+        formula="L = E + A / N^alpha + B / D^beta",
+        derived=_chinchilla_derived,
+        linear=(("E", "A", "B"), _chinchilla_basis),
+    )
+)
 # Kaplan et al. 2020, section 5.1: the critical batch size (tokens) as a
 # function of the loss, fitted to (loss, gradient noise scale) points; the
 # paper finds B* ~ 2e8 tokens and alpha_B ~ 0.21 (loss in nats).
-B_CRIT = register(Law(
-    name="b_crit", param_names=("B_star", "alpha_B"), n_inputs=1, predict_log=_b_crit,
-    positive=("B_star", "alpha_B"),
-    init_grid={"B_star": (0.0, 5.0, 10.0, 15.0, 20.0), "alpha_B": (-3.0, -1.5, 0.0, 1.0)},
-    formula="B_crit = B_star / L^(1 / alpha_B)",
-))
+B_CRIT = register(
+    Law(
+        name="b_crit",
+        param_names=("B_star", "alpha_B"),
+        n_inputs=1,
+        predict_log=_b_crit,
+        positive=("B_star", "alpha_B"),
+        init_grid={"B_star": (0.0, 5.0, 10.0, 15.0, 20.0), "alpha_B": (-3.0, -1.5, 0.0, 1.0)},
+        formula="B_crit = B_star / L^(1 / alpha_B)",
+    )
+)

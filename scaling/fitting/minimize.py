@@ -93,11 +93,18 @@ def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> Tas
     rho = 1.0 / curvature
     # (I - rho s y^T) H (I - rho y s^T) + rho s s^T, expanded to avoid matrix products.
     h_dg = h0 @ dg
-    h_new = (h0 - rho * (jnp.outer(h_dg, dx) + jnp.outer(dx, h_dg))
-             + (rho + rho**2 * (dg @ h_dg)) * jnp.outer(dx, dx))
+    h_new = (
+        h0
+        - rho * (jnp.outer(h_dg, dx) + jnp.outer(dx, h_dg))
+        + (rho + rho**2 * (dg @ h_dg)) * jnp.outer(dx, dx)
+    )
     # In float32 a curvature pair of rounding noise can overflow rho: skip it.
-    update = (accept & ~first & (curvature > 1e-10 * jnp.linalg.norm(dx) * jnp.linalg.norm(dg))
-              & jnp.all(jnp.isfinite(h_new)))
+    update = (
+        accept
+        & ~first
+        & (curvature > 1e-10 * jnp.linalg.norm(dx) * jnp.linalg.norm(dg))
+        & jnp.all(jnp.isfinite(h_new))
+    )
 
     # Minimum of the quadratic through f(x), slope and f(trial), kept in [0.1, 0.5] step.
     excess = f_new - s.f - slope * s.step
@@ -118,16 +125,37 @@ def _iterate(value_and_grad, max_evals, window, ftol, s: TaskState, data) -> Tas
     window_end = evals % window == 0
     crawling = window_end & (s.f_window - f <= ftol * jnp.abs(f))
     done = (jnp.linalg.norm(g) <= s.gtol) | stalled | crawling | (evals >= max_evals)
-    new = TaskState(x, f, g, jnp.where(update, h_new, s.h), step, s.scaled | update, evals,
-                    jnp.where(window_end, f, s.f_window), done, s.gtol)
+    new = TaskState(
+        x,
+        f,
+        g,
+        jnp.where(update, h_new, s.h),
+        step,
+        s.scaled | update,
+        evals,
+        jnp.where(window_end, f, s.f_window),
+        done,
+        s.gtol,
+    )
     # A finished task keeps its state; its lane in the batch computes and discards.
     return jax.tree.map(lambda a, b: jnp.where(s.done, a, b), s, new)
 
 
-def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
-                   gtol: jnp.ndarray, active: jnp.ndarray, h0: jnp.ndarray | None = None,
-                   warm: jnp.ndarray | bool = False, *, max_evals, chunk: int,
-                   round_iters: int = 8, window: int = 50, ftol: float = 1e-6) -> Solution:
+def minimize_tasks(
+    value_and_grad: Callable,
+    load: Callable,
+    x0: jnp.ndarray,
+    gtol: jnp.ndarray,
+    active: jnp.ndarray,
+    h0: jnp.ndarray | None = None,
+    warm: jnp.ndarray | bool = False,
+    *,
+    max_evals,
+    chunk: int,
+    round_iters: int = 8,
+    window: int = 50,
+    ftol: float = 1e-6,
+) -> Solution:
     """Minimise T independent objectives; call inside jit.
 
     value_and_grad(x [P], data) -> (f, g [P]) for one task, where `data` is one
@@ -157,10 +185,17 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
     def fresh(ids):
         safe = jnp.minimum(ids, n_tasks - 1)
         return TaskState(
-            x=x0[safe], f=jnp.full(len(ids), jnp.inf, x0.dtype), g=jnp.zeros_like(x0[safe]),
-            h=h0[safe], step=jnp.zeros(len(ids), x0.dtype), scaled=warm[safe],
-            evals=jnp.zeros(len(ids), jnp.int32), f_window=jnp.full(len(ids), jnp.inf, x0.dtype),
-            done=ids >= n_tasks, gtol=gtol[safe])
+            x=x0[safe],
+            f=jnp.full(len(ids), jnp.inf, x0.dtype),
+            g=jnp.zeros_like(x0[safe]),
+            h=h0[safe],
+            step=jnp.zeros(len(ids), x0.dtype),
+            scaled=warm[safe],
+            evals=jnp.zeros(len(ids), jnp.int32),
+            f_window=jnp.full(len(ids), jnp.inf, x0.dtype),
+            done=ids >= n_tasks,
+            gtol=gtol[safe],
+        )
 
     def write(out: Solution, ids, lanes: TaskState) -> Solution:
         # Ids >= n_tasks (empty lanes, or lanes whose task is still running) are dropped.
@@ -177,8 +212,11 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
         taken = free & (position < n_queued)
         new_task = jnp.where(taken, queue[jnp.minimum(position, n_tasks - 1)], n_tasks)
         lane_task = jnp.where(free, new_task, lane_task)
-        lanes = jax.tree.map(lambda a, b: jnp.where(free.reshape((-1,) + (1,) * (a.ndim - 1)),
-                                                    a, b), fresh(new_task), lanes)
+        lanes = jax.tree.map(
+            lambda a, b: jnp.where(free.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+            fresh(new_task),
+            lanes,
+        )
         data = load(jnp.minimum(lane_task, n_tasks - 1))
 
         def more(c):
@@ -192,9 +230,16 @@ def minimize_tasks(value_and_grad: Callable, load: Callable, x0: jnp.ndarray,
         _, lanes, _, next_in_queue = carry
         return (next_in_queue < n_queued) | ~jnp.all(lanes.done)
 
-    out = Solution(x0, jnp.full(n_tasks, jnp.inf, x0.dtype), jnp.zeros(n_tasks, bool),
-                   jnp.zeros(n_tasks, jnp.int32), h0, warm)
+    out = Solution(
+        x0,
+        jnp.full(n_tasks, jnp.inf, x0.dtype),
+        jnp.zeros(n_tasks, bool),
+        jnp.zeros(n_tasks, jnp.int32),
+        h0,
+        warm,
+    )
     empty = jnp.full(chunk, n_tasks)
     out, lanes, lane_task, _ = jax.lax.while_loop(
-        unfinished, run_round, (out, fresh(empty), empty, jnp.asarray(0, n_queued.dtype)))
+        unfinished, run_round, (out, fresh(empty), empty, jnp.asarray(0, n_queued.dtype))
+    )
     return write(out, lane_task, lanes)

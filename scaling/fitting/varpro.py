@@ -49,13 +49,17 @@ RIDGE = 1e-12
 def check_law(law, fixed) -> tuple[str, ...]:
     """The law's projected coefficient names (those not pinned); UserError if it has none."""
     if law.linear is None:
-        raise UserError(f"variable projection needs a law linear in its coefficients "
-                        f"(saturating, chinchilla); {law.name!r} is not; fit without --varpro")
+        raise UserError(
+            f"variable projection needs a law linear in its coefficients "
+            f"(saturating, chinchilla); {law.name!r} is not; fit without --varpro"
+        )
     names = law.linear[0]
     exponents = [k for k in law.param_names if k not in names and k not in fixed]
     if not exponents:
-        raise UserError(f"with every exponent of {law.name!r} pinned there is nothing for "
-                        "variable projection to search; fit without --varpro")
+        raise UserError(
+            f"with every exponent of {law.name!r} pinned there is nothing for "
+            "variable projection to search; fit without --varpro"
+        )
     return tuple(k for k in names if k not in fixed)
 
 
@@ -89,8 +93,10 @@ def coefficients(law, params: dict, projected: tuple[str, ...], log_x, log_y, we
     names, basis = law.linear
     phi = basis(params, log_x)  # [n, n_coefficients]
     y = jnp.exp(log_y)
-    offset = sum((params[k] * phi[:, j] for j, k in enumerate(names) if k not in projected),
-                 jnp.zeros_like(y))
+    offset = sum(
+        (params[k] * phi[:, j] for j, k in enumerate(names) if k not in projected),
+        jnp.zeros_like(y),
+    )
     columns = jnp.stack([phi[:, names.index(k)] for k in projected], axis=1)
     scale = jnp.sqrt(weight) / y  # relative residuals, weighted
     c = nnls(columns * scale[:, None], (y - offset) * scale)

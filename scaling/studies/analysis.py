@@ -23,11 +23,21 @@ from scaling.studies.fit_warnings import record_warnings
 from scaling.studies.provenance import run_convention, save_fit_result
 
 
-def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
-              bootstrap: int = 200, objective: str = "huber", seed: int = 0,
-              fixed: dict | None = None, convention: str | None = None,
-              varpro: bool = False, keep_starts: int | None = None,
-              resample: str | None = None) -> list[FitRecord]:
+def fit_sweep(
+    store: Store,
+    sweep: str,
+    law_name: str,
+    what: str = "final",
+    *,
+    bootstrap: int = 200,
+    objective: str = "huber",
+    seed: int = 0,
+    fixed: dict | None = None,
+    convention: str | None = None,
+    varpro: bool = False,
+    keep_starts: int | None = None,
+    resample: str | None = None,
+) -> list[FitRecord]:
     """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve.
 
     fixed: name -> value pinned (not fitted); convention: the FLOP convention
@@ -41,8 +51,11 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     law = get_law(law_name)
     runs = sweep_runs(store, sweep)
     finished = [r for r in runs if r.status == "finished"]
-    left_out = {r.run_id: f"{r.status}: {r.reason}" if r.reason else r.status
-                for r in runs if r.status != "finished"}
+    left_out = {
+        r.run_id: f"{r.status}: {r.reason}" if r.reason else r.status
+        for r in runs
+        if r.status != "finished"
+    }
     if not finished:
         raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
 
@@ -50,23 +63,60 @@ def fit_sweep(store: Store, sweep: str, law_name: str, what: str = "final", *,
     labels, xs, ys, used = select_curves(store, finished, law, what)
     size = {r.run_id: r.n_params for r in finished}
     x, y, mask = _pad(xs, ys)
-    result = fit(law, x, y, mask, bootstrap=bootstrap, objective=objective, seed=seed,
-                 fixed=fixed, varpro=varpro, keep_starts=keep_starts, resample=resample)
-    settings = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
-                "resample": resample, "n_params": "kaplan_nonembedding"}
+    result = fit(
+        law,
+        x,
+        y,
+        mask,
+        bootstrap=bootstrap,
+        objective=objective,
+        seed=seed,
+        fixed=fixed,
+        varpro=varpro,
+        keep_starts=keep_starts,
+        resample=resample,
+    )
+    settings = {
+        "objective": objective,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "resample": resample,
+        "n_params": "kaplan_nonembedding",
+    }
     if fixed:
         settings["fixed"] = {k: float(v) for k, v in fixed.items()}
-    optimizer = {"objective": objective, "bootstrap": bootstrap, "seed": seed,
-                 "resample": resample, **OPTIMIZER_DEFAULTS, "keep_starts": keep_starts,
-                 "varpro": bool(result.varpro)}
+    optimizer = {
+        "objective": objective,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "resample": resample,
+        **OPTIMIZER_DEFAULTS,
+        "keep_starts": keep_starts,
+        "varpro": bool(result.varpro),
+    }
     return [
         save_fit_result(
-            store, result, i, sweep=sweep, what=what, label=label,
-            selection={"runs": [r.run_id for r in finished] if what == "final" else [label],
-                       "n_params": size.get(label), "left_out": left_out},
-            settings=settings, x=x, y=y, mask=mask, run_ids=used[i], fit_settings=optimizer,
-            convention=convention)
-        for i, label in enumerate(labels)]
+            store,
+            result,
+            i,
+            sweep=sweep,
+            what=what,
+            label=label,
+            selection={
+                "runs": [r.run_id for r in finished] if what == "final" else [label],
+                "n_params": size.get(label),
+                "left_out": left_out,
+            },
+            settings=settings,
+            x=x,
+            y=y,
+            mask=mask,
+            run_ids=used[i],
+            fit_settings=optimizer,
+            convention=convention,
+        )
+        for i, label in enumerate(labels)
+    ]
 
 
 def sweep_arrays(store: Store, sweep: str, law_name: str, what: str = "final"):
@@ -82,7 +132,8 @@ def select_curves(store, runs, law, what):
     """(labels, xs, ys, used): per curve, inputs [n, n_inputs], losses [n] and the run ids."""
     if what == "final":
         columns = {"power": ["N"], "saturating": ["N"], "kaplan_ns": ["N", "S"]}.get(
-            law.name, ["N", "D"] if law.n_inputs == 2 else ["N"])
+            law.name, ["N", "D"] if law.n_inputs == 2 else ["N"]
+        )
         rows, losses, used = [], [], []
         for run in runs:
             last = store.last_eval(run.run_id)
@@ -93,12 +144,16 @@ def select_curves(store, runs, law, what):
             losses.append(last[1])
             used.append(run.run_id)
         if not rows:
-            raise UserError(f"none of the {len(runs)} finished runs has an eval in this store "
-                            "(were they trained with another --config.store?)")
+            raise UserError(
+                f"none of the {len(runs)} finished runs has an eval in this store "
+                "(were they trained with another --config.store?)"
+            )
         return ["all"], [np.array(rows, float)], [np.array(losses, float)], [used]
     if law.n_inputs != 1:
-        raise UserError(f"--what {what} fits one input per curve; law {law.name!r} takes "
-                        f"{law.n_inputs}: use power or saturating")
+        raise UserError(
+            f"--what {what} fits one input per curve; law {law.name!r} takes "
+            f"{law.n_inputs}: use power or saturating"
+        )
     labels, xs, ys = [], [], []
     for run in runs:
         if what == "per-token":
@@ -143,9 +198,11 @@ def latest_fits(store: Store, sweep: str, law: str | None = None) -> list[FitRec
             seen.add(key)
             latest.append(record)
     if not latest:
-        raise UserError(f"no fits stored for sweep {sweep!r}"
-                        + (f" and law {law!r}" if law else "")
-                        + "; run `scaling fit --sweep NAME --law LAW` first")
+        raise UserError(
+            f"no fits stored for sweep {sweep!r}"
+            + (f" and law {law!r}" if law else "")
+            + "; run `scaling fit --sweep NAME --law LAW` first"
+        )
     return sorted(latest, key=lambda r: (r.law, r.what, r.selection.get("n_params") or 0))
 
 
@@ -159,14 +216,18 @@ def same_convention(records: list[FitRecord], convention: str | None) -> list[Fi
     found = sorted({r.provenance.get("flop_convention") for r in records} - {None})
     if convention is None:
         if len(found) > 1:
-            raise UserError(f"these fits were made under different FLOP conventions "
-                            f"({', '.join(found)}) and are not comparable; pass --convention "
-                            "CONV to see the fits of one")
+            raise UserError(
+                f"these fits were made under different FLOP conventions "
+                f"({', '.join(found)}) and are not comparable; pass --convention "
+                "CONV to see the fits of one"
+            )
         return records
     chosen = [r for r in records if r.provenance.get("flop_convention") == convention]
     if not chosen:
-        raise UserError(f"no fits made under FLOP convention {convention!r}; these fits use: "
-                        f"{', '.join(found) or 'none recorded'}")
+        raise UserError(
+            f"no fits made under FLOP convention {convention!r}; these fits use: "
+            f"{', '.join(found) or 'none recorded'}"
+        )
     return chosen
 
 
@@ -178,9 +239,11 @@ def provenance_line(record: FitRecord) -> str:
     starts = f"{p.get('n_starts_converged')}/{p.get('n_starts')} starts converged"
     fixed = "".join(f", {k} pinned at {fmt_number(v)}" for k, v in (p.get("fixed") or {}).items())
     method = "varpro + full polish" if (p.get("optimizer") or {}).get("varpro") else "bfgs"
-    return (f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
-            f"{p.get('objective')} = {fmt_number(p.get('objective_value'))}, {method}, "
-            f"{starts}{fixed}, FLOPs {p.get('flop_convention') or 'unknown'}, {p.get('version')}")
+    return (
+        f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
+        f"{p.get('objective')} = {fmt_number(p.get('objective_value'))}, {method}, "
+        f"{starts}{fixed}, FLOPs {p.get('flop_convention') or 'unknown'}, {p.get('version')}"
+    )
 
 
 def warnings_of(record: FitRecord) -> list[str]:
@@ -190,12 +253,21 @@ def warnings_of(record: FitRecord) -> list[str]:
 
 
 def fit_as_dict(record: FitRecord) -> dict:
-    return {"sweep": record.sweep, "law": record.law, "what": record.what,
-            "curve": record.curve, "params": record.params, "intervals": record.intervals,
-            "objective": record.objective, "converged": record.converged,
-            "n_points": record.n_points, "selection": record.selection,
-            "settings": record.settings, "provenance": record.provenance,
-            "warnings": warnings_of(record)}
+    return {
+        "sweep": record.sweep,
+        "law": record.law,
+        "what": record.what,
+        "curve": record.curve,
+        "params": record.params,
+        "intervals": record.intervals,
+        "objective": record.objective,
+        "converged": record.converged,
+        "n_points": record.n_points,
+        "selection": record.selection,
+        "settings": record.settings,
+        "provenance": record.provenance,
+        "warnings": warnings_of(record),
+    }
 
 
 def fits_table(records: list[FitRecord], provenance: bool = False) -> str:

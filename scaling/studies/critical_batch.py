@@ -49,8 +49,10 @@ def eval_points(store: Store, runs) -> EvalPoints:
     Warmup steps are left out: the noise scale's moving average and the loss
     are still in their initial transient there (Kaplan fits after it too).
     """
-    columns = {k: [] for k in ("run_id", "n_params", "step", "loss", "noise_scale",
-                               "batch_tokens", "tokens")}
+    columns = {
+        k: []
+        for k in ("run_id", "n_params", "step", "loss", "noise_scale", "batch_tokens", "tokens")
+    }
     for run in runs:
         if run.status != "finished":
             continue
@@ -64,52 +66,93 @@ def eval_points(store: Store, runs) -> EvalPoints:
             b_noise = by_step.get(step, float("nan"))
             if step <= warmup or not (np.isfinite(b_noise) and b_noise > 0 and value > 0):
                 continue
-            for key, v in (("run_id", run.run_id), ("n_params", run.n_params), ("step", step),
-                           ("loss", value), ("noise_scale", b_noise),
-                           ("batch_tokens", batch), ("tokens", step * batch)):
+            for key, v in (
+                ("run_id", run.run_id),
+                ("n_params", run.n_params),
+                ("step", step),
+                ("loss", value),
+                ("noise_scale", b_noise),
+                ("batch_tokens", batch),
+                ("tokens", step * batch),
+            ):
                 columns[key].append(v)
-    return EvalPoints(**{k: np.asarray(v, dtype=object if k == "run_id" else float)
-                         for k, v in columns.items()})
+    return EvalPoints(
+        **{k: np.asarray(v, dtype=object if k == "run_id" else float) for k, v in columns.items()}
+    )
 
 
 def min_steps_and_tokens(b_crit, batch_tokens, steps, tokens):
     """(S_min, E_min): Kaplan et al. 2020, equations 5.4 and 5.5 (all in tokens)."""
     b_crit, batch = np.asarray(b_crit, float), np.asarray(batch_tokens, float)
-    return (np.asarray(steps, float) / (1 + b_crit / batch),
-            np.asarray(tokens, float) / (1 + batch / b_crit))
+    return (
+        np.asarray(steps, float) / (1 + b_crit / batch),
+        np.asarray(tokens, float) / (1 + batch / b_crit),
+    )
 
 
-def fit_critical_batch(store: Store, sweep: str, *, bootstrap: int = 200,
-                       objective: str = "huber", seed: int = 0) -> list[FitRecord]:
+def fit_critical_batch(
+    store: Store, sweep: str, *, bootstrap: int = 200, objective: str = "huber", seed: int = 0
+) -> list[FitRecord]:
     """Fit b_crit to the sweep's (L, B_noise) points, then kaplan_ns on (N, S_min); save both."""
     runs = sweep_runs(store, sweep)
     points = eval_points(store, runs)
     if len(points.loss) < 3:
-        raise UserError(f"sweep {sweep!r} has {len(points.loss)} eval points with a noise "
-                        "scale past warmup; train it with train.noise_scale=true (the "
-                        "default) and let runs finish")
+        raise UserError(
+            f"sweep {sweep!r} has {len(points.loss)} eval points with a noise "
+            "scale past warmup; train it with train.noise_scale=true (the "
+            "default) and let runs finish"
+        )
     settings = {"objective": objective, "bootstrap": bootstrap, "seed": seed}
     selection = {"runs": sorted(set(points.run_id.tolist())), "points": len(points.loss)}
 
-    b_crit_fit = fit("b_crit", points.loss[:, None], points.noise_scale,
-                     bootstrap=bootstrap, objective=objective, seed=seed)
+    b_crit_fit = fit(
+        "b_crit",
+        points.loss[:, None],
+        points.noise_scale,
+        bootstrap=bootstrap,
+        objective=objective,
+        seed=seed,
+    )
     params = {k: float(v[0]) for k, v in b_crit_fit.params.items()}
     b_crit = get_law("b_crit").predict(params, points.loss)
-    s_min, e_min = min_steps_and_tokens(np.asarray(b_crit), points.batch_tokens, points.step,
-                                        points.tokens)
+    s_min, e_min = min_steps_and_tokens(
+        np.asarray(b_crit), points.batch_tokens, points.step, points.tokens
+    )
     if len(set(points.n_params.tolist())) < 2:
         raise UserError(f"sweep {sweep!r} has one model size; L(N, S_min) needs several")
-    ns_fit = fit("kaplan_ns", np.stack([points.n_params, s_min], axis=1), points.loss,
-                 bootstrap=bootstrap, objective=objective, seed=seed)
-    ranges = {"S_min": [float(s_min.min()), float(s_min.max())],
-              "E_min": [float(e_min.min()), float(e_min.max())]}
+    ns_fit = fit(
+        "kaplan_ns",
+        np.stack([points.n_params, s_min], axis=1),
+        points.loss,
+        bootstrap=bootstrap,
+        objective=objective,
+        seed=seed,
+    )
+    ranges = {
+        "S_min": [float(s_min.min()), float(s_min.max())],
+        "E_min": [float(e_min.min()), float(e_min.max())],
+    }
     optimizer = {**settings, **OPTIMIZER_DEFAULTS}
     every = np.ones((1, len(points.loss)), bool)
     return [
-        save_fit_result(store, result, 0, sweep=sweep, what=WHAT, label=curve,
-                        selection={**selection, **ranges}, settings=settings, x=x[None],
-                        y=y[None], mask=every, run_ids=points.run_id.tolist(),
-                        fit_settings=optimizer, convention=None)
+        save_fit_result(
+            store,
+            result,
+            0,
+            sweep=sweep,
+            what=WHAT,
+            label=curve,
+            selection={**selection, **ranges},
+            settings=settings,
+            x=x[None],
+            y=y[None],
+            mask=every,
+            run_ids=points.run_id.tolist(),
+            fit_settings=optimizer,
+            convention=None,
+        )
         for result, curve, x, y in (
             (b_crit_fit, "L -> B_noise", points.loss[:, None], points.noise_scale),
-            (ns_fit, "N, S_min", np.stack([points.n_params, s_min], axis=1), points.loss))]
+            (ns_fit, "N, S_min", np.stack([points.n_params, s_min], axis=1), points.loss),
+        )
+    ]

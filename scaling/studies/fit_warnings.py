@@ -65,21 +65,32 @@ def per_token_bins(losses_L, stderr_L=None) -> list[Bin]:
     for lo, end in zip(edges[:-1], edges[1:], strict=True):
         part = slice(lo - 1, end - 1)
         k = end - lo
-        bins.append(Bin(lo, end - 1, float(losses[part].mean()),
-                        float(np.sqrt(np.sum(errors[part] ** 2)) / k)))
+        bins.append(
+            Bin(
+                lo,
+                end - 1,
+                float(losses[part].mean()),
+                float(np.sqrt(np.sum(errors[part] ** 2)) / k),
+            )
+        )
     return bins
 
 
-def rises(bins: list[Bin], tolerance: float = RISE_TOLERANCE,
-          start: int = RISE_FROM) -> list[tuple[Bin, Bin]]:
+def rises(
+    bins: list[Bin], tolerance: float = RISE_TOLERANCE, start: int = RISE_FROM
+) -> list[tuple[Bin, Bin]]:
     """(bin before, bin) pairs where a bin from T >= start on is more than `tolerance`
     nats above the bin before it: the curve rises with T there."""
-    return [(before, after) for before, after in zip(bins[:-1], bins[1:], strict=True)
-            if after.lo >= start and after.mean > before.mean + tolerance]
+    return [
+        (before, after)
+        for before, after in zip(bins[:-1], bins[1:], strict=True)
+        if after.lo >= start and after.mean > before.mean + tolerance
+    ]
 
 
-def fit_warnings(law, params: dict, intervals: dict, n_points: int, y=None,
-                 what: str | None = None, x=None) -> list[str]:
+def fit_warnings(
+    law, params: dict, intervals: dict, n_points: int, y=None, what: str | None = None, x=None
+) -> list[str]:
     """One line per reason not to read the fit as a result (none: the fit is determined).
 
     law: the fitted `scaling.fitting.laws.Law`; params, intervals: the fit's values
@@ -97,8 +108,10 @@ def fit_warnings(law, params: dict, intervals: dict, n_points: int, y=None,
             warnings.append(f"{name} is not finite: the fit did not find a minimum")
             continue
         if name in coefficients and y_max and value < AT_BOUND * y_max:
-            warnings.append(f"{name} = {value:.3g} is at its bound 0: the data do not identify "
-                            f"it; fit a law without {name} (e.g. power) or add points")
+            warnings.append(
+                f"{name} = {value:.3g} is at its bound 0: the data do not identify "
+                f"it; fit a law without {name} (e.g. power) or add points"
+            )
             continue
         low, high = intervals.get(name, (None, None))
         if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
@@ -106,23 +119,31 @@ def fit_warnings(law, params: dict, intervals: dict, n_points: int, y=None,
         if name in law.positive or (low > 0 and high > 0):
             if low <= 0 or high / low > WIDE_RATIO:
                 span = "reaches 0" if low <= 0 else f"spans {high / low:.0f}x"
-                warnings.append(f"{name}'s 95% interval [{low:.3g}, {high:.3g}] {span}: "
-                                "the data do not pin it")
+                warnings.append(
+                    f"{name}'s 95% interval [{low:.3g}, {high:.3g}] {span}: the data do not pin it"
+                )
         elif low < 0 < high and abs(value) > 0 and max(-low, high) / abs(value) > WIDE_RATIO:
             warnings.append(f"{name}'s 95% interval [{low:.3g}, {high:.3g}] spans zero")
     n_fitted = len(fitted)
     if n_fitted and n_points < MIN_POINTS_PER_PARAM * n_fitted:
-        warnings.append(f"{n_points} points for {n_fitted} parameters (fewer than "
-                        f"{MIN_POINTS_PER_PARAM} per parameter): the fit can follow the noise")
+        warnings.append(
+            f"{n_points} points for {n_fitted} parameters (fewer than "
+            f"{MIN_POINTS_PER_PARAM} per parameter): the fit can follow the noise"
+        )
     if what == "per-token" and y is not None and len(y) >= 2 * RISE_FROM:
-        order = np.argsort(np.asarray(x, float).reshape(len(y), -1)[:, 0]) if x is not None \
+        order = (
+            np.argsort(np.asarray(x, float).reshape(len(y), -1)[:, 0])
+            if x is not None
             else np.arange(len(y))
+        )
         up = rises(per_token_bins(np.asarray(y, float)[order]))
         if up:
             before, after = up[0]
-            warnings.append(f"the per-token loss rises with T ({after.label} is "
-                            f"{after.mean - before.mean:+.3f} nats against {before.label}): "
-                            "no E + A T^-alpha describes it")
+            warnings.append(
+                f"the per-token loss rises with T ({after.label} is "
+                f"{after.mean - before.mean:+.3f} nats against {before.label}): "
+                "no E + A T^-alpha describes it"
+            )
     return warnings
 
 
@@ -131,5 +152,6 @@ def record_warnings(record, law) -> list[str]:
     points = np.asarray(record.provenance.get("points") or [], float)
     x = points[:, :-1] if points.size else None
     y = points[:, -1] if points.size else None
-    return fit_warnings(law, record.params, record.intervals, record.n_points, y=y,
-                        what=record.what, x=x)
+    return fit_warnings(
+        law, record.params, record.intervals, record.n_points, y=y, what=record.what, x=x
+    )

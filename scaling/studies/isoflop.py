@@ -40,8 +40,11 @@ def budget_of(run) -> float:
 
 def profiles(store: Store, runs) -> list[Profile]:
     """Finished runs grouped by budget (2%), each profile with 3 or more sizes, by budget."""
-    points = sorted((budget_of(r), r.n_params_total, store.last_eval(r.run_id)[1])
-                    for r in runs if r.status == "finished" and store.last_eval(r.run_id))
+    points = sorted(
+        (budget_of(r), r.n_params_total, store.last_eval(r.run_id)[1])
+        for r in runs
+        if r.status == "finished" and store.last_eval(r.run_id)
+    )
     groups, current = [], []
     for point in points:
         if current and point[0] > current[0][0] * 1.02:
@@ -70,8 +73,12 @@ def exponents(budgets, n_opt) -> dict:
     log_c, log_n = np.log(budgets), np.log(n_opt)
     a, log_k_n = np.polyfit(log_c, log_n, 1)
     b, log_k_d = np.polyfit(log_c, np.log(np.asarray(budgets) / (6 * np.asarray(n_opt))), 1)
-    return {"a": float(a), "b": float(b), "k_N": float(np.exp(log_k_n)),
-            "k_D": float(np.exp(log_k_d))}
+    return {
+        "a": float(a),
+        "b": float(b),
+        "k_N": float(np.exp(log_k_n)),
+        "k_D": float(np.exp(log_k_d)),
+    }
 
 
 def optimum(profile_list) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +95,11 @@ def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0
     found = profiles(store, sweep_runs(store, sweep))
     budgets, n_opt = optimum(found)
     if len(budgets) < 2:
-        raise UserError(f"sweep {sweep!r} has {len(budgets)} IsoFLOP profiles with a minimum "
-                        "(3 or more sizes at one budget 6 N_total D, within 2%); approach 2 "
-                        "needs two or more: give each budget sizes either side of its optimum")
+        raise UserError(
+            f"sweep {sweep!r} has {len(budgets)} IsoFLOP profiles with a minimum "
+            "(3 or more sizes at one budget 6 N_total D, within 2%); approach 2 "
+            "needs two or more: give each budget sizes either side of its optimum"
+        )
     params = exponents(budgets, n_opt)
     rng = np.random.default_rng(seed)
     draws = []
@@ -103,14 +112,33 @@ def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0
         c, n = optimum(resampled)
         if len(c) >= 2:
             draws.append(exponents(c, n))
-    intervals = {k: [float(np.percentile([d[k] for d in draws], 2.5)),
-                     float(np.percentile([d[k] for d in draws], 97.5))]
-                 for k in params} if len(draws) >= 10 else {}
+    intervals = (
+        {
+            k: [
+                float(np.percentile([d[k] for d in draws], 2.5)),
+                float(np.percentile([d[k] for d in draws], 97.5)),
+            ]
+            for k in params
+        }
+        if len(draws) >= 10
+        else {}
+    )
     record = FitRecord(
-        sweep=sweep, law=LAW, what=WHAT, curve="all", params=params, intervals=intervals,
-        objective=0.0, converged=True, n_points=len(budgets),
-        selection={"budgets": budgets.tolist(), "N_opt": n_opt.tolist(),
-                   "flops": "6 N_total D", "left_out": {}},
+        sweep=sweep,
+        law=LAW,
+        what=WHAT,
+        curve="all",
+        params=params,
+        intervals=intervals,
+        objective=0.0,
+        converged=True,
+        n_points=len(budgets),
+        selection={
+            "budgets": budgets.tolist(),
+            "N_opt": n_opt.tolist(),
+            "flops": "6 N_total D",
+            "left_out": {},
+        },
         settings={"bootstrap": bootstrap, "seed": seed, "draws": len(draws)},
     )
     return dataclasses.replace(record, fit_id=store.save_fit(record))

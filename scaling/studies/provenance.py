@@ -25,8 +25,14 @@ from scaling.store import FitRecord, Store
 def project_version() -> str:
     """`git:<commit>` of the checkout this code runs from, else `package:<version>`."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return "git:" + out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
@@ -36,8 +42,9 @@ def project_version() -> str:
         return "unknown"
 
 
-def fit_provenance(result, curve: int, *, x, y, mask, run_ids, fit_settings: dict,
-                   convention: str | None) -> dict:
+def fit_provenance(
+    result, curve: int, *, x, y, mask, run_ids, fit_settings: dict, convention: str | None
+) -> dict:
     """JSON-ready provenance of curve `curve` of a `scaling.fitting.fit.FitResult`.
 
     x [C, P, n_inputs], y [C, P], mask [C, P] are the arrays the fit saw;
@@ -46,13 +53,16 @@ def fit_provenance(result, curve: int, *, x, y, mask, run_ids, fit_settings: dic
     valid = np.asarray(mask[curve], bool)
     return {
         "runs": list(run_ids),
-        "points": [[*map(float, xi), float(yi)]
-                   for xi, yi in zip(np.asarray(x[curve])[valid], np.asarray(y[curve])[valid],
-                                     strict=True)],
+        "points": [
+            [*map(float, xi), float(yi)]
+            for xi, yi in zip(np.asarray(x[curve])[valid], np.asarray(y[curve])[valid], strict=True)
+        ],
         "objective": fit_settings.get("objective", "huber"),
         "objective_value": float(result.objective[curve]),
-        "optimizer": {"method": "bfgs", **{k: v for k, v in fit_settings.items()
-                                            if k != "objective"}},
+        "optimizer": {
+            "method": "bfgs",
+            **{k: v for k, v in fit_settings.items() if k != "objective"},
+        },
         "n_starts": int(result.n_starts),
         "n_starts_converged": int(result.n_starts_converged[curve]),
         "converged": bool(result.converged[curve]),
@@ -68,14 +78,18 @@ def run_convention(runs, convention: str | None) -> str:
         missing = [r.run_id for r in runs if convention not in (r.flops_by_convention or {})]
         if missing:
             known = sorted({c for r in runs for c in (r.flops_by_convention or {})})
-            raise UserError(f"run {missing[0]} has no FLOP count under convention "
-                            f"{convention!r} (it has: {', '.join(known) or 'none'}); pick one "
-                            "of those with --convention")
+            raise UserError(
+                f"run {missing[0]} has no FLOP count under convention "
+                f"{convention!r} (it has: {', '.join(known) or 'none'}); pick one "
+                "of those with --convention"
+            )
         return convention
     found = sorted({r.flop_convention for r in runs})
     if len(found) > 1:
-        raise UserError(f"the runs count FLOPs under different conventions ({', '.join(found)});"
-                        " pass --convention CONV to read every run's compute under one")
+        raise UserError(
+            f"the runs count FLOPs under different conventions ({', '.join(found)});"
+            " pass --convention CONV to read every run's compute under one"
+        )
     return found[0] if found else None
 
 
@@ -86,20 +100,51 @@ def run_flops(run, convention: str) -> float:
     return float(run.flops_by_convention[convention])
 
 
-def save_fit_result(store: Store, result, curve: int, *, sweep: str, what: str, label: str,
-                    selection: dict, settings: dict, x, y, mask, run_ids, fit_settings: dict,
-                    convention: str | None, extra: dict | None = None) -> FitRecord:
+def save_fit_result(
+    store: Store,
+    result,
+    curve: int,
+    *,
+    sweep: str,
+    what: str,
+    label: str,
+    selection: dict,
+    settings: dict,
+    x,
+    y,
+    mask,
+    run_ids,
+    fit_settings: dict,
+    convention: str | None,
+    extra: dict | None = None,
+) -> FitRecord:
     """Curve `curve` of a `FitResult` saved as one FitRecord with its provenance (and
     `extra` provenance keys); returns the record with its fit id. Every caller that
     stores a fit goes through here, so no stored fit lacks where it came from."""
-    provenance = fit_provenance(result, curve, x=x, y=y, mask=mask, run_ids=run_ids,
-                                fit_settings=fit_settings, convention=convention)
+    provenance = fit_provenance(
+        result,
+        curve,
+        x=x,
+        y=y,
+        mask=mask,
+        run_ids=run_ids,
+        fit_settings=fit_settings,
+        convention=convention,
+    )
     record = FitRecord(
-        sweep=sweep, law=result.law.name, what=what, curve=label,
+        sweep=sweep,
+        law=result.law.name,
+        what=what,
+        curve=label,
         params={k: float(v[curve]) for k, v in result.params.items()},
-        intervals={k: [float(v[curve][0]), float(v[curve][1])]
-                   for k, v in result.intervals.items()},
-        objective=float(result.objective[curve]), converged=bool(result.converged[curve]),
-        n_points=int(result.n_points[curve]), selection=selection, settings=settings,
-        provenance=provenance | (extra or {}))
+        intervals={
+            k: [float(v[curve][0]), float(v[curve][1])] for k, v in result.intervals.items()
+        },
+        objective=float(result.objective[curve]),
+        converged=bool(result.converged[curve]),
+        n_points=int(result.n_points[curve]),
+        selection=selection,
+        settings=settings,
+        provenance=provenance | (extra or {}),
+    )
     return dataclasses.replace(record, fit_id=store.save_fit(record))
