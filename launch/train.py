@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,23 +45,26 @@ class RunBusy(UserError):
 
 @contextlib.contextmanager
 def run_lock(workdir: str, run_id: str):
-    """Hold <workdir>/<run_id>/train.lock for the block, or raise RunBusy at once.
+    """Hold the run's lock on this machine for the block, or raise RunBusy at once.
 
     Two sweeps started over the same workdir would otherwise train the same
     member side by side and collide in its checkpoint folder. The lock is the
-    kernel's (flock): it goes with the process, also when the process is killed.
+    kernel's (flock), so it goes with the process, also when the process is
+    killed; its file lives in the temporary folder, keyed by the workdir's
+    absolute path, so a run refused for another reason leaves nothing in the
+    workdir.
     """
-    folder = Path(workdir) / run_id
+    key = hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "scaling-suite-locks"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "train.lock"
+    path = folder / f"{key}-{run_id}.lock"
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunBusy(
                 f"run {run_id} is being trained by another process on this machine "
-                f"(it holds {path}); wait for it to finish, or stop it and "
-                "relaunch"
+                f"(it holds {path}); wait for it to finish, or stop it and relaunch"
             ) from None
         try:
             yield
@@ -73,7 +78,8 @@ class DivergedError(Exception):
 
 def eval_schedule(total_steps: int, points: int) -> list[int]:
     """About `points` log-spaced steps in [1, total_steps], always ending with the last."""
-    raw = np.logspace(0, math.log10(total_steps), points)
+    # Past ten points a step every step is already taken: more would cost memory only.
+    raw = np.logspace(0, math.log10(total_steps), min(points, 10 * total_steps))
     return sorted({int(round(s)) for s in raw} | {total_steps})
 
 
