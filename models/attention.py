@@ -13,7 +13,9 @@ that contract over the query axis (dV and dK) take the transposed probabilities,
 computed directly from K Q^T, instead of a transposed [L, L] matrix.
 
 Tensor names carry their shape: R rows (sequences) of a chunk, C chunks, H
-heads, L query positions, M key positions, K head_dim.
+heads, L query positions, M key positions, K head_dim. The einsum subscripts
+keep their first letters (n heads, h head_dim), as in transformer.py: new
+letters would reorder the contractions and change the rounding.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _scores(a_RxHxLxK, b_RxHxMxK):
     """a b^T / sqrt(K) in float32: [R, H, L, M]."""
     scale = a_RxHxLxK.shape[-1] ** -0.5
     return (
-        jnp.einsum("rhlk,rhmk->rhlm", a_RxHxLxK, b_RxHxMxK, preferred_element_type=jnp.float32)
+        jnp.einsum("rnlh,rnmh->rnlm", a_RxHxLxK, b_RxHxMxK, preferred_element_type=jnp.float32)
         * scale
     )
 
@@ -73,7 +75,7 @@ def _forward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK):
     e_RxHxLxM = jnp.exp(s_RxHxLxM - max_RxHxLx1)
     sum_RxHxLx1 = e_RxHxLxM.sum(-1, keepdims=True)
     p_RxHxLxM = (e_RxHxLxM / sum_RxHxLx1).astype(v_RxHxLxK.dtype)
-    out_RxHxLxK = jnp.einsum("rhlm,rhmk->rhlk", p_RxHxLxM, v_RxHxLxK)
+    out_RxHxLxK = jnp.einsum("rnlm,rnmh->rnlh", p_RxHxLxM, v_RxHxLxK)
     return out_RxHxLxK, (max_RxHxLx1 + jnp.log(sum_RxHxLx1))[..., 0]
 
 
@@ -92,16 +94,16 @@ def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dou
     # d softmax: dS = P * (dP - rowsum(dO * O)).
     delta_RxHxL = jnp.sum(dout_RxHxLxK.astype(jnp.float32) * out_RxHxLxK, -1)
     dp_RxHxLxM = jnp.einsum(
-        "rhlk,rhmk->rhlm", dout_RxHxLxK, v_RxHxLxK, preferred_element_type=jnp.float32
+        "rnlh,rnmh->rnlm", dout_RxHxLxK, v_RxHxLxK, preferred_element_type=jnp.float32
     )
     dp_RxHxMxL = jnp.einsum(
-        "rhmk,rhlk->rhml", v_RxHxLxK, dout_RxHxLxK, preferred_element_type=jnp.float32
+        "rnmh,rnlh->rnml", v_RxHxLxK, dout_RxHxLxK, preferred_element_type=jnp.float32
     )
     ds_RxHxLxM = (p_RxHxLxM * (dp_RxHxLxM - delta_RxHxL[..., None]) * scale).astype(dtype)
     ds_RxHxMxL = (p_RxHxMxL * (dp_RxHxMxL - delta_RxHxL[:, :, None, :]) * scale).astype(dtype)
-    dq_RxHxLxK = jnp.einsum("rhlm,rhmk->rhlk", ds_RxHxLxM, k_RxHxLxK)
-    dk_RxHxMxK = jnp.einsum("rhml,rhlk->rhmk", ds_RxHxMxL, q_RxHxLxK)
-    dv_RxHxMxK = jnp.einsum("rhml,rhlk->rhmk", p_RxHxMxL.astype(dtype), dout_RxHxLxK)
+    dq_RxHxLxK = jnp.einsum("rnlm,rnmh->rnlh", ds_RxHxLxM, k_RxHxLxK)
+    dk_RxHxMxK = jnp.einsum("rnml,rnlh->rnmh", ds_RxHxMxL, q_RxHxLxK)
+    dv_RxHxMxK = jnp.einsum("rnml,rnlh->rnmh", p_RxHxMxL.astype(dtype), dout_RxHxLxK)
     return dq_RxHxLxK, dk_RxHxMxK, dv_RxHxMxK
 
 

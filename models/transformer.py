@@ -10,7 +10,11 @@ Every parameter carries logical axis names (`embed`, `heads`, `mlp`, ...);
 parameters get the extra logical axis `layers`.
 
 Tensor names carry their shape: B batch, L length, D d_model, H heads,
-K head_dim, F d_ff, V vocab (N stays Kaplan's parameter count).
+K head_dim, F d_ff, V vocab (N stays Kaplan's parameter count). The einsum
+subscripts keep the letters they were first written with (n heads, h
+head_dim, k the q/k/v index): XLA orders a contraction's dimensions by
+them, so new letters would change the float rounding, and every run's
+losses, in the last digits.
 """
 
 from __future__ import annotations
@@ -195,7 +199,7 @@ class Block(nn.Module):
             self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"), (d, 3, n, h), pdt
         )
         b_qkv = _param(self, "qkv_bias", zeros, ("qkv", "heads", "head_dim"), (3, n, h), pdt)
-        qkv_BxLx3xHxK = jnp.einsum("bld,dthk->blthk", y_BxLxD, w_qkv.astype(cdt))
+        qkv_BxLx3xHxK = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt))
         qkv_BxLx3xHxK = qkv_BxLx3xHxK + b_qkv.astype(cdt)[None, None]
         q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -210,7 +214,7 @@ class Block(nn.Module):
             self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"), (n, h, d), pdt
         )
         b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)
-        attn_BxLxD = jnp.einsum("blhk,hkd->bld", attn_BxLxHxK, w_out.astype(cdt))
+        attn_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxHxK, w_out.astype(cdt))
         x_BxLxD = x_BxLxD + attn_BxLxD + b_out.astype(cdt)[None, None]
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
