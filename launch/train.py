@@ -125,19 +125,20 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
             store.register_run(run_record(config, run_id), sweep=config.sweep_name)
             if records:
                 records.start(dataclasses.asdict(run_record(config, run_id)))
-        # A finished run stays finished, whatever this launch would change;
-        # process 0 knows (from its store or the bucket's records), and tells the others.
-        finished = is_writer and (
-            store.run(run_id).status == "finished" or bool(records and records.finished())
-        )
-        if jax.process_count() > 1:
-            finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
-        if finished:
-            if is_writer:
-                print(f"run {run_id} finished earlier; nothing to train", file=sys.stderr)
-            return run_id
         # A busy run (RunBusy) is left as its other trainer has it: nothing is marked.
         with run_lock(config.workdir, run_id) if is_writer else contextlib.nullcontext():
+            # A finished run stays finished, whatever this launch would change; process 0
+            # knows (from its store or the bucket's records), and tells the others. Asked
+            # under the lock, so a run another sweep finished a moment ago is not retrained.
+            finished = is_writer and (
+                store.run(run_id).status == "finished" or bool(records and records.finished())
+            )
+            if jax.process_count() > 1:
+                finished = bool(multihost_utils.broadcast_one_to_all(np.int32(finished)))
+            if finished:
+                if is_writer:
+                    print(f"run {run_id} finished earlier; nothing to train", file=sys.stderr)
+                return run_id
             if is_writer:
                 mark("running")
             try:

@@ -267,3 +267,48 @@ def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, 
     assert main(["sweep", study, "--parallel", "1"]) == 0  # the lock went with its holder
     with Store(tiny_config.store) as store:
         assert store.run(busy).status == "finished"
+
+
+@pytest.mark.slow  # two sweeps as real processes, side by side
+def test_two_sweeps_started_at_once_train_every_member_exactly_once(tiny_config, tmp_path):
+    import subprocess
+    import sys
+
+    from launch import config as config_lib
+
+    tiny_config.train.steps = 200  # long enough that the two sweeps overlap
+    study = tmp_path / "four_sizes.py"
+    study.write_text(
+        "import ml_collections\n"
+        f"BASE = {tiny_config.to_dict()!r}\n"
+        "def get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict(BASE)\n"
+        "def get_sweep(arg=None):\n"
+        "    return [{'model.d_model': d} for d in (16, 24, 32, 48)]\n"
+    )
+    ids = [config_lib.run_id(c) for c in config_lib.study_sweep(str(study))]
+    repo = Path(__file__).parents[1]
+    command = [sys.executable, "-m", "launch.cli", "sweep", str(study), "--parallel", "1"]
+    sweeps = [
+        subprocess.Popen(
+            command, cwd=repo, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in sweeps]
+    trained, busy = 0, 0
+    for process, (_, err) in zip(sweeps, outputs, strict=True):
+        assert "Traceback" not in err, err[-3000:]
+        assert process.returncode in (0, 1), err[-3000:]
+        skipped = {i for i in ids if f"{i}: skipped: run {i} is being trained by another" in err}
+        earlier = {i for i in ids if f"run {i} finished earlier; nothing to train" in err}
+        assert not skipped & earlier
+        trained += len(ids) - len(skipped | earlier)
+        busy += len(skipped)
+    assert trained == len(ids)  # every member by one of the two, none by both
+    assert busy  # the two did overlap: one found a member the other was training
+    with Store(tiny_config.store) as store:
+        assert {store.run(i).status for i in ids} == {"finished"}
+        for run_id in ids:  # one eval row per scheduled step: nothing written twice
+            steps, _ = store.scalars(run_id, "eval_loss")
+            assert list(steps) == train.eval_schedule(200, tiny_config.eval.points)
