@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_from_environment()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    overrides = {}
     try:
         overrides = _config_overrides(extra)
         if args.command is None:
@@ -53,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return BUSY_EXIT_CODE if type(e).__name__ == "RunBusy" else 2
     except sqlite3.DatabaseError as e:  # a store damaged after it was opened
+        path = getattr(args, "store", None) or overrides.get("store") or "the results store"
         print(
-            f"error: the results store is damaged (sqlite: {e}); restore it from a copy, "
-            "or give another with --store / --config.store",
+            f"error: {path} is damaged (sqlite: {e}); `sqlite3 {path} .recover | sqlite3 "
+            "NEW.sqlite` rescues what is readable, `scaling sync` refills a new store from a "
+            "bucket, or give another with --store / --config.store",
             file=sys.stderr,
         )
         return 2
