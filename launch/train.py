@@ -147,6 +147,18 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 if is_writer:
                     mark("failed", reason=str(e))
                 raise
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                # Out of device or host memory: the run cannot go on at this size, so it is
+                # failed (not left running) and the reason says what to change.
+                reason = (
+                    f"out of memory at this size ({str(e).splitlines()[0][:160]}); "
+                    "lower train.batch_size, use model.remat=full, or add devices"
+                )
+                if is_writer:
+                    mark("failed", reason=reason)
+                raise UserError(f"run {run_id} failed: {reason}") from None
             except (KeyboardInterrupt, UserError) as e:
                 # Not the run's fault: it stays pending and trains on the next launch.
                 if is_writer:

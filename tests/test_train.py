@@ -312,3 +312,20 @@ def test_two_sweeps_started_at_once_train_every_member_exactly_once(tiny_config,
         for run_id in ids:  # one eval row per scheduled step: nothing written twice
             steps, _ = store.scalars(run_id, "eval_loss")
             assert list(steps) == train.eval_schedule(200, tiny_config.eval.points)
+
+
+def test_out_of_memory_fails_the_run_with_its_reason(tiny_config, monkeypatch):
+    import jax
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 7.45GiB")
+
+    monkeypatch.setattr(train, "_train", exhausted)
+    from launch import config as config_lib
+
+    with pytest.raises(UserError, match="out of memory at this size"):
+        train.train_and_evaluate(tiny_config)
+    with Store(tiny_config.store) as store:
+        record = store.run(config_lib.run_id(tiny_config))
+    # Failed with the reason, not left `running`; other runtime errors still propagate.
+    assert record.status == "failed" and "lower train.batch_size" in record.reason
