@@ -685,15 +685,9 @@ def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResul
     if law.derived is not None:
         derived = {k: np.asarray(v, float) for k, v in law.derived(params).items()}
     if spec.n_boot:
-        tail = 100 * (1 - confidence) / 2
         samples = _to_natural(spec, out["boot_theta"], fixed_values)
         boot = {k: samples[k] for k in spec.free}
-        intervals = {k: np.nanpercentile(v, [tail, 100 - tail], axis=0).T for k, v in boot.items()}
-        if law.derived is not None:
-            derived_intervals = {
-                k: np.nanpercentile(np.asarray(v, float), [tail, 100 - tail], axis=0).T
-                for k, v in law.derived(samples).items()
-            }
+        intervals, derived_intervals = _percentile_intervals(law, samples, spec.free, confidence)
     return FitResult(
         law,
         params,
@@ -713,6 +707,19 @@ def _result(spec, out, fixed_values, n_points, confidence, n_starts) -> FitResul
     )
 
 
+def _percentile_intervals(law: Law, samples: dict, free, confidence: float):
+    """(intervals of the `free` parameters, intervals of the law's derived quantities), each
+    [n_curves, 2], from bootstrap samples {name: [n_resamples, n_curves]} of every parameter."""
+    tail = 100 * (1 - confidence) / 2
+
+    def band(values):
+        return np.nanpercentile(np.asarray(values, float), [tail, 100 - tail], axis=0).T
+
+    intervals = {k: band(samples[k]) for k in free}
+    derived = {k: band(v) for k, v in law.derived(samples).items()} if law.derived else {}
+    return intervals, derived
+
+
 def _residual_bootstrap(
     point: FitResult, x, y, mask, n_resamples: int, seed: int, options: dict
 ) -> FitResult:
@@ -723,8 +730,8 @@ def _residual_bootstrap(
     replacement onto the same x; padding stays padding.
     """
     law, n_curves = point.law, len(y)
-    params = {k: np.asarray(v, float) for k, v in point.params.items()}
-    columns = {k: v[:, None] for k, v in params.items()}  # each curve's, against its points
+    # Each curve's parameters, against its points.
+    columns = {k: np.asarray(v, float)[:, None] for k, v in point.params.items()}
     log_fitted = np.log(np.asarray(law.predict(columns, x), float))
     residual = np.where(mask, np.log(y) - log_fitted, 0.0)
     rng = np.random.default_rng(seed)
@@ -757,18 +764,11 @@ def _residual_bootstrap(
         starts=starts,
         **options,
     )
-    tail = 100 * (1 - point.confidence) / 2
     free = [k for k in law.param_names if k not in point.fixed]
-    boot = {k: refits.params[k].reshape(n_resamples, n_curves) for k in free}
-    intervals = {k: np.nanpercentile(v, [tail, 100 - tail], axis=0).T for k, v in boot.items()}
-    derived_intervals = {}
-    if law.derived is not None:
-        derived_intervals = {
-            k: np.nanpercentile(np.asarray(v, float), [tail, 100 - tail], axis=0).T
-            for k, v in law.derived(
-                boot | {k: np.broadcast_to(params[k], (n_resamples, n_curves)) for k in point.fixed}
-            ).items()
-        }
+    # Every parameter of every refit, the pinned ones (tiled above) included.
+    samples = {k: v.reshape(n_resamples, n_curves) for k, v in refits.params.items()}
+    boot = {k: samples[k] for k in free}
+    intervals, derived_intervals = _percentile_intervals(law, samples, free, point.confidence)
     return dataclasses.replace(
         point,
         intervals=intervals,
