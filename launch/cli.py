@@ -30,7 +30,7 @@ import json
 import sqlite3
 import sys
 
-from launch.backends.local import BUSY_EXIT_CODE, pin_from_environment
+from launch.backends.local import pin_from_environment
 from launch.host_memory import keep_freed_memory
 from scaling.errors import UserError
 from scaling.store import DEFAULT_STORE, check_sweep_name
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, overrides) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return BUSY_EXIT_CODE if type(e).__name__ == "RunBusy" else 2
+        return e.exit_code
     except sqlite3.DatabaseError as e:  # a store damaged after it was opened
         path = getattr(args, "store", None) or overrides.get("store") or "the results store"
         print(

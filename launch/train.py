@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from launch import checkpoints, data, distributed, preflight, remote_records, steps
 from launch import config as config_lib
+from launch.backends.local import BUSY_EXIT_CODE
 from launch.corpus import resolve_cache_dir
 from launch.peak import matmul_peak_flops
 from models import sharding
@@ -41,6 +42,8 @@ from scaling.store import RunRecord, Store, check_writable
 
 class RunBusy(UserError):
     """Another process on this machine is training the same run (it holds the run's lock)."""
+
+    exit_code = BUSY_EXIT_CODE
 
 
 @contextlib.contextmanager
