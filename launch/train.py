@@ -205,6 +205,7 @@ class _Run:
     noise_step: Callable | None  # the same update, also measuring the noise scale
     evaluate: Callable  # (params, n_batches) -> (per-token mean, stderr, n_sequences)
     eval_batches: tuple[int, int]  # (during training, at the last step)
+    schedule: Callable  # step -> learning rate, for the eval rows
     state: object
     start_step: int
     ckpt: checkpoints.Checkpointer
@@ -298,6 +299,7 @@ def _build(
         noise_step,
         evaluate,
         (eval_every_n, eval_last_n),
+        steps.learning_rate_schedule(config.train),
         state,
         start_step,
         ckpt,
@@ -402,11 +404,7 @@ def _train(
     eval_at = set(eval_schedule(total, config.eval.points))
     run = _build(config, run_id, store, is_writer, corpus, eval_at)
     writers = _Writers(run, run_id, store, is_writer, records)
-    peak = (
-        matmul_peak_flops(config_lib.model_config(config).compute_dtype)
-        if is_writer
-        else float("nan")
-    )
+    peak = matmul_peak_flops(config.model.compute_dtype) if is_writer else float("nan")
     nan_watch = _NanWatch(config.train.nan_check_every)
     window = _EvalWindow(run.ckpt.restored_loop.get("train_losses", []))
     bar = tqdm(
@@ -482,7 +480,7 @@ def _eval_row(run: _Run, state, done: int, window: _EvalWindow, peak: float):
         "eval_loss": float(per_token_L.mean()),
         "train_loss": train_loss,
         "grad_norm": grad_norm,
-        "learning_rate": float(steps.learning_rate_schedule(config.train)(done - 1)),
+        "learning_rate": float(run.schedule(done - 1)),
         "tokens": done * tokens_per_step,
         "flops": float(done * tokens_per_step * shape.train_flops_per_token),
         "tokens_per_s": tokens_per_s,
