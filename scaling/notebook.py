@@ -29,6 +29,7 @@ from scaling.figures import plots
 from scaling.fitting.fit import fit
 from scaling.fitting.laws import get_law
 from scaling.store import Store, sweep_runs
+from scaling.studies.analysis import pad_curves
 
 RUN_COLUMNS = (
     "run_id",
@@ -178,14 +179,9 @@ def fit_frame(
             f"law {law.name!r} ({law.formula}) takes {law.n_inputs} x column(s), got {len(x)}: {x}"
         )
     groups = list(frame.groupby(by, sort=True)) if by else [("all", frame)]
-    width = max(len(g) for _, g in groups)
-    xs = np.ones((len(groups), width, len(x)))
-    ys = np.ones((len(groups), width))
-    mask = np.zeros((len(groups), width), bool)
-    for i, (_, group) in enumerate(groups):
-        xs[i, : len(group)] = group[x].to_numpy(float)
-        ys[i, : len(group)] = group[y].to_numpy(float)
-        mask[i, : len(group)] = True
+    xs, ys, mask = pad_curves(
+        [g[x].to_numpy(float) for _, g in groups], [g[y].to_numpy(float) for _, g in groups]
+    )
     result = fit(law, xs, ys, mask, **options)
     rows = []
     for i, (key, _) in enumerate(groups):

@@ -62,7 +62,7 @@ def fit_sweep(
     convention = run_convention(finished, convention)
     labels, xs, ys, used = select_curves(store, finished, law, what)
     size = {r.run_id: r.n_params for r in finished}
-    x, y, mask = _pad(xs, ys)
+    x, y, mask = pad_curves(xs, ys)
     result = fit(
         law,
         x,
@@ -125,7 +125,7 @@ def sweep_arrays(store: Store, sweep: str, law_name: str, what: str = "final"):
     if not finished:
         raise UserError(f"sweep {sweep!r} has no finished runs yet; run `scaling sweep` first")
     labels, xs, ys, _ = select_curves(store, finished, get_law(law_name), what)
-    return (labels, *_pad(xs, ys))
+    return (labels, *pad_curves(xs, ys))
 
 
 def select_curves(store, runs, law, what):
@@ -175,7 +175,7 @@ def select_curves(store, runs, law, what):
     return labels, xs, ys, [[label] for label in labels]
 
 
-def _pad(xs, ys):
+def pad_curves(xs, ys):
     """Stack ragged curves: x [C, P, I], y [C, P], mask [C, P] (padding is ones, masked out)."""
     longest = max(len(y) for y in ys)
     n_inputs = xs[0].shape[1]
