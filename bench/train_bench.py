@@ -293,26 +293,29 @@ def _run_pair(args: list[str]) -> list[dict]:
     ]
 
 
+def torch_args(python: str, shape: ModelShape, batch: int, repeats: int, threads: int = 0):
+    """The command line of the PyTorch peer's step (bench/torch_peer.py); threads 0 = its own
+    choice."""
+    return [
+        python,
+        str(ROOT / "bench" / "torch_peer.py"),
+        *_shape_flags(shape),
+        "--batch",
+        str(batch),
+        "--vocab",
+        str(shape.vocab_size),
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
+    ]
+
+
 def torch_step(
     python: str, shape: ModelShape, batch: int, repeats: int, cpu: int = -1, threads: int = 0
 ) -> dict:
-    """The PyTorch peer's step (bench/torch_peer.py) in its own process."""
-    return _run_json(
-        [
-            python,
-            str(ROOT / "bench" / "torch_peer.py"),
-            *_shape_flags(shape),
-            "--batch",
-            str(batch),
-            "--vocab",
-            str(shape.vocab_size),
-            "--repeats",
-            str(repeats),
-            "--threads",
-            str(threads),
-        ],
-        cpu,
-    )
+    """The PyTorch peer's step in its own process."""
+    return _run_json(torch_args(python, shape, batch, repeats, threads), cpu)
 
 
 def end_to_end(study: str, shape: ModelShape, batch: int, steps_: int) -> float:
@@ -541,19 +544,7 @@ def main(argv=None):
                 extra.append(f"two at once, a core each: {row['pair_tokens_per_s']:,.0f}")
             if "torch_tokens_per_s" in row:
                 peers = _run_pair(
-                    [
-                        args.torch_python,
-                        str(ROOT / "bench" / "torch_peer.py"),
-                        *_shape_flags(shape),
-                        "--batch",
-                        str(batch),
-                        "--vocab",
-                        str(shape.vocab_size),
-                        "--repeats",
-                        str(args.repeats),
-                        "--threads",
-                        "1",
-                    ]
+                    torch_args(args.torch_python, shape, batch, args.repeats, threads=1)
                 )
                 if all("error" not in r for r in peers):
                     row["torch_pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in peers)
