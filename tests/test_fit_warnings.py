@@ -114,25 +114,28 @@ def store_with_curves(tmp_path):
     return path
 
 
-def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves, capsys):
-    assert (
-        main(
-            [
-                "fit",
-                "--sweep",
-                "s",
-                "--law",
-                "saturating",
-                "--what",
-                "per-token",
-                "--store",
-                store_with_curves,
-                "--bootstrap",
-                "20",
-            ]
-        )
-        == 0
+def _fit(store, what, *extra):
+    """`scaling fit` of the saturating law to `what` of sweep s, 20 resamples."""
+    return main(
+        [
+            "fit",
+            "--sweep",
+            "s",
+            "--law",
+            "saturating",
+            "--what",
+            what,
+            "--store",
+            store,
+            "--bootstrap",
+            "20",
+            *extra,
+        ]
     )
+
+
+def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves, capsys):
+    assert _fit(store_with_curves, "per-token") == 0
     text = capsys.readouterr().out
     assert main(["query", "--sweep", "s", "--store", store_with_curves, "--json"]) == 0
     fits = {f["curve"]: f for f in json.loads(capsys.readouterr().out)}
@@ -142,25 +145,7 @@ def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves
     assert fits["flat"]["warnings"]
     assert "warning: the per-token loss rises with T" in text
     # Three runs for a three-parameter law: too few points, and the offset is flagged.
-    assert (
-        main(
-            [
-                "fit",
-                "--sweep",
-                "s",
-                "--law",
-                "saturating",
-                "--what",
-                "final",
-                "--store",
-                store_with_curves,
-                "--bootstrap",
-                "20",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert _fit(store_with_curves, "final", "--json") == 0
     (final,) = json.loads(capsys.readouterr().out)
     assert any("3 points for 3 parameters" in w for w in final["warnings"])
 
@@ -168,24 +153,7 @@ def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves
 def test_the_report_shows_the_warnings(store_with_curves, tmp_path):
     from scaling.figures.html_report import write_report
 
-    assert (
-        main(
-            [
-                "fit",
-                "--sweep",
-                "s",
-                "--law",
-                "saturating",
-                "--what",
-                "per-token",
-                "--store",
-                store_with_curves,
-                "--bootstrap",
-                "20",
-            ]
-        )
-        == 0
-    )
+    assert _fit(store_with_curves, "per-token") == 0
     with Store(store_with_curves) as store:
         path, _ = write_report(store, "s", tmp_path / "report.html")
     assert "rises with T" in path.read_text()

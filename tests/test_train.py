@@ -82,15 +82,19 @@ def test_interrupted_run_resumes_at_its_checkpoint_and_matches(tiny_config, monk
         )
 
 
-def _study(tmp_path, tiny_config):
-    study = tmp_path / "two_sizes.py"
+TWO_SIZES = [{"model.d_model": 16, "model.n_heads": 1}, {"model.d_model": 32}]
+
+
+def _study(tmp_path, tiny_config, members=None):
+    """A study file of tiny_config with these get_sweep() members (two sizes by default)."""
+    study = tmp_path / "study.py"
     study.write_text(
         "import ml_collections\n"
         f"BASE = {tiny_config.to_dict()!r}\n"
         "def get_config(arg=None):\n"
         "    return ml_collections.ConfigDict(BASE)\n"
         "def get_sweep(arg=None):\n"
-        "    return [{'model.d_model': 16, 'model.n_heads': 1}, {'model.d_model': 32}]\n"
+        f"    return {members or TWO_SIZES!r}\n"
     )
     return str(study)
 
@@ -277,18 +281,10 @@ def test_two_sweeps_started_at_once_train_every_member_exactly_once(tiny_config,
     from launch import config as config_lib
 
     tiny_config.train.steps = 200  # long enough that the two sweeps overlap
-    study = tmp_path / "four_sizes.py"
-    study.write_text(
-        "import ml_collections\n"
-        f"BASE = {tiny_config.to_dict()!r}\n"
-        "def get_config(arg=None):\n"
-        "    return ml_collections.ConfigDict(BASE)\n"
-        "def get_sweep(arg=None):\n"
-        "    return [{'model.d_model': d} for d in (16, 24, 32, 48)]\n"
-    )
-    ids = [config_lib.run_id(c) for c in config_lib.study_sweep(str(study))]
+    study = _study(tmp_path, tiny_config, [{"model.d_model": d} for d in (16, 24, 32, 48)])
+    ids = [config_lib.run_id(c) for c in config_lib.study_sweep(study)]
     repo = Path(__file__).parents[1]
-    command = [sys.executable, "-m", "launch.cli", "sweep", str(study), "--parallel", "1"]
+    command = [sys.executable, "-m", "launch.cli", "sweep", study, "--parallel", "1"]
     sweeps = [
         subprocess.Popen(
             command, cwd=repo, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
