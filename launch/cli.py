@@ -31,6 +31,7 @@ import sqlite3
 import sys
 
 from launch.backends.local import pin_from_environment
+from launch.entry import INTERRUPTED
 from launch.host_memory import keep_freed_memory
 from scaling.errors import UserError
 from scaling.store import DEFAULT_STORE, check_sweep_name
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def _parser():
@@ -697,4 +698,6 @@ def _report(args, overrides):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launch.entry import run_guarded
+
+    run_guarded(main)

@@ -1,0 +1,68 @@
+"""The `scaling` command's entry point: Ctrl-C exits with code 130 and one line, at any moment.
+
+Python turns Ctrl-C into KeyboardInterrupt wherever the main thread is. launch/cli.py catches
+it around every command (a run marks itself pending, a store's transaction rolls back, a TPU
+slice is released), but three places crash on it instead: the imports before a command starts;
+any import of a compiled extension (jaxlib, MLIR, tensorstore), whose initialiser calls back
+into Python and aborts (SIGABRT or SIGSEGV) when the exception comes through; and the
+interpreter's teardown after an interrupt cut a compile short, which runs XLA's C++
+destructors over half-built state. In all three nothing is left to save, so the process ends
+at once (os._exit) instead of raising.
+"""
+
+import os
+import signal
+import sys
+
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
+
+
+def _exit_interrupted(signum, frame):
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)
+
+
+def _inside_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt(signum, frame):
+    """KeyboardInterrupt, as Python's own handler raises, except inside an import."""
+    if _inside_import(frame):
+        _exit_interrupted(signum, frame)
+    raise KeyboardInterrupt
+
+
+def _on_interrupt(handler) -> None:
+    # A command started in the background by a non-interactive shell has SIGINT ignored:
+    # it stays ignored, as the shell asked.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
+
+
+def finish(code: int) -> None:
+    """Exit with `code`; after an interrupt, without the interpreter's teardown."""
+    _on_interrupt(_exit_interrupted)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == INTERRUPTED:
+        os._exit(INTERRUPTED)
+    sys.exit(code)
+
+
+def run() -> None:
+    """`scaling ...`: launch/cli.py's main() with the interrupt guarded around it."""
+    _on_interrupt(_exit_interrupted)
+    from launch import cli  # imported after the guard is in place
+
+    run_guarded(cli.main)
+
+
+def run_guarded(main) -> None:
+    """Run `main()` with KeyboardInterrupt outside imports, then exit with its code."""
+    _on_interrupt(_interrupt)
+    finish(main())
