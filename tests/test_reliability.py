@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch import checkpoints, data, train
+from launch import checkpoints, data, peak, preflight, train
 from launch import config as config_lib
 from launch.cli import main
+from scaling.errors import UserError
 from scaling.store import Store
 
 
@@ -125,3 +126,52 @@ def test_checkpoints_beyond_max_to_keep_are_removed(tiny_config):
     train.train_and_evaluate(tiny_config)
     kept = sorted(int(p.name) for p in _ckpt_dir(tiny_config).iterdir() if p.name.isdigit())
     assert kept == [40, 50]
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_anything_is_written(
+    tiny_config, capsys
+):
+    # d_model 8192 x 4 layers: 3.2B parameters, 51 GiB of weights and AdamW state in float32.
+    tiny_config.model.d_model, tiny_config.model.n_layer, tiny_config.model.n_heads = 8192, 4, 64
+    parts = preflight.memory_floor(tiny_config)
+    assert parts["weights, gradients, AdamW"] > 48 * preflight.GIB
+    code = main(["run", _study_of(tiny_config)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "needs at least" in err and "weights, gradients, AdamW" in err and "GiB" in err
+    assert "model.d_model" in err and "train.batch_size" in err
+    assert not Path(tiny_config.store).exists() and not Path(tiny_config.workdir).exists()
+
+
+def test_the_memory_floor_counts_activations_per_sequence_and_refuses_only_past_it(tiny_config):
+    small = preflight.memory_floor(tiny_config)
+    tiny_config.train.batch_size *= 2
+    double = preflight.memory_floor(tiny_config)
+    assert double["weights, gradients, AdamW"] == small["weights, gradients, AdamW"]
+    for part in ("layer inputs", "one layer's work", "logits"):
+        assert double[part] == 2 * small[part]
+    need = sum(double.values())
+    preflight.check_memory(tiny_config, need)  # exactly enough: runs
+    preflight.check_memory(tiny_config, None)  # a device that does not say: runs
+    with pytest.raises(UserError, match="needs at least"):
+        preflight.check_memory(tiny_config, need - 1)
+    # A fused attention kernel keeps no [B, H, L, L] scores.
+    tiny_config.model.attention_impl = "cudnn"
+    assert sum(preflight.memory_floor(tiny_config).values()) < need
+
+
+def test_a_run_of_more_than_a_day_here_says_so_and_a_short_one_measures_nothing(
+    tiny_config, monkeypatch, capsys
+):
+    def no_measuring(dtype):
+        raise AssertionError("a short run measured the peak")
+
+    monkeypatch.setattr(peak, "matmul_peak_flops", no_measuring)
+    preflight.say_if_slow(tiny_config)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(peak, "matmul_peak_flops", lambda dtype: 1e9)  # a slow machine
+    tiny_config.train.steps = 10**7
+    preflight.say_if_slow(tiny_config)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("warning: run ") and "days here" in err and "\n" not in err
+    assert "scaling plan --accelerator" in err
