@@ -59,3 +59,54 @@ def test_kaplan_study_spans_the_papers_range():
         assert m.train.warmup_steps == 3000 and m.train.final_lr_fraction == 0.0
     rates = [m.train.learning_rate for m in members]
     assert rates == sorted(rates, reverse=True)  # equation D.1: smaller LR for larger N
+
+
+HOUR = "experiments/cpu_hour.py"
+
+
+def _budget(member):
+    shape = config_lib.model_config(member).shape
+    tokens = member.train.steps * member.train.batch_size * shape.n_ctx
+    return shape, tokens, 6 * shape.n_params * tokens
+
+
+def test_cpu_hour_ladder_shares_one_token_budget_and_grid_hits_its_budgets():
+    module, _, _ = config_lib.load_study(HOUR)
+    members = config_lib.study_sweep(HOUR)
+    ladder, grid = members[: len(module.PER_TOKEN_SIZES)], members[len(module.PER_TOKEN_SIZES) :]
+    assert len({_budget(m)[1] for m in ladder}) == 1
+    sizes = sorted(_budget(m)[0].n_params_kaplan for m in ladder)
+    assert len(set(sizes)) == 6 and sizes[-1] / sizes[0] > 100
+    by_budget = {b: [] for b in module.BUDGETS}
+    for member in grid:
+        shape, tokens, flops = _budget(member)
+        nearest = min(module.BUDGETS, key=lambda b: abs(flops / b - 1))
+        assert abs(flops / nearest - 1) < 0.01, (nearest, flops)
+        by_budget[nearest].append(shape.n_params)
+    for budget, n_totals in by_budget.items():
+        assert len(set(n_totals)) == module.SIZES_PER_BUDGET
+        # the profile brackets the size that sees TOKENS_PER_PARAM tokens per parameter
+        assert min(n_totals) < (budget / (6 * module.TOKENS_PER_PARAM)) ** 0.5 < max(n_totals)
+
+
+def test_cpu_hour_ladder_never_joins_an_isoflop_profile():
+    """isoflop.profiles groups runs within 2% of a budget: the ladder's budgets stay apart."""
+    module, _, _ = config_lib.load_study(HOUR)
+    members = config_lib.study_sweep(HOUR)
+    for member in members[: len(module.PER_TOKEN_SIZES)]:
+        flops = _budget(member)[2]
+        assert all(abs(flops / b - 1) > 0.05 for b in module.BUDGETS), flops
+
+
+def test_cpu_hour_follows_porians_recipe():
+    members = config_lib.study_sweep(HOUR)
+    assert len({config_lib.run_id(m) for m in members}) == len(members) == 24
+    for member in members:
+        shape = _budget(member)[0]
+        assert member.train.b2 == 0.99
+        assert member.train.warmup_steps <= max(5, member.train.steps // 20)
+        warmup_tokens = member.train.warmup_steps * member.train.batch_size * shape.n_ctx
+        assert warmup_tokens <= max(shape.n_params * 1.01, 5 * 16 * 256)
+    by_size = sorted((_budget(m)[0].n_params, m.train.learning_rate) for m in members)
+    rates = [lr for _, lr in by_size]
+    assert rates == sorted(rates, reverse=True)  # a smaller peak for a larger model

@@ -1,0 +1,116 @@
+"""An hour on a 2-core CPU: Kaplan's per-token law and Chinchilla's compute-optimal exponent.
+
+One sweep of 24 byte-level models on the Linux kernel's Ethernet drivers
+(C source, 29.2M bytes; the corpus of experiments/kaplan_fig20_gpu.py),
+context 256, two designs in one store:
+
+- a ladder of six sizes from 12k to 1.5M non-embedding parameters, each
+  trained on the same 3.1M tokens: per-token loss L(T) = E + A T^-alpha per
+  size (Kaplan et al. 2020, Figure 20), the three largest being the ones
+  the figure is about;
+- an IsoFLOP grid (Hoffmann et al. 2022, approach 2): three budgets of
+  6 N_total D = 3e11, 1e12 and 3e12 FLOPs, six sizes each, spread around
+  the size that sees 100 tokens per parameter; the parabolas' minima give
+  N_opt ~ C^a, to compare with Chinchilla's a = 0.5. All 24 final losses
+  also fit L(N, D) = E + A/N^alpha + B/D^beta (approach 3, a = beta / (alpha + beta)).
+
+The recipe follows Porian et al. 2024, who recovered a ~ 0.5 at small scale
+where Kaplan's setup gave 0.73: the budget counts every parameter (the
+output layer is the tied embedding, so its FLOPs are in 6 N_total), the
+warmup is short (N_total tokens, at most 5% of the run), AdamW's beta2 is
+0.99 for this small batch, and the learning rate falls with size.
+
+    apt-get install linux-source-6.1 && mkdir -p corpora
+    tar -xf /usr/src/linux-source-6.1.tar.xz -C corpora \\
+        linux-source-6.1/drivers/net/ethernet/{intel,mellanox,broadcom,sfc}
+    scaling sweep experiments/cpu_hour.py
+    scaling fit --sweep cpu_hour --what per-token --law saturating
+    scaling fit --sweep cpu_hour --what isoflop --law compute_optimal
+    scaling fit --sweep cpu_hour --what final --law chinchilla
+"""
+
+from experiments.chinchilla_isoflop import sizes_at, steps_for_budget
+from experiments.kaplan_fig20_gpu import CORPUS, learning_rate
+from launch.config import base_config
+from models.sizes import ModelShape
+
+N_CTX, VOCAB, BATCH = 256, 256, 16  # bytes; 4,096 tokens a step
+
+# (n_layer, d_model, n_heads): head size 16 (12 at d_model 24), d_model / n_layer 16 to 32.
+LADDER = (
+    (1, 16, 1),  # N = 3.1k non-embedding, 11.5k total
+    (1, 24, 2),  # 6.9k
+    (1, 32, 2),  # 12.3k non-embedding, 29.2k total
+    (2, 32, 2),  # 24.6k
+    (2, 48, 3),  # 55.3k
+    (2, 64, 4),  # 98.3k
+    (3, 64, 4),  # 147k
+    (3, 80, 5),  # 230k
+    (3, 96, 6),  # 332k
+    (4, 96, 6),  # 442k
+    (4, 112, 7),  # 602k
+    (4, 128, 8),  # 786k
+    (5, 160, 10),  # 1.54M
+)
+
+# The per-token ladder: six sizes (three points per parameter of L(N)), one budget of tokens.
+PER_TOKEN_SIZES = ((1, 32, 2), (2, 48, 3), (2, 64, 4), (3, 96, 6), (4, 128, 8), (5, 160, 10))
+PER_TOKEN_STEPS = 750  # 3.1M tokens each
+
+# The IsoFLOP grid, in the Chinchilla convention C = 6 N_total D.
+BUDGETS = (3e11, 1e12, 3e12)
+# Six sizes per budget, 10-16x in N, centred on 100 tokens per parameter. A first grid of
+# five, centred on 50, found every profile's minimum at or below its smallest size (byte
+# models of C source gain far more from data than from size at these budgets), so each
+# profile got one size more, below.
+SIZES_PER_BUDGET = 6
+TOKENS_PER_PARAM = 100
+
+
+def get_config(arg=None):
+    if arg not in (None, ""):
+        raise ValueError(f"unknown variant {arg!r} of cpu_hour; it has none")
+    config = base_config()
+    config.sweep_name = "cpu_hour"
+    config.data.corpus = "text"
+    config.data.paths = CORPUS
+    config.data.val_fraction = 0.02  # whole files; ~600k held-out bytes
+    config.model.vocab_size = VOCAB
+    config.model.n_ctx = N_CTX
+    config.train.batch_size = BATCH
+    config.train.b2 = 0.99  # Porian et al.: beta2 = 0.95 costs small batches loss
+    config.eval.batches = 8  # 128 held-out sequences during training
+    config.eval.final_batches = 64  # 1,024 at the end, for the per-token fits
+    config.eval.points = 14  # enough for a learning-curve fit per run
+    config.checkpoint.every = 500
+    return config
+
+
+def _shape(n_layer, d_model, n_heads) -> ModelShape:
+    return ModelShape(
+        n_layer=n_layer, d_model=d_model, n_heads=n_heads, n_ctx=N_CTX, vocab_size=VOCAB
+    )
+
+
+def _member(shape: ModelShape, steps: int, batch: int) -> dict:
+    return {
+        "model.n_layer": shape.n_layer,
+        "model.d_model": shape.d_model,
+        "model.n_heads": shape.n_heads,
+        "train.steps": steps,
+        "train.batch_size": batch,
+        "train.learning_rate": learning_rate(shape.n_params_kaplan),
+        # Porian et al.: warm up over N_total tokens, not a fixed share of the run.
+        "train.warmup_steps": max(5, min(steps // 20, round(shape.n_params / (batch * N_CTX)))),
+    }
+
+
+def get_sweep(arg=None):
+    ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
+    shapes = [_shape(*s) for s in LADDER]
+    grid = []
+    for budget in BUDGETS:
+        for shape in sizes_at(budget, shapes, SIZES_PER_BUDGET, TOKENS_PER_PARAM):
+            steps, batch = steps_for_budget(budget, shape.n_params, BATCH, N_CTX)
+            grid.append(_member(shape, steps, batch))
+    return ladder + grid
