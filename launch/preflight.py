@@ -4,9 +4,10 @@
 only the files can tell: text that cannot be read, documents shorter than
 the context, an eval set larger than the held-out text, a disk too full for
 one checkpoint, a model that cannot fit in the machine's memory; and they say
-when a run would take more than a day here. They run before the store is opened or a run folder made,
-so a refused run leaves no trace. Preparing a cached corpus takes a few
-tens of milliseconds, so a sweep checks every member first.
+when a run would take more than a day here. They run before the store is
+opened or a run folder made, so a refused run leaves no trace. Preparing a
+cached corpus takes a few tens of milliseconds, so a sweep checks every
+member first.
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ def say_if_slow(config) -> None:
     seconds = flops / rate
     if seconds > DAY_S:
         print(
-            f"warning: run {config_lib.run_id(config)} would take about {seconds / DAY_S:,.1f} days "
-            f"here ({flops:.2e} FLOPs at {DEFAULT_MFU:.0%} of this machine's measured peak, "
-            f"{rate / DEFAULT_MFU / 1e12:.2f} TFLOP/s); `scaling plan --accelerator` prices it on others",
+            f"warning: run {config_lib.run_id(config)} would take about "
+            f"{seconds / DAY_S:,.1f} days here ({flops:.2e} FLOPs at {DEFAULT_MFU:.0%} of this "
+            f"machine's measured peak, {rate / DEFAULT_MFU / 1e12:.2f} TFLOP/s); "
+            "`scaling plan --accelerator` prices it on others",
             file=sys.stderr,
             flush=True,
         )
