@@ -13,12 +13,12 @@ import re
 
 from launch import remote_records
 from scaling.errors import UserError
-from scaling.store import RunRecord, Store
+from scaling.store import STATUSES, RunRecord, Store
 
 _RUN_FIELDS = {f.name for f in dataclasses.fields(RunRecord)}
 
 
-_STATUSES = {"pending", "running", "finished", "failed"}
+_STATUSES = set(STATUSES)
 _INT_FIELDS = ("n_params", "n_params_total", "n_layer", "d_model", "n_heads", "n_ctx", "tokens")
 # A run id is the 12 hex digits of launch.config.run_id; anything else in a
 # bucket's runs/ folder was not written by the trainer.

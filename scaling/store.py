@@ -28,17 +28,11 @@ import numpy as np
 from scaling import faults
 from scaling.errors import UserError
 
-SCHEMA_VERSION = 3
-STATUSES = ("pending", "running", "finished", "failed")
+SCHEMA_VERSION = 4
+# "preempted": stopped at a preemption notice after saving a checkpoint; resumable (schema 4).
+STATUSES = ("pending", "running", "finished", "failed", "preempted")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS sweeps (
-    name TEXT PRIMARY KEY,
-    config_json TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
+_RUNS_COLUMNS = """
     run_id TEXT PRIMARY KEY,
     config_json TEXT NOT NULL,
     n_params INTEGER NOT NULL,          -- Kaplan non-embedding parameters N
@@ -49,14 +43,23 @@ CREATE TABLE IF NOT EXISTS runs (
     n_ctx INTEGER NOT NULL,
     tokens INTEGER NOT NULL,            -- token budget D
     flops REAL NOT NULL,                -- training FLOP budget C under flop_convention
-    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'finished', 'failed')),
+    status TEXT NOT NULL CHECK (status IN ({statuses})),
     step INTEGER NOT NULL DEFAULT 0,
     reason TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     flops_json TEXT NOT NULL DEFAULT '{}',  -- {convention: training FLOPs} (schema 2)
     flop_convention TEXT NOT NULL DEFAULT '6N+attention'  -- the one `flops` holds
+""".replace("{statuses}", ", ".join(f"'{status}'" for status in STATUSES))
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sweeps (
+    name TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runs ({runs_columns});
 CREATE TABLE IF NOT EXISTS sweep_runs (
     sweep TEXT NOT NULL REFERENCES sweeps(name),
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -93,7 +96,7 @@ CREATE TABLE IF NOT EXISTS fits (
     created REAL NOT NULL,
     provenance_json TEXT NOT NULL DEFAULT '{}'  -- runs, points, optimizer, version (schema 2)
 );
-"""
+""".replace("{runs_columns}", _RUNS_COLUMNS)
 
 # Upgrades of an older store, in place: version -> statements that take it to version + 1.
 # Version 1 stores held `flops` under 6N+attention (the only count then), so that is
@@ -109,6 +112,14 @@ _MIGRATIONS = {
     2: (
         "ALTER TABLE per_token ADD COLUMN stderr BLOB",
         "ALTER TABLE per_token ADD COLUMN n_sequences INTEGER",
+    ),
+    # Version 3 stores allow four statuses: SQLite cannot change a CHECK in place, so the
+    # runs table is copied into one that allows "preempted" too (columns in the same order).
+    3: (
+        f"CREATE TABLE runs_v4 ({_RUNS_COLUMNS})",
+        "INSERT INTO runs_v4 SELECT * FROM runs",
+        "DROP TABLE runs",
+        "ALTER TABLE runs_v4 RENAME TO runs",
     ),
 }
 
@@ -305,14 +316,23 @@ class Store:
                 f"{str(self.path)!r} is an SQLite file but not a results store (tables: "
                 f"{sorted(tables)}); it was left untouched: give another path"
             )
-        with self._transaction():
-            if "schema_version" in tables and version >= 1:
-                self._migrate(version)
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._conn.execute(statement)
-            if not self._conn.execute("SELECT 1 FROM schema_version").fetchone():
-                self._conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        # Rebuilding a table (migration 3) drops the one that other tables' foreign keys
+        # name: SQLite's procedure for that turns the checks off around the transaction
+        # (the pragma is a no-op inside one) and checks the keys before it commits.
+        self._conn.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with self._transaction():
+                if "schema_version" in tables and version >= 1:
+                    self._migrate(version)
+                    if self._conn.execute("PRAGMA foreign_key_check").fetchone():
+                        raise sqlite3.IntegrityError("FOREIGN KEY constraint failed")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                if not self._conn.execute("SELECT 1 FROM schema_version").fetchone():
+                    self._conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        finally:
+            self._conn.execute("PRAGMA foreign_keys=ON")
 
     def _migrate(self, version: int):
         """Upgrade an older store in place (inside the caller's transaction)."""

@@ -5,6 +5,7 @@ import sqlite3
 import numpy as np
 import pytest
 
+from scaling import store as store_module
 from scaling.errors import UserError
 from scaling.store import SCHEMA_VERSION, FitRecord, RunRecord, Store, check_writable
 
@@ -192,7 +193,37 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         _, errors, sequences = store.per_token_stderr("new")
         assert errors.tolist() == [[0.5, 0.25]] and sequences.tolist() == [64]
     version = sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchall()
-    assert version == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 3
+    assert version == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 4
+
+
+def test_a_version_3_store_learns_the_preempted_status_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "v3.sqlite"
+    with Store(path) as store:
+        store.register_run(_run("old"), sweep="sw")
+        store.log_eval("old", 5, {"eval_loss": 2.0})
+        store.set_status("old", "running", step=5)
+    # Back to schema 3 as it was: a runs table whose CHECK knows four statuses.
+    conn = sqlite3.connect(path)
+    v3_columns = store_module._RUNS_COLUMNS.replace(", 'preempted'", "")
+    conn.executescript(
+        f"CREATE TABLE runs_v3 ({v3_columns}); INSERT INTO runs_v3 SELECT * FROM runs; "
+        "DROP TABLE runs; ALTER TABLE runs_v3 RENAME TO runs; "
+        "UPDATE schema_version SET version = 3;"
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("UPDATE runs SET status = 'preempted'")
+    conn.close()
+    with Store(path) as store:
+        run = store.run("old")
+        assert (run.status, run.step, run.n_params) == ("running", 5, _run("old").n_params)
+        assert store.last_eval("old") == (5, 2.0) and [r.run_id for r in store.runs("sw")] == [
+            "old"
+        ]
+        assert store._conn.execute("PRAGMA foreign_keys").fetchone() == (1,)  # on again
+        store.set_status("old", "preempted", step=7)
+        assert (store.run("old").status, store.run("old").step) == ("preempted", 7)
+        with pytest.raises(ValueError, match="not one of"):
+            store.set_status("old", "paused")
 
 
 def test_provenance_round_trips(tmp_path):
