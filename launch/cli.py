@@ -30,10 +30,10 @@ import json
 import sqlite3
 import sys
 
-from launch.backends.local import pin_from_environment
+from launch.backends.local import PREEMPTED_EXIT_CODE, pin_from_environment
 from launch.entry import INTERRUPTED
 from launch.host_memory import keep_freed_memory
-from scaling.errors import UserError
+from scaling.errors import Preempted, UserError
 from scaling.store import DEFAULT_STORE, check_sweep_name
 
 
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; relaunch the same command to resume", file=sys.stderr)
         return INTERRUPTED
+    except Preempted as e:
+        print(f"{e}; relaunch the same command to resume", file=sys.stderr)
+        return e.exit_code
 
 
 def _parser():
@@ -419,6 +422,7 @@ def _sweep(args, overrides):
         statuses = local.member_statuses(args.config, overrides)
         counts = {s: list(statuses.values()).count(s) for s in sorted(set(statuses.values()))}
         failed = sorted(r for r, o in outcome.items() if o != "finished")
+        preempted = bool(failed) and all(outcome[r] == "preempted" for r in failed)
         print(
             "sweep done: "
             + ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -428,7 +432,7 @@ def _sweep(args, overrides):
                 else ""
             )
         )
-        return 1 if failed else 0
+        return PREEMPTED_EXIT_CODE if preempted else 1 if failed else 0
     _join_processes(args)
     from launch import plan, sweep
 

@@ -21,6 +21,7 @@ import ml_collections
 
 from launch.backends.settings import launch_defaults, validate_launch
 from launch.data import default_data_config
+from launch.preemption import signal_of
 from models.sizes import ModelShape
 from models.transformer import ModelConfig
 from scaling.errors import UserError
@@ -32,7 +33,8 @@ from scaling.store import DEFAULT_STORE, check_sweep_name
 # unrolling the layer loop or recomputing activations (model.remat) does not
 # make a finished run look new. (train.noise_scale only measures: its two
 # half-batch gradients average to the same update; train.nan_check_every
-# only changes how soon a diverging run stops.)
+# only changes how soon a diverging run stops; train.preemption_signal only
+# when it stops to be resumed.)
 NON_IDENTITY_KEYS = (
     "store",
     "workdir",
@@ -44,6 +46,7 @@ NON_IDENTITY_KEYS = (
     "train.nan_check_every",
     "train.noise_scale",
     "train.noise_scale_every",
+    "train.preemption_signal",
     "model.scan_unroll",
     "model.remat",
 )
@@ -94,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
     # on every noise_scale_every-th step (the others skip the split: it costs ~5% a step).
     c.train.noise_scale = True
     c.train.noise_scale_every = 4
+    # SIGTERM is always a preemption notice (save at the next step, exit 143, resume
+    # later; launch/preemption.py); this names one more, e.g. "SIGUSR1" for Slurm's
+    # --signal=B:USR1@120.
+    c.train.preemption_signal = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batches = 4  # held-out batches (of train.batch_size sequences) per eval
@@ -302,6 +309,7 @@ def validate(config):
         group, leaf = key.split(".")
         if config[group][leaf] <= 0:
             raise UserError(f"config.{key}={config[group][leaf]} must be positive")
+    signal_of(config.train.preemption_signal)
     if config.eval.final_batches < 0:
         raise UserError(
             f"config.eval.final_batches={config.eval.final_batches} must be 0 "

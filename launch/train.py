@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from launch import checkpoints, data, distributed, preflight, remote_records, steps
+from launch import checkpoints, data, distributed, preemption, preflight, remote_records, steps
 from launch import config as config_lib
 from launch.backends.local import BUSY_EXIT_CODE
 from launch.corpus import resolve_cache_dir
@@ -36,7 +36,7 @@ from launch.peak import matmul_peak_flops
 from models import sharding
 from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling import faults
-from scaling.errors import UserError
+from scaling.errors import Preempted, UserError
 from scaling.store import RunRecord, Store, check_writable
 
 
@@ -162,6 +162,10 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 if is_writer:
                     mark("failed", reason=reason)
                 raise UserError(f"run {run_id} failed: {reason}") from None
+            except Preempted as e:
+                if is_writer:
+                    mark("preempted", step=e.step, reason=str(e))
+                raise
             except (KeyboardInterrupt, UserError) as e:
                 # Not the run's fault: it stays pending and trains on the next launch.
                 if is_writer:
@@ -424,6 +428,7 @@ def _train(
         contextlib.closing(bar),
         contextlib.closing(run.ckpt),
         contextlib.closing(writers),
+        preemption.Notice(preemption.signal_of(config.train.preemption_signal)) as notice,
     ):
         for step in range(run.start_step, total):
             state, metrics = _do_step(run, state, step, corpus)
@@ -437,11 +442,19 @@ def _train(
                 writers.log(done, row, *per_token)
                 bar.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", mfu=f"{row['mfu']:.0%}")
                 window.restart_clock()
-            if done % config.checkpoint.every == 0 or done == total:
+            saved = done % config.checkpoint.every == 0 or done == total
+            if saved:
                 nan_watch.check_all()  # never save a diverged state
                 run.ckpt.save(
                     done, state, corpus.fingerprint, {"train_losses": window.train_losses()}
                 )
+            if notice.reached(done) and done < total:
+                if not saved:
+                    nan_watch.check_all()
+                    run.ckpt.save(
+                        done, state, corpus.fingerprint, {"train_losses": window.train_losses()}
+                    )
+                raise Preempted(done)  # the closing above waits for the save
 
 
 def _do_step(run: _Run, state, step: int, corpus: data.Corpus):

@@ -2,7 +2,9 @@
 
 `SCALING_FAULT=POINT:COUNT` makes the COUNT-th call of `point(POINT)` in
 this process send SIGKILL to the process itself, as a preempted machine
-would: no exception, no cleanup, no flush. The points are
+would: no exception, no cleanup, no flush. `POINT:COUNT:SIGNAL` sends that
+signal instead (SIGTERM: a preemption notice, which the trainer answers).
+The points are
 
     train_step       after a train step is dispatched, before its result is used
     checkpoint_save  while an orbax save is in flight, before it is committed
@@ -22,24 +24,26 @@ POINTS = ("train_step", "checkpoint_save", "store_write")
 _calls: dict[str, int] = {}
 
 
-def _armed() -> tuple[str, int] | None:
+def _armed() -> tuple[str, int, signal.Signals] | None:
     spec = os.environ.get("SCALING_FAULT", "")
     if not spec:
         return None
-    name, _, count = spec.partition(":")
-    if name not in POINTS or not count.isdigit() or int(count) < 1:
+    name, _, rest = spec.partition(":")
+    count, _, signame = rest.partition(":")
+    signum = getattr(signal.Signals, signame or "SIGKILL", None)
+    if name not in POINTS or not count.isdigit() or int(count) < 1 or signum is None:
         raise ValueError(
-            f"SCALING_FAULT={spec!r}: expected POINT:COUNT with POINT one of "
-            f"{', '.join(POINTS)} and COUNT >= 1"
+            f"SCALING_FAULT={spec!r}: expected POINT:COUNT[:SIGNAL] with POINT one of "
+            f"{', '.join(POINTS)}, COUNT >= 1 and SIGNAL a name such as SIGTERM"
         )
-    return name, int(count)
+    return name, int(count), signum
 
 
 def point(name: str) -> None:
-    """Count a call of point `name`; SIGKILL this process if SCALING_FAULT names this call."""
+    """Count a call of point `name`; signal this process if SCALING_FAULT names this call."""
     armed = _armed()
     if armed is None or armed[0] != name:
         return
     _calls[name] = _calls.get(name, 0) + 1
     if _calls[name] == armed[1]:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), armed[2])

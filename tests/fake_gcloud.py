@@ -10,6 +10,8 @@ The slice's state lives in $FAKE_DIR/state:
     tpu-vm ssh (the trainer's command, "launch.cli run"):
         while $FAKE_DIR/preempt holds N > 0: N -= 1, state SUSPENDED, exit 255
         while $FAKE_DIR/fail holds N > 0: N -= 1, exit 1 (the slice stays ACTIVE)
+        while $FAKE_DIR/notice holds N > 0: N -= 1, exit 143 (the trainer saved at a
+        preemption notice; the slice still answers ACTIVE)
 """
 
 import json
@@ -49,3 +51,5 @@ if tool == "gcloud":
             sys.exit(255)
         if take("fail"):
             sys.exit(1)
+        if take("notice"):
+            sys.exit(143)

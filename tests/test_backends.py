@@ -254,6 +254,20 @@ def test_a_preempted_slice_is_requested_again_and_the_run_resumes(tmp_path, fake
     assert gcloud[-1][2:4] == ["queued-resources", "delete"]
 
 
+def test_a_trainer_that_answered_a_notice_is_trained_again(tmp_path, fake):
+    """Exit 143 (saved at a preemption notice) is a preemption even while the slice still
+    says ACTIVE: the slice is requested again and the run resumes, not reported failed."""
+    bucket = tmp_path / "bucket"
+    fake.arm("notice", 1)
+    plan = runner.prepare_launch(STUDY, _overrides(bucket))
+    slept = []
+    outcome = runner.execute(get_backend("tpu"), plan, sleep=slept.append, say=lambda _: None)
+    assert set(outcome.values()) == {"finished"}
+    assert slept == [5.0]
+    trains = [_command(a) for a in fake("gcloud") if _is_train(a)]
+    assert len(trains) == 4  # the first member twice, the others once
+
+
 def test_preemption_retries_are_bounded_and_reported(tmp_path, fake, capsys):
     bucket = tmp_path / "bucket"
     fake.arm("preempt", 1000)

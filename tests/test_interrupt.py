@@ -5,8 +5,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 from launch import entry
 from scaling.store import RunRecord, Store
 

@@ -143,7 +143,12 @@ def _corpus(folder: Path) -> str:
 
 
 def _run_args(
-    tmp: Path, store: Path, workdir: Path, paths: str, mesh: tuple[int, int, int] = (1, 2, 2)
+    tmp: Path,
+    store: Path,
+    workdir: Path,
+    paths: str,
+    mesh: tuple[int, int, int] = (1, 2, 2),
+    **more,
 ) -> list[str]:
     settings = {
         "model.n_layer": 1,
@@ -167,6 +172,7 @@ def _run_args(
         "store": str(store),
         "workdir": str(workdir),
         "progress": False,
+        **more,
     }
     return [
         sys.executable,
@@ -178,8 +184,11 @@ def _run_args(
     ]
 
 
-def _two_processes(args: list[str]) -> list[tuple[str, str]]:
-    """Run `args` as processes 0 and 1 of one run; their (stdout, stderr), both succeeded."""
+def _two_processes(
+    args: list[str], expect: int = 0, extra_env: tuple[dict, dict] = ({}, {})
+) -> list[tuple[str, str]]:
+    """Run `args` as processes 0 and 1 of one run; their (stdout, stderr), both exiting
+    with `expect`; `extra_env` adds variables to each process's environment."""
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -194,6 +203,7 @@ def _two_processes(args: list[str]) -> list[tuple[str, str]]:
                 SCALING_NUM_PROCESSES="2",
                 SCALING_PROCESS_ID=str(i),
                 SCALING_INIT_TIMEOUT="120",
+                **extra_env[i],
             ),
         )
         for i in range(2)
@@ -207,7 +217,9 @@ def _two_processes(args: list[str]) -> list[tuple[str, str]]:
             if proc.poll() is None:
                 proc.kill()
     for i, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert proc.returncode == 0, f"process {i} failed:\n{out}\n{err[-4000:]}"
+        assert proc.returncode == expect, (
+            f"process {i} exited {proc.returncode}:\n{out}\n{err[-4000:]}"
+        )
     return outputs
 
 
@@ -292,3 +304,33 @@ def test_two_processes_train_one_run(tmp_path):
     # (train_loss is the mean since the previous eval, which the resumed run
     # saw only part of, so only the eval loss is compared.)
     assert resumed[4, "eval_loss"] == pytest.approx(rows[4, "eval_loss"], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_notice_to_one_process_stops_both_at_one_step_and_loses_none(tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption sync lets both reach the same step, both
+    save there together, both exit 143; relaunched, the run ends as an uninterrupted one."""
+    paths = _corpus(tmp_path / "corpus")
+    more = {"train.steps": 16, "eval.points": 4, "checkpoint.every": 8}
+    store, workdir = tmp_path / "store.sqlite", tmp_path / "runs"
+    args = _run_args(tmp_path, store, workdir, paths, **more)
+    outputs = _two_processes(
+        args, expect=143, extra_env=({}, {"SCALING_FAULT": "train_step:5:SIGTERM"})
+    )
+    assert "preempted at step" in outputs[0][1], outputs[0][1][-2000:]
+    runs, _ = _eval_rows(store)
+    (run_id, status, step) = runs[0]
+    assert status == "preempted" and 5 <= step < 16, runs
+    checkpoints = workdir / run_id / "checkpoints"
+    saved = {8, step} if step > 8 else {step}  # the regular save at 8, and the notice's
+    assert sorted(int(p.name) for p in checkpoints.iterdir()) == sorted(saved)
+    _two_processes(args)
+    runs, resumed = _eval_rows(store)
+    assert runs[0][1:] == ("finished", 16)
+
+    clean_store = tmp_path / "clean.sqlite"
+    _two_processes(_run_args(tmp_path, clean_store, tmp_path / "clean_runs", paths, **more))
+    _, clean = _eval_rows(clean_store)
+    assert resumed.keys() == clean.keys()
+    for key, value in clean.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
 
 from launch.backends import Launch, Member, Step
 from launch.backends.commands import trainer_args
+from scaling.errors import Preempted
 
 # The exit code of `scaling run` when another process trains the same run
 # (launch.train.RunBusy): the parallel sweep reports the member as busy, not failed.
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL
+# The exit code of a run that stopped at a preemption notice after saving (launch/preemption.py).
+PREEMPTED_EXIT_CODE = Preempted.exit_code
 
 
 def prepare(plan: Launch) -> list[Step]:
@@ -142,7 +146,14 @@ def train_parallel(
     free = core_sets(parallel)
     running: dict[str, tuple[object, list[int]]] = {}
     codes: dict[str, int] = {}
+    notice = _Notice()
     while queue or running:
+        if notice.received:  # the machine is going: start nothing, pass the notice on once
+            queue.clear()
+            for process, _ in running.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            notice.received = False
         while queue and free:
             member, cores = queue.pop(0), free.pop(0)
             process = popen(
@@ -157,11 +168,29 @@ def train_parallel(
                 del running[run_id]
         if running:
             time.sleep(wait_s)
-    return {
-        run_id: "finished"
-        if code == 0
-        else "busy"
-        if code == BUSY_EXIT_CODE
-        else f"failed (exit code {code})"
-        for run_id, code in codes.items()
-    }
+    notice.close()
+    return {run_id: _outcome(code) for run_id, code in codes.items()}
+
+
+def _outcome(code: int) -> str:
+    if code == 0:
+        return "finished"
+    if code == BUSY_EXIT_CODE:
+        return "busy"
+    if code in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):  # saved at the notice, or killed by it
+        return "preempted"
+    return f"failed (exit code {code})"
+
+
+class _Notice:
+    """SIGTERM to the parallel sweep: noted here, answered in its loop (main thread only)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._flag)
+
+    def _flag(self, signum, frame):
+        self.received = True
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._previous)

@@ -20,7 +20,7 @@ from pathlib import Path
 from launch import config as config_lib
 from launch import remote_records
 from launch.backends import Backend, Launch, Member, Step, launch_steps
-from scaling.errors import UserError
+from scaling.errors import Preempted, UserError
 
 # Wait states that will never become ready by themselves.
 _DEAD = {"FAILED", "SUSPENDING", "SUSPENDED", "PREEMPTED", "TERMINATED", "DELETING"}
@@ -194,6 +194,8 @@ def _train(backend, plan, i, member: Member, run) -> str:
         rc, _ = run(step.args, False)
         if rc == 0:
             continue
+        if rc == Preempted.exit_code:  # the trainer saved at a notice: train it again
+            raise _Unavailable("preempted (the trainer saved at the notice)")
         check: Step | None = backend.state(plan, i)
         if check is not None:
             state_rc, output = run(check.args, True)
