@@ -106,6 +106,11 @@ def _parser():
         help="assumed model FLOP utilisation (default: the median measured in the store, else 0.4)",
     )
     plan.add_argument("--store", help="store whose finished runs give the MFU")
+    plan.add_argument(
+        "--price",
+        type=float,
+        help="USD per chip-hour (per GPU for GPU types): adds the cost; needs --accelerator",
+    )
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_plan)
 
@@ -275,6 +280,7 @@ _LAUNCH_FLAGS = {
     "max_retries": int,
     "retry_backoff_s": float,
     "parallel": int,
+    "price": float,
 }
 _LAUNCH_SWITCHES = ("spot", "best_effort", "keep_slice")
 
@@ -460,7 +466,9 @@ def _launch(args, overrides, backend_name: str):
     from launch import plan
 
     accelerator = work.launch.get("accelerator") or None
-    print(plan.totals_line(plan.make_plan(args.config, overrides, accelerator)), file=sys.stderr)
+    price = work.launch.get("price") or None
+    cost = plan.make_plan(args.config, overrides, accelerator, price=price if accelerator else None)
+    print(plan.totals_line(cost), file=sys.stderr)
     if args.dry_run:
         runner.dry_run(backend, work)
         return 0
@@ -490,7 +498,9 @@ def _sync(args, overrides):
 def _plan(args, overrides):
     from launch import plan
 
-    result = plan.make_plan(args.config, overrides, args.accelerator, args.mfu, args.store)
+    result = plan.make_plan(
+        args.config, overrides, args.accelerator, args.mfu, args.store, price=args.price
+    )
     print(json.dumps(result) if args.json else plan.plan_table(result))
 
 

@@ -14,6 +14,7 @@ may name it as FLOP_CONVENTION; Chinchilla's budgets are 6 N_total D).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import statistics
 from pathlib import Path
@@ -106,8 +107,10 @@ def make_plan(
     accelerator: str | None = None,
     mfu: float | None = None,
     store: str | None = None,
+    price: float | None = None,
 ) -> dict:
-    """The plan as a JSON-ready dict: {"runs": [...], "total_flops", "chip_hours", ...}."""
+    """The plan as a JSON-ready dict: {"runs": [...], "total_flops", "chip_hours", ...};
+    with `price` (USD per chip-hour) also each run's "cost" and the total "cost"."""
     members = config_lib.study_sweep(path, overrides)
     convention = study_convention(path)
     if mfu is None:
@@ -123,6 +126,10 @@ def make_plan(
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu} must be in (0, 1]")
     acc, chips = parse_accelerator(accelerator) if accelerator else (None, None)
+    if price is not None and not (price > 0 and math.isfinite(price)):
+        raise UserError(f"--price {price} must be a finite price per chip-hour above 0")
+    if price is not None and not acc:
+        raise UserError("--price is per chip-hour: give the chips too, with --accelerator")
 
     runs = []
     for config in members:
@@ -143,6 +150,8 @@ def make_plan(
             seconds = by_convention[DEFAULT_FLOP_CONVENTION] / (chips * acc.peak_flops * mfu)
             run["wall_hours"] = seconds / 3600
             run["chip_hours"] = seconds / 3600 * chips
+            if price:
+                run["cost"] = run["chip_hours"] * price
         runs.append(run)
     plan = {
         "study": path,
@@ -159,6 +168,9 @@ def make_plan(
         "chip_hours": sum(r["chip_hours"] for r in runs) if acc else None,
         "wall_hours": sum(r["wall_hours"] for r in runs) if acc else None,
     }
+    if price:
+        plan["price_per_chip_hour"] = price
+        plan["cost"] = sum(r["cost"] for r in runs)
     if acc:
         plan["accelerator"] = {
             "type": accelerator,
@@ -176,7 +188,12 @@ def plan_table(plan: dict) -> str:
         f"{'run_id':12}  {'N (non-emb)':>12}  {'N (total)':>12}  {'tokens':>10}  "
         f"{'FLOPs (' + plan['flop_convention'] + ')':>18}"
     )
-    lines = [head + (f"  {'wall h':>9}  {'chip h':>10}" if timed else "")]
+    priced = "cost" in plan
+    lines = [
+        head
+        + (f"  {'wall h':>9}  {'chip h':>10}" if timed else "")
+        + (f"  {'USD':>10}" if priced else "")
+    ]
     for r in plan["runs"]:
         line = (
             f"{r['run_id']:12}  {r['params']:>12,}  {r['params_total']:>12,}  "
@@ -184,6 +201,8 @@ def plan_table(plan: dict) -> str:
         )
         if timed:
             line += f"  {r['wall_hours']:>9.3g}  {r['chip_hours']:>10.3g}"
+        if priced:
+            line += f"  {r['cost']:>10,.2f}"
         lines.append(line)
     lines.append(totals_line(plan))
     for convention, flops in plan["total_flops_by_convention"].items():
@@ -208,4 +227,6 @@ def totals_line(plan: dict) -> str:
             f", {plan['wall_hours']:.3g} wall hours one after another, "
             f"{plan['chip_hours']:.3g} chip-hours"
         )
+    if "cost" in plan:
+        line += f", USD {plan['cost']:,.2f} at {plan['price_per_chip_hour']:g} per chip-hour"
     return line

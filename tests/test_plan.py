@@ -98,3 +98,43 @@ def test_bad_plan_input_is_one_line(args, message, capsys):
     assert main(["plan", KAPLAN, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_price_per_chip_hour_costs_every_run_and_the_total(capsys):
+    argv = ["plan", "experiments/kaplan_fig20_gpu.py", "--accelerator", "h100-8", "--mfu", "0.35"]
+    assert main([*argv, "--json", "--price", "2.5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["price_per_chip_hour"] == 2.5
+    for run in result["runs"]:
+        assert run["cost"] == pytest.approx(2.5 * run["chip_hours"], rel=1e-12)
+    assert result["cost"] == pytest.approx(2.5 * result["chip_hours"], rel=1e-12)
+    assert main([*argv, "--price", "2.5"]) == 0
+    table = capsys.readouterr().out
+    assert "USD" in table.splitlines()[0]
+    assert f"USD {result['cost']:,.2f} at 2.5 per chip-hour" in table
+    assert main([*argv]) == 0 and "USD" not in capsys.readouterr().out  # unpriced: no cost
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--price", "2"], "give the chips too, with --accelerator"),
+        (["--accelerator", "a100-8", "--price", "-1"], "must be a finite price"),
+        (["--accelerator", "a100-8", "--price", "nan"], "must be a finite price"),
+    ],
+)
+def test_a_price_without_chips_or_below_zero_is_one_line(capsys, argv, message):
+    assert main(["plan", "experiments/local_cpu.py", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_a_remote_sweep_states_its_cost_before_it_starts(tmp_path, capsys):
+    flags = ["--backend", "tpu", "--zone", "us-central2-b", "--accelerator", "v4-32"]
+    flags += ["--tpu-name", "s", "--bucket", str(tmp_path / "bucket")]
+    flags += ["--price", "1.5", "--dry-run"]
+    assert main(["sweep", "experiments/local_cpu.py:tiny", *flags]) == 0
+    err = capsys.readouterr().err
+    assert "chip-hours, USD " in err and "at 1.5 per chip-hour" in err
+    assert main(["sweep", "experiments/local_cpu.py:tiny", *flags[:-3], "--price", "-2"]) == 2
+    assert "config.launch.price=-2.0" in capsys.readouterr().err

@@ -8,6 +8,7 @@ keeps its run ids, and a relaunch finds the runs it already trained.
 
 from __future__ import annotations
 
+import math
 import re
 
 import ml_collections
@@ -41,6 +42,10 @@ def launch_defaults() -> ml_collections.ConfigDict:
     c.parallel = 0
     c.runs_per_slice = 0  # members trained on one slice before it is deleted; 0 = all
     c.keep_slice = False  # keep the slice after the sweep (it keeps costing until deleted)
+    # USD per chip-hour (per GPU for GPU types) that `scaling plan` and the sweep's
+    # cost line multiply the chip-hours by; 0 = not priced. Prices move and differ
+    # by region, commitment and spot: the user gives theirs.
+    c.price = 0.0
     c.max_retries = 3  # re-requests of a preempted slice per run, then the run is reported
     c.retry_backoff_s = 60.0  # seconds before the first re-request; doubles each time
     c.poll_s = 30.0  # seconds between checks that a queued resource is ACTIVE
@@ -74,6 +79,11 @@ def validate_launch(launch):
     for key in ("runs_per_slice", "max_retries"):
         if launch[key] < 0:
             raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more")
+    if not (launch.price >= 0 and math.isfinite(launch.price)):
+        raise UserError(
+            f"config.launch.price={launch.price} must be a finite price per chip-hour, "
+            "0 or more (0 = not priced)"
+        )
     for key in ("retry_backoff_s", "poll_s"):
         if launch[key] < 0:
             raise UserError(f"config.launch.{key}={launch[key]} must be 0 or more seconds")
