@@ -281,6 +281,13 @@ _LAUNCH_FLAGS = {
     "retry_backoff_s": float,
     "parallel": int,
     "price": float,
+    "partition": str,
+    "account": str,
+    "qos": str,
+    "nodes": int,
+    "gpus_per_node": int,
+    "time_limit": str,
+    "sbatch": str,
 }
 _LAUNCH_SWITCHES = ("spot", "best_effort", "keep_slice")
 
@@ -455,6 +462,7 @@ def _sweep(args, overrides):
 
 
 def _launch(args, overrides, backend_name: str):
+    from launch import config as config_lib
     from launch.backends import get_backend, runner
 
     backend = get_backend(backend_name)
@@ -474,10 +482,14 @@ def _launch(args, overrides, backend_name: str):
         return 0
     outcome = runner.execute(backend, work)
     failed = {r: o for r, o in outcome.items() if o.startswith("failed")}
+    where = (
+        f"`scaling sync {work.sweep_name} --bucket {work.launch['bucket']}` fetches the results"
+        if work.launch["bucket"]
+        else f"results in {config_lib.study_config(args.config, overrides).store}"
+    )
     print(
         f"sweep {work.sweep_name} done on {backend_name}: {len(outcome) - len(failed)} "
-        f"finished or skipped, {len(failed)} failed; `scaling sync {work.sweep_name} "
-        f"--bucket {work.launch['bucket']}` fetches the results"
+        f"finished or skipped, {len(failed)} failed; {where}"
     )
     return 1 if failed else 0
 

@@ -6,6 +6,7 @@ lists for the tools users already run: nothing here schedules jobs itself.
     local  this machine: `python -m launch.cli run ...` per member
     tpu    Cloud TPU VMs through `gcloud` (launch/backends/tpu.py)
     xpk    GKE through `xpk workload create` (launch/backends/xpk.py)
+    slurm  a Slurm cluster through `sbatch`, one job per run (launch/backends/slurm.py)
 
 Members are trained on "slices", in order: `prepare` runs once here
 (packing the code), `acquire` makes slice i ready

@@ -21,6 +21,7 @@ from launch import config as config_lib
 from launch import remote_records
 from launch.backends import Backend, Launch, Member, Step, launch_steps
 from scaling.errors import Preempted, UserError
+from scaling.store import Store
 
 # Wait states that will never become ready by themselves.
 _DEAD = {"FAILED", "SUSPENDING", "SUSPENDED", "PREEMPTED", "TERMINATED", "DELETING"}
@@ -47,7 +48,13 @@ def prepare_launch(
     for config, own in zip(configs, raw, strict=True):
         run_id = config_lib.run_id(config)
         try:
-            why = None if notes else _skip_reason(launch["bucket"], run_id, retry_failed)
+            why = (
+                None
+                if notes
+                else _skip_reason(launch["bucket"], run_id, retry_failed)
+                if launch["bucket"]
+                else _store_skip_reason(config.store, run_id, retry_failed)
+            )
         except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
             if strict:
                 raise UserError(
@@ -86,10 +93,23 @@ def _skip_reason(bucket: str, run_id: str, retry_failed: bool) -> str | None:
     return None
 
 
+def _store_skip_reason(store_path: str, run_id: str, retry_failed: bool) -> str | None:
+    """The same answer from the store, where the runs write to it directly (no bucket)."""
+    if not Path(store_path).exists():
+        return None
+    with Store(store_path, readonly=True) as store:
+        record = store.run(run_id)
+    if record and record.status == "finished":
+        return "finished earlier"
+    if record and record.status == "failed" and not retry_failed:
+        return f"failed earlier ({record.reason}); --retry-failed trains it again"
+    return None
+
+
 def _repo_relative(study: str, backend: str) -> str:
     """The study file as the workers see it: relative to the repository root (here)."""
     file, colon, arg = study.partition(":")
-    if backend == "local":
+    if backend in ("local", "slurm"):  # run here, or where this folder is shared
         return study
     try:
         relative = Path(file).resolve().relative_to(Path.cwd().resolve())

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 
 import ml_collections
 
 from scaling.errors import UserError
 
-BACKENDS = ("local", "tpu", "xpk")
+BACKENDS = ("local", "tpu", "xpk", "slurm")
 
 # v4-32, v5litepod-16, v5p-128, v6e-8: a TPU generation, a variant, a core/chip count.
 _ACCELERATOR = re.compile(r"^v\d+[a-z]*-\d+$")
@@ -53,6 +54,14 @@ def launch_defaults() -> ml_collections.ConfigDict:
     c.python = "python3"  # interpreter on the workers
     c.cluster = ""  # xpk: GKE cluster name
     c.docker_image = "python:3.11-slim"  # xpk: base image the code folder is added to
+    # slurm: where and how each run's job goes (sbatch options; "" = the cluster's default)
+    c.partition = ""
+    c.account = ""
+    c.qos = ""
+    c.nodes = 1  # nodes per run, one trainer process each
+    c.gpus_per_node = 0
+    c.time_limit = ""  # e.g. 4:00:00; the trainer saves at USR1, 2 minutes before it
+    c.sbatch = ""  # more sbatch options, e.g. "--constraint=h100 --exclusive"
     return c
 
 
@@ -93,6 +102,9 @@ def validate_launch(launch):
             "choose one (--spot or --best-effort)"
         )
     if launch.backend == "local":
+        return
+    if launch.backend == "slurm":
+        _validate_slurm(launch)
         return
     flag = {"zone": "--zone", "accelerator": "--accelerator", "bucket": "--bucket"}
     for key in ("zone", "accelerator", "bucket"):
@@ -136,4 +148,37 @@ def validate_launch(launch):
             raise UserError(
                 "config.launch.best_effort is a queued-resource option of the tpu "
                 "backend; xpk takes --spot"
+            )
+
+
+_SLURM_NAME = re.compile(r"^[A-Za-z0-9][-_.A-Za-z0-9]{0,63}$")
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # [D-]H[:M[:S]] or minutes
+
+
+def _validate_slurm(launch):
+    for key in ("partition", "account", "qos"):
+        if launch[key] and not _SLURM_NAME.match(launch[key]):
+            raise UserError(
+                f"config.launch.{key}={launch[key]!r} is not a Slurm name "
+                "(letters, digits, '-', '_', '.')"
+            )
+    if launch.nodes < 1 or launch.gpus_per_node < 0:
+        raise UserError(
+            f"config.launch.nodes={launch.nodes} must be 1 or more and "
+            f"config.launch.gpus_per_node={launch.gpus_per_node} 0 or more"
+        )
+    if launch.time_limit and not _SLURM_TIME.match(launch.time_limit):
+        raise UserError(
+            f"config.launch.time_limit={launch.time_limit!r} is not a Slurm time; "
+            "write minutes, H:MM:SS or D-HH:MM:SS"
+        )
+    try:
+        options = shlex.split(launch.sbatch)
+    except ValueError as e:
+        raise UserError(f"config.launch.sbatch={launch.sbatch!r} does not parse ({e})") from None
+    for option in options:
+        if option.split("=")[0] in ("--wrap", "--wait", "--chdir", "-D", "--parsable"):
+            raise UserError(
+                f"config.launch.sbatch sets {option.split('=')[0]}, which the launcher sets "
+                "itself; leave it out"
             )

@@ -1,0 +1,103 @@
+"""A Slurm cluster: one `sbatch` job per run, its trainer started by `srun` on every node.
+
+    sbatch --wait --parsable --job-name SWEEP-<run_id> --nodes N --ntasks-per-node 1
+        [--partition P] [--account A] [--qos Q] [--time T] [--gpus-per-node G]
+        --signal USR1@120 [extra options] --chdir DIR
+        --wrap 'SCALING_DISTRIBUTED=auto srun --kill-on-bad-exit=1 PYTHON -m launch.cli run ...'
+
+The jobs run the code and the interpreter of the command that launched them, in its
+folder (`--chdir`): a Slurm cluster's login and compute nodes share a filesystem. One job
+per run, not an array: each run is retried on its own (an array element cannot be
+resubmitted alone), and the job's exit code is the run's. `sbatch --wait` returns it.
+With several nodes, `srun` starts one trainer per node and `jax.distributed` finds the
+others from Slurm's variables (SLURM_JOB_NODELIST, SLURM_PROCID, SLURM_NTASKS).
+
+Preemption and time limits: Slurm sends USR1 two minutes before a job's time limit
+(`--signal USR1@120`; the trainer is told with train.preemption_signal=SIGUSR1) and
+SIGTERM when it preempts or ends the job; the trainer saves at the next step and exits
+143, and the runner submits the run again, at most `max_retries` times, waiting
+`retry_backoff_s` (doubling) between. Slurm's own `--requeue` is left to the user's extra
+options: a requeued job keeps its id, and `sbatch --wait` would not see the second run.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from launch.backends import Launch, Member, Step
+from launch.backends.commands import trainer_args
+
+NOTICE = "USR1@120"  # Slurm's --signal: USR1 to every step, 120 s before the time limit
+
+
+def prepare(plan: Launch) -> list[Step]:
+    return []
+
+
+def groups(plan: Launch) -> list[list[Member]]:
+    return [plan.members] if plan.members else []
+
+
+def acquire(plan: Launch, slice_index: int) -> list[Step]:
+    return []
+
+
+def job_name(plan: Launch, member: Member) -> str:
+    return f"{plan.sweep_name}-{member.run_id}"
+
+
+def sbatch_options(plan: Launch, member: Member) -> list[str]:
+    """The job's resources and limits, as sbatch options (what #SBATCH lines would say)."""
+    launch = plan.launch
+    options = [
+        "--job-name",
+        job_name(plan, member),
+        "--nodes",
+        str(launch["nodes"]),
+        "--ntasks-per-node",
+        "1",
+    ]
+    for key in ("partition", "account", "qos"):
+        if launch[key]:
+            options += [f"--{key}", launch[key]]
+    if launch["time_limit"]:
+        options += ["--time", launch["time_limit"]]
+    if launch["gpus_per_node"]:
+        options += ["--gpus-per-node", str(launch["gpus_per_node"])]
+    options += ["--signal", NOTICE]
+    return options + shlex.split(launch["sbatch"])
+
+
+def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
+    python = sys.executable  # the same interpreter, on the shared filesystem
+    trainer = trainer_args(python, plan, member) + ["--config.train.preemption_signal=SIGUSR1"]
+    env = "SCALING_DISTRIBUTED=auto " if plan.launch["nodes"] > 1 else ""
+    command = env + shlex.join(["srun", "--kill-on-bad-exit=1", *trainer])
+    return [
+        Step(
+            [
+                "sbatch",
+                "--wait",
+                "--parsable",
+                *sbatch_options(plan, member),
+                "--chdir",
+                os.getcwd(),
+                "--wrap",
+                command,
+            ]
+        )
+    ]
+
+
+def release(plan: Launch, slice_index: int) -> list[Step]:
+    return []
+
+
+def state(plan: Launch, slice_index: int) -> None:
+    return None  # a failed job's exit code says it all: 143 is a preemption (runner.py)
+
+
+def preempted(state_output: str, returncode: int) -> bool:
+    return False

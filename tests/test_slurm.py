@@ -1,0 +1,208 @@
+"""The Slurm backend against a real Slurm: a one-node cluster started here (slurmctld and
+slurmd in the foreground, no cgroups), the tiny sweep submitted with --backend slurm, and a
+job cancelled mid-run (scancel) whose relaunch ends where an uninterrupted sweep ends.
+
+Needs Debian's slurm-wlm and munge and root (slurmd runs jobs as their user); the tests skip
+with one line where either is missing. `.ci/run` installs the packages where it can.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scaling.store import Store
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+STUDY = "experiments/local_cpu.py:tiny"  # three members
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _munge_running() -> bool:
+    if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+        return True
+    subprocess.run(["munged", "--force"], capture_output=True)  # Debian's package sets it up
+    return subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """SLURM_CONF of a running one-node cluster with partition `debug`."""
+    missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"Slurm not installed ({', '.join(missing)}): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("a Slurm cluster here needs root (slurmd starts jobs as their user)")
+    if not _munge_running():
+        pytest.skip("munged does not start (no /etc/munge/munge.key?)")
+    folder = tmp_path_factory.mktemp("slurm")
+    host = socket.gethostname().split(".")[0]
+    cpus = os.cpu_count() or 1
+    conf = folder / "slurm.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=scalingtest",
+                f"SlurmctldHost={host}",
+                "SlurmUser=root",
+                "AuthType=auth/munge",
+                f"StateSaveLocation={folder}/state",
+                f"SlurmdSpoolDir={folder}/spool",
+                f"SlurmctldPidFile={folder}/slurmctld.pid",
+                f"SlurmdPidFile={folder}/slurmd.pid",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "ReturnToService=2",
+                f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}",
+                "MpiDefault=none",
+                "KillWait=30",
+                f"NodeName={host} CPUs={cpus} State=UNKNOWN",
+                f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
+    (folder / "state").mkdir()
+    (folder / "spool").mkdir()
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    log = open(folder / "daemons.log", "w")  # noqa: SIM115 - open while the daemons run
+    daemons = [
+        subprocess.Popen(
+            ["slurmctld", "-D", "-i", "-f", str(conf)], env=env, stdout=log, stderr=log
+        )
+    ]
+    time.sleep(1)
+    daemons.append(
+        subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env, stdout=log, stderr=log)
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True
+            )
+            if state.stdout.strip() == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the cluster never became idle: {(folder / 'daemons.log').read_text()}")
+        yield env
+    finally:
+        for daemon in daemons:
+            daemon.terminate()
+        for daemon in daemons:
+            daemon.wait(timeout=60)
+        log.close()
+
+
+def _sweep(slurm, out: Path, data_cache, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", "sweep", STUDY, "--backend", "slurm"]
+        + ["--partition", "debug", "--time-limit", "30", *extra]
+        + [
+            f"--config.store={out / 'store.sqlite'}",
+            f"--config.workdir={out / 'runs'}",
+            f"--config.data.cache_dir={data_cache}",
+            "--config.progress=false",
+        ],
+        cwd=ROOT,
+        env={**slurm, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _losses(path: Path) -> dict:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT run_id, step, value FROM metrics WHERE name = 'eval_loss'"
+        ).fetchall()
+        per_token = conn.execute("SELECT run_id, step, losses FROM per_token").fetchall()
+    found = {(r, s): v for r, s, v in rows}
+    found.update({(r, s, "T"): np.frombuffer(b, "<f4") for r, s, b in per_token})
+    return found
+
+
+def test_the_tiny_sweep_trains_through_sbatch_and_srun(slurm, tmp_path, data_cache):
+    result = _sweep(slurm, tmp_path, data_cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done on slurm: 3 finished or skipped, 0 failed" in result.stdout
+    with Store(tmp_path / "store.sqlite") as store:
+        runs = store.runs("local_cpu_tiny")
+        assert [(r.status, r.step) for r in runs] == [("finished", 60)] * 3
+        for run in runs:
+            steps, _ = store.scalars(run.run_id, "eval_loss")
+            assert steps[-1] == 60 and len(steps) >= 4
+    assert not list(tmp_path.glob("runs/*/checkpoints/*tmp*"))
+    # Relaunching submits nothing: every run is finished in the store.
+    again = _sweep(slurm, tmp_path, data_cache, "--dry-run")
+    assert again.returncode == 0 and "sbatch" not in again.stdout, again.stdout
+
+
+def test_a_job_cancelled_mid_run_resumes_on_relaunch_and_matches(slurm, tmp_path, data_cache):
+    longer = ["--config.train.steps=300", "--config.checkpoint.every=100"]
+    cancelled, clean = tmp_path / "cancelled", tmp_path / "clean"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "sweep", STUDY, "--backend", "slurm"]
+        + ["--partition", "debug", "--max-retries", "0", *longer]
+        + [
+            f"--config.store={cancelled / 'store.sqlite'}",
+            f"--config.workdir={cancelled / 'runs'}",
+            f"--config.data.cache_dir={data_cache}",
+            "--config.progress=false",
+        ],
+        cwd=ROOT,
+        env={**slurm, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Cancel the first job once its run has logged an eval past step 10.
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (cancelled / "store.sqlite").exists():
+            with Store(cancelled / "store.sqlite", readonly=True) as store:
+                progressed = [
+                    r for r in store.runs() if (store.last_eval(r.run_id) or (0,))[0] > 10
+                ]
+            if progressed:
+                break
+        time.sleep(0.2)
+    else:
+        launcher.kill()
+        pytest.fail("no run got past step 10")
+    subprocess.run(["scancel", "--state=RUNNING", "--partition=debug"], env=slurm, check=True)
+    out, err = launcher.communicate(timeout=600)
+    assert "1 failed" in out or "preempted" in out + err, out + err[-3000:]
+    with Store(cancelled / "store.sqlite") as store:
+        stopped = [r for r in store.runs() if r.status != "finished"]
+    assert stopped and all(r.step < 300 for r in stopped)
+
+    again = _sweep(slurm, cancelled, data_cache, *longer)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reference = _sweep(slurm, clean, data_cache, *longer)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    a, b = _losses(cancelled / "store.sqlite"), _losses(clean / "store.sqlite")
+    assert a.keys() == b.keys()
+    for key, value in b.items():
+        np.testing.assert_allclose(a[key], value, rtol=1e-6, atol=1e-6, err_msg=str(key))
