@@ -515,3 +515,43 @@ def test_local_parallel_sweep_trains_every_member(tmp_path, data_cache, capsys):
     # A relaunch trains nothing.
     assert main(["sweep", STUDY, "--parallel", "2", *small]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "sweep done: 3 finished"
+
+
+def test_slurm_dry_run_prints_one_sbatch_per_member(capsys):
+    flags = ["--backend", "slurm", "--partition", "gpu", "--account", "lab", "--qos", "high"]
+    flags += ["--nodes", "2", "--gpus-per-node", "8", "--time-limit", "4:00:00"]
+    flags += ["--sbatch=--constraint=h100 --exclusive", "--dry-run"]
+    assert main(["sweep", STUDY, *flags]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sbatch")]
+    assert len(lines) == 3
+    argv = shlex.split(lines[0])
+    assert argv[:3] == ["sbatch", "--wait", "--parsable"]
+    pairs = dict(zip(argv[3:-2:1], argv[4:-1:1], strict=False))
+    assert pairs["--partition"] == "gpu" and pairs["--account"] == "lab"
+    assert pairs["--qos"] == "high" and pairs["--nodes"] == "2" and pairs["--gpus-per-node"] == "8"
+    assert pairs["--time"] == "4:00:00" and pairs["--signal"] == "USR1@120"
+    assert "--exclusive" in argv and "--constraint=h100" in argv
+    assert argv[-2] == "--wrap"
+    command = shlex.split(argv[-1])
+    # Two nodes: one trainer per node, joined by jax.distributed from Slurm's variables.
+    assert command[0] == "SCALING_DISTRIBUTED=auto" and command[1:3] == [
+        "srun",
+        "--kill-on-bad-exit=1",
+    ]
+    assert command[4:8] == ["-m", "launch.cli", "run", STUDY]
+    assert "--config.train.preemption_signal=SIGUSR1" in command
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--time-limit=soon", "is not a Slurm time"),
+        ("--sbatch=--wrap=x", "which the launcher sets itself"),
+        ("--partition=a b", "is not a Slurm name"),
+        ("--nodes=0", "must be 1 or more"),
+    ],
+)
+def test_slurm_settings_that_cannot_work_are_one_line(capsys, flag, message):
+    assert main(["sweep", STUDY, "--backend", "slurm", flag, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
