@@ -10,7 +10,15 @@ folder (`--chdir`): a Slurm cluster's login and compute nodes share a filesystem
 per run, not an array: each run is retried on its own (an array element cannot be
 resubmitted alone), and the job's exit code is the run's. `sbatch --wait` returns it.
 With several nodes, `srun` starts one trainer per node and `jax.distributed` finds the
-others from Slurm's variables (SLURM_JOB_NODELIST, SLURM_PROCID, SLURM_NTASKS).
+others from the variables srun sets for each task of a step (JAX's SlurmCluster reads
+SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID, and puts
+the coordinator on the step's first node at port 61440 + job id mod 4096), so the trainer
+must run under srun, not in the batch shell itself.
+
+Why sbatch options here and not submitit: submitit submits a pickled Python function, so
+`--dry-run` could not show the command a job runs, and a job would need this process's
+objects; the trainer is already a command line (the one every backend runs), and sbatch's
+own options are what a cluster's documentation speaks in.
 
 Preemption and time limits: Slurm sends USR1 two minutes before a job's time limit
 (`--signal USR1@120`; the trainer is told with train.preemption_signal=SIGUSR1) and
