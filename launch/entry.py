@@ -7,9 +7,12 @@ any import of a compiled extension (jaxlib, MLIR, tensorstore), whose initialise
 into Python and aborts (SIGABRT or SIGSEGV) when the exception comes through; and the
 interpreter's teardown after an interrupt cut a compile short, which runs XLA's C++
 destructors over half-built state. In all three nothing is left to save, so the process ends
-at once (os._exit) instead of raising.
+at once (os._exit) instead of raising. And where Python cannot raise at all (a GC callback,
+such as XLA's, or a __del__), it would print the interrupt and go on as if none had come:
+there it is sent again, and raised at the next line that can.
 """
 
+import _thread
 import os
 import signal
 import sys
@@ -35,6 +38,19 @@ def _interrupt(signum, frame):
     if _inside_import(frame):
         _exit_interrupted(signum, frame)
     raise KeyboardInterrupt
+
+
+def _unraisable(unraisable, _previous=sys.unraisablehook):
+    """An interrupt raised where Python cannot raise it (a GC callback such as XLA's, a
+    __del__) is printed and dropped by default, and the command goes on; here it is sent
+    again, to be raised at the next line that can raise it."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # From another thread, started without waiting for it (threading.Thread.start
+        # waits, and the handler would run in that wait): sent from this one, Python would
+        # run the handler at once, still inside the place that cannot raise.
+        _thread.start_new_thread(os.kill, (os.getpid(), signal.SIGINT))
+        return
+    _previous(unraisable)
 
 
 def _on_interrupt(handler) -> None:
@@ -64,5 +80,6 @@ def run() -> None:
 
 def run_guarded(main) -> None:
     """Run `main()` with KeyboardInterrupt outside imports, then exit with its code."""
+    sys.unraisablehook = _unraisable
     _on_interrupt(_interrupt)
     finish(main())

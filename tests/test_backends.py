@@ -351,7 +351,7 @@ def test_xpk_creates_one_workload_per_run_and_waits_for_it(tmp_path, fake):
         (["--tpu-name", "My_Slice"], "config.launch.tpu_name='My_Slice'"),
         (["--zone", "central"], "is not a zone like us-central2-b"),
         (["--best-effort"], "spot and config.launch.best_effort are exclusive"),
-        (["--backend", "slurm"], "is not one of local, tpu, xpk"),
+        (["--backend", "pbs"], "is not one of local, tpu, xpk, slurm"),
         (["--backend", "xpk"], "needs the GKE cluster's name"),
     ],
 )

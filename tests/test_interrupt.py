@@ -78,3 +78,22 @@ def test_an_interrupt_inside_an_import_is_recognised():
         sys.meta_path.pop(0)
     assert frames and entry._inside_import(frames[0])
     assert not entry._inside_import(inspect.currentframe())
+
+
+def test_an_interrupt_python_could_not_raise_is_sent_again():
+    """Raised inside a GC callback or a __del__, KeyboardInterrupt is only printed by default
+    and the command goes on; the hook sends SIGINT again instead."""
+    import types
+
+    got, other = [], []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        entry._unraisable(types.SimpleNamespace(exc_value=KeyboardInterrupt()), other.append)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:  # sent from a thread, raised here
+            time.sleep(0.01)
+        entry._unraisable(types.SimpleNamespace(exc_value=ValueError("x")), other.append)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert got == [signal.SIGINT]
+    assert len(other) == 1 and isinstance(other[0].exc_value, ValueError)
