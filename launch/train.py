@@ -442,19 +442,15 @@ def _train(
                 writers.log(done, row, *per_token)
                 bar.set_postfix(eval_loss=f"{row['eval_loss']:.3f}", mfu=f"{row['mfu']:.0%}")
                 window.restart_clock()
-            saved = done % config.checkpoint.every == 0 or done == total
-            if saved:
+            # Asked at every step: with several processes it is a sync point.
+            preempted = notice.reached(done) and done < total
+            if done % config.checkpoint.every == 0 or done == total or preempted:
                 nan_watch.check_all()  # never save a diverged state
                 run.ckpt.save(
                     done, state, corpus.fingerprint, {"train_losses": window.train_losses()}
                 )
-            if notice.reached(done) and done < total:
-                if not saved:
-                    nan_watch.check_all()
-                    run.ckpt.save(
-                        done, state, corpus.fingerprint, {"train_losses": window.train_losses()}
-                    )
-                raise Preempted(done)  # the closing above waits for the save
+            if preempted:
+                raise Preempted(done)  # closing the checkpointer waits for the save
 
 
 def _do_step(run: _Run, state, step: int, corpus: data.Corpus):

@@ -22,14 +22,7 @@ def _store(path):
 
 
 def _interrupted(argv, after_s):
-    # SIGINT back to Python's default: a test runner can start children with it ignored.
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(after_s)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
@@ -42,7 +35,14 @@ def test_ctrl_c_during_fit_exits_130_at_every_moment(tmp_path):
     # or SIGSEGV (an interrupt inside a compiled extension's initialiser) and others in
     # a traceback.
     _store(tmp_path / "s.sqlite")
-    argv = [sys.executable, "-c", "from launch.entry import run; run()"]
+    # SIGINT back to Python's own handler first: a runner started in the background by a
+    # script hands its children SIGINT ignored (and a preexec_fn would fork this JAX process).
+    argv = [
+        sys.executable,
+        "-c",
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from launch.entry import run; run()",
+    ]
     argv += ["fit", "--store", str(tmp_path / "s.sqlite"), "--sweep", "s", "--law", "saturating"]
     argv += ["--what", "final", "--bootstrap", "3000"]
     codes = []
