@@ -193,7 +193,9 @@ def test_a_job_cancelled_mid_run_resumes_on_relaunch_and_matches(slurm, tmp_path
         pytest.fail("no run got past step 10")
     subprocess.run(["scancel", "--state=RUNNING", "--partition=debug"], env=slurm, check=True)
     out, err = launcher.communicate(timeout=600)
-    assert "1 failed" in out or "preempted" in out + err, out + err[-3000:]
+    # A cancelled job's `sbatch --wait` exits 1 (the batch shell dies of the signal), so the
+    # launcher reports the runs it cancelled (all running jobs: they run side by side) failed.
+    assert " 0 failed" not in out, out + err[-3000:]
     with Store(cancelled / "store.sqlite") as store:
         stopped = [r for r in store.runs() if r.status != "finished"]
     assert stopped and all(r.step < 300 for r in stopped)

@@ -11,6 +11,7 @@ failed on its own, and it is reported with its reason and not retried.
 
 from __future__ import annotations
 
+import concurrent.futures
 import shlex
 import subprocess
 import sys
@@ -158,35 +159,55 @@ def execute(
             raise UserError(
                 f"`{shlex.join(step.args)}` failed (exit code {rc}); nothing was launched"
             )
-    for i, group in enumerate(backend.groups(plan)):
-        ready = False
-        try:
-            for member in group:
-                attempts = 0
-                while member.run_id not in outcome:
-                    try:
-                        if not ready:
-                            _acquire(backend, plan, i, run, sleep)
-                            ready = True
-                        outcome[member.run_id] = _train(backend, plan, i, member, run)
-                    except _Unavailable as lost:
-                        ready = False
-                        if attempts >= launch["max_retries"]:
-                            outcome[member.run_id] = (
-                                f"failed: {lost}, {attempts} re-requests spent (launch.max_retries)"
-                            )
-                            break
-                        attempts += 1
-                        wait = launch["retry_backoff_s"] * 2 ** (attempts - 1)
-                        say(
-                            f"{member.run_id}: {lost}; re-requesting the slice in {wait:.0f} s "
-                            f"({attempts}/{launch['max_retries']})"
+    groups = list(enumerate(backend.groups(plan)))
+    if getattr(backend, "CONCURRENT", False) and len(groups) > 1:
+        # Jobs a scheduler queues (Slurm): all submitted at once, each waited for in its
+        # own thread, at most launch.parallel at a time (0 = all).
+        workers = launch["parallel"] or len(groups)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            done = [
+                pool.submit(_run_group, backend, plan, i, group, run, sleep, say)
+                for i, group in groups
+            ]
+            for future in done:
+                outcome.update(future.result())
+        return outcome
+    for i, group in groups:
+        outcome.update(_run_group(backend, plan, i, group, run, sleep, say))
+    return outcome
+
+
+def _run_group(backend, plan: Launch, i: int, group, run, sleep, say) -> dict[str, str]:
+    """Slice i: acquire it, train its members (re-requesting it when it is lost), release it."""
+    launch, outcome = plan.launch, {}
+    ready = False
+    try:
+        for member in group:
+            attempts = 0
+            while member.run_id not in outcome:
+                try:
+                    if not ready:
+                        _acquire(backend, plan, i, run, sleep)
+                        ready = True
+                    outcome[member.run_id] = _train(backend, plan, i, member, run)
+                except _Unavailable as lost:
+                    ready = False
+                    if attempts >= launch["max_retries"]:
+                        outcome[member.run_id] = (
+                            f"failed: {lost}, {attempts} re-requests spent (launch.max_retries)"
                         )
-                        _release(backend, plan, i, run)
-                        sleep(wait)
-                say(f"{member.run_id}: {outcome[member.run_id]}")
-        finally:
-            _release(backend, plan, i, run)
+                        break
+                    attempts += 1
+                    wait = launch["retry_backoff_s"] * 2 ** (attempts - 1)
+                    say(
+                        f"{member.run_id}: {lost}; re-requesting the slice in {wait:.0f} s "
+                        f"({attempts}/{launch['max_retries']})"
+                    )
+                    _release(backend, plan, i, run)
+                    sleep(wait)
+            say(f"{member.run_id}: {outcome[member.run_id]}")
+    finally:
+        _release(backend, plan, i, run)
     return outcome
 
 

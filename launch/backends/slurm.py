@@ -8,7 +8,8 @@
 The jobs run the code and the interpreter of the command that launched them, in its
 folder (`--chdir`): a Slurm cluster's login and compute nodes share a filesystem. One job
 per run, not an array: each run is retried on its own (an array element cannot be
-resubmitted alone), and the job's exit code is the run's. `sbatch --wait` returns it.
+resubmitted alone), and the job's exit code is the run's. `sbatch --wait` returns it; the
+jobs are submitted all at once and waited for side by side (launch.parallel caps them).
 With several nodes, `srun` starts one trainer per node and `jax.distributed` finds the
 others from the variables srun sets for each task of a step (JAX's SlurmCluster reads
 SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID, and puts
@@ -40,12 +41,17 @@ from launch.backends.commands import trainer_args
 NOTICE = "USR1@120"  # Slurm's --signal: USR1 to every step, 120 s before the time limit
 
 
+# The runner submits every run's job at once and waits for each in its own thread
+# (launch.parallel caps how many are in the queue together; 0 = all).
+CONCURRENT = True
+
+
 def prepare(plan: Launch) -> list[Step]:
     return []
 
 
 def groups(plan: Launch) -> list[list[Member]]:
-    return [plan.members] if plan.members else []
+    return [[member] for member in plan.members]  # one job each
 
 
 def acquire(plan: Launch, slice_index: int) -> list[Step]:
