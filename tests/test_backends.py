@@ -530,6 +530,7 @@ def test_slurm_dry_run_prints_one_sbatch_per_member(capsys):
     assert pairs["--partition"] == "gpu" and pairs["--account"] == "lab"
     assert pairs["--qos"] == "high" and pairs["--nodes"] == "2" and pairs["--gpus-per-node"] == "8"
     assert pairs["--time"] == "4:00:00" and pairs["--signal"] == "USR1@120"
+    assert pairs["--output"] == "slurm-logs/%x-%j.out"
     assert "--exclusive" in argv and "--constraint=h100" in argv
     assert argv[-2] == "--wrap"
     command = shlex.split(argv[-1])

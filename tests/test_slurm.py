@@ -154,6 +154,10 @@ def test_the_tiny_sweep_trains_through_sbatch_and_srun(slurm, tmp_path, data_cac
             steps, _ = store.scalars(run.run_id, "eval_loss")
             assert steps[-1] == 60 and len(steps) >= 4
     assert not list(tmp_path.glob("runs/*/checkpoints/*tmp*"))
+    # The jobs' output goes to slurm-logs/, one file per job, not into the repository's root.
+    names = {p.name for p in (ROOT / "slurm-logs").iterdir()}
+    assert {f"local_cpu_tiny-{r.run_id}" for r in runs} <= {n.rsplit("-", 1)[0] for n in names}
+    assert not list(ROOT.glob("slurm-*.out"))
     # Relaunching submits nothing: every run is finished in the store.
     again = _sweep(slurm, tmp_path, data_cache, "--dry-run")
     assert again.returncode == 0 and "sbatch" not in again.stdout, again.stdout

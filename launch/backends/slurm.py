@@ -46,8 +46,11 @@ NOTICE = "USR1@120"  # Slurm's --signal: USR1 to every step, 120 s before the ti
 CONCURRENT = True
 
 
+LOGS = "slurm-logs"  # the jobs' output, one file per job, in the launching folder
+
+
 def prepare(plan: Launch) -> list[Step]:
-    return []
+    return [Step(["mkdir", "-p", LOGS])]  # Slurm writes --output only into a folder that exists
 
 
 def groups(plan: Launch) -> list[list[Member]]:
@@ -80,7 +83,7 @@ def sbatch_options(plan: Launch, member: Member) -> list[str]:
         options += ["--time", launch["time_limit"]]
     if launch["gpus_per_node"]:
         options += ["--gpus-per-node", str(launch["gpus_per_node"])]
-    options += ["--signal", NOTICE]
+    options += ["--signal", NOTICE, "--output", f"{LOGS}/%x-%j.out"]
     return options + shlex.split(launch["sbatch"])
 
 
