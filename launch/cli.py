@@ -30,7 +30,7 @@ import json
 import sqlite3
 import sys
 
-from launch.backends.local import PREEMPTED_EXIT_CODE, pin_from_environment
+from launch.backends.local import pin_from_environment
 from launch.entry import INTERRUPTED
 from launch.host_memory import keep_freed_memory
 from scaling.errors import Preempted, UserError
@@ -445,7 +445,7 @@ def _sweep(args, overrides):
                 else ""
             )
         )
-        return PREEMPTED_EXIT_CODE if preempted else 1 if failed else 0
+        return Preempted.exit_code if preempted else 1 if failed else 0
     _join_processes(args)
     from launch import plan, sweep
 

@@ -26,8 +26,6 @@ from scaling.errors import Preempted
 # The exit code of `scaling run` when another process trains the same run
 # (launch.train.RunBusy): the parallel sweep reports the member as busy, not failed.
 BUSY_EXIT_CODE = 75  # EX_TEMPFAIL
-# The exit code of a run that stopped at a preemption notice after saving (launch/preemption.py).
-PREEMPTED_EXIT_CODE = Preempted.exit_code
 
 
 def prepare(plan: Launch) -> list[Step]:
@@ -177,7 +175,7 @@ def _outcome(code: int) -> str:
         return "finished"
     if code == BUSY_EXIT_CODE:
         return "busy"
-    if code in (PREEMPTED_EXIT_CODE, -signal.SIGTERM):  # saved at the notice, or killed by it
+    if code in (Preempted.exit_code, -signal.SIGTERM):  # saved at the notice, or killed by it
         return "preempted"
     return f"failed (exit code {code})"
 

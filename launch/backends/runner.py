@@ -52,9 +52,7 @@ def prepare_launch(
             why = (
                 None
                 if notes
-                else _skip_reason(launch["bucket"], run_id, retry_failed)
-                if launch["bucket"]
-                else _store_skip_reason(config.store, run_id, retry_failed)
+                else _skip_reason(launch["bucket"], config.store, run_id, retry_failed)
             )
         except Exception as e:  # noqa: BLE001 - gcsfs missing, no credentials, no network
             if strict:
@@ -83,27 +81,22 @@ def prepare_launch(
     )
 
 
-def _skip_reason(bucket: str, run_id: str, retry_failed: bool) -> str | None:
-    if not bucket:
+def _skip_reason(bucket: str, store_path: str, run_id: str, retry_failed: bool) -> str | None:
+    """Why not to train the run: its latest status in the bucket's records, or, without a
+    bucket (the runs write to the store directly, as on Slurm), in the store."""
+    if bucket:
+        found = remote_records.latest_status(remote_records.records_dir(bucket, run_id))
+        status, reason = (found["status"], found["reason"]) if found else (None, None)
+    elif Path(store_path).exists():
+        with Store(store_path, readonly=True) as store:
+            record = store.run(run_id)
+        status, reason = (record.status, record.reason) if record else (None, None)
+    else:
         return None
-    status = remote_records.latest_status(remote_records.records_dir(bucket, run_id))
-    if status and status["status"] == "finished":
+    if status == "finished":
         return "finished earlier"
-    if status and status["status"] == "failed" and not retry_failed:
-        return f"failed earlier ({status['reason']}); --retry-failed trains it again"
-    return None
-
-
-def _store_skip_reason(store_path: str, run_id: str, retry_failed: bool) -> str | None:
-    """The same answer from the store, where the runs write to it directly (no bucket)."""
-    if not Path(store_path).exists():
-        return None
-    with Store(store_path, readonly=True) as store:
-        record = store.run(run_id)
-    if record and record.status == "finished":
-        return "finished earlier"
-    if record and record.status == "failed" and not retry_failed:
-        return f"failed earlier ({record.reason}); --retry-failed trains it again"
+    if status == "failed" and not retry_failed:
+        return f"failed earlier ({reason}); --retry-failed trains it again"
     return None
 
 
