@@ -114,18 +114,29 @@ def slurm(tmp_path_factory):
         log.close()
 
 
-def _sweep(slurm, out: Path, data_cache, *extra):
-    return subprocess.run(
+def _sweep_argv(out: Path, data_cache, *extra) -> list[str]:
+    """`scaling sweep` of the tiny study on partition debug, its store and runs under `out`."""
+    return (
         [sys.executable, "-m", "launch.cli", "sweep", STUDY, "--backend", "slurm"]
-        + ["--partition", "debug", "--time-limit", "30", *extra]
+        + ["--partition", "debug", *extra]
         + [
             f"--config.store={out / 'store.sqlite'}",
             f"--config.workdir={out / 'runs'}",
             f"--config.data.cache_dir={data_cache}",
             "--config.progress=false",
-        ],
+        ]
+    )
+
+
+def _env(slurm) -> dict:
+    return {**slurm, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+
+
+def _sweep(slurm, out: Path, data_cache, *extra):
+    return subprocess.run(
+        _sweep_argv(out, data_cache, "--time-limit", "30", *extra),
         cwd=ROOT,
-        env={**slurm, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"},
+        env=_env(slurm),
         capture_output=True,
         text=True,
         timeout=900,
@@ -167,16 +178,9 @@ def test_a_job_cancelled_mid_run_resumes_on_relaunch_and_matches(slurm, tmp_path
     longer = ["--config.train.steps=300", "--config.checkpoint.every=100"]
     cancelled, clean = tmp_path / "cancelled", tmp_path / "clean"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "sweep", STUDY, "--backend", "slurm"]
-        + ["--partition", "debug", "--max-retries", "0", *longer]
-        + [
-            f"--config.store={cancelled / 'store.sqlite'}",
-            f"--config.workdir={cancelled / 'runs'}",
-            f"--config.data.cache_dir={data_cache}",
-            "--config.progress=false",
-        ],
+        _sweep_argv(cancelled, data_cache, "--max-retries", "0", *longer),
         cwd=ROOT,
-        env={**slurm, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"},
+        env=_env(slurm),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
