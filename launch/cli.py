@@ -34,7 +34,7 @@ from launch.backends.local import pin_from_environment
 from launch.entry import INTERRUPTED
 from launch.host_memory import keep_freed_memory
 from scaling.errors import Preempted, UserError
-from scaling.store import DEFAULT_STORE, check_sweep_name
+from scaling.store import BUSY_TIMEOUT_S, DEFAULT_STORE, check_sweep_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except sqlite3.DatabaseError as e:  # a store damaged after it was opened
+    except sqlite3.DatabaseError as e:  # a store damaged (or held too long) after it was opened
         path = getattr(args, "store", None) or overrides.get("store") or "the results store"
+        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            print(
+                f"error: {path} stayed locked by another process for over "
+                f"{BUSY_TIMEOUT_S:.0f} s (sqlite: {e}); nothing was lost: relaunch once the "
+                "other writer is done",
+                file=sys.stderr,
+            )
+            return 2
         print(
             f"error: {path} is damaged (sqlite: {e}); `sqlite3 {path} .recover | sqlite3 "
             "NEW.sqlite` rescues what is readable, `scaling sync` refills a new store from a "

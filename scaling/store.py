@@ -181,6 +181,34 @@ def check_sweep_name(name) -> str:
     return name
 
 
+BUSY_TIMEOUT_S = 60.0
+
+
+def _is_locked(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
+
+
+def _enter_wal(conn: sqlite3.Connection) -> None:
+    """PRAGMA journal_mode=WAL, retried while another connection holds the file.
+
+    Turning a new file to WAL takes an exclusive lock and SQLite fails it at once, without
+    the busy timeout, when another process holds any lock: the runs of a sweep that open a
+    new store together (Slurm jobs, a parallel local sweep) would fail with "database is
+    locked". So wait here, as the busy timeout does for every other statement.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if not _is_locked(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+
+
 def _file_identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file at `path`, None when there is none."""
     try:
@@ -252,20 +280,25 @@ class Store:
         try:
             # The busy timeout makes concurrent writers wait for the lock
             # (bounded) instead of failing with "database is locked".
-            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            _enter_wal(self._conn)
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._check_or_create_schema()
             self._identity = _file_identity(self.path)
+        except sqlite3.OperationalError as e:  # before DatabaseError: it is a subclass
+            raise UserError(
+                f"cannot open store {str(self.path)!r} ({e}); "
+                + (
+                    f"another process held it for over {BUSY_TIMEOUT_S:.0f} s: relaunch once "
+                    "it is done"
+                    if _is_locked(e)
+                    else "give a writable path with --config.store=PATH"
+                )
+            ) from None
         except sqlite3.DatabaseError as e:
             raise UserError(
                 f"{str(self.path)!r} is not a results store ({e}); it was left untouched: "
                 "give another path with --config.store=PATH"
-            ) from None
-        except sqlite3.OperationalError as e:
-            raise UserError(
-                f"cannot open store {str(self.path)!r} ({e}); "
-                "give a writable path with --config.store=PATH"
             ) from None
 
     def _open_readonly(self):
