@@ -543,6 +543,28 @@ def test_slurm_dry_run_prints_one_sbatch_per_member(capsys):
     assert "--config.train.preemption_signal=SIGUSR1" in command
 
 
+def test_a_failed_slurm_job_is_reported_with_the_error_line_of_its_log(tmp_path, monkeypatch):
+    overrides = {"launch.backend": "slurm", "store": str(tmp_path / "store.sqlite")}
+    plan = runner.prepare_launch(STUDY, overrides)
+    monkeypatch.chdir(tmp_path)  # the logs are in the launching folder
+    slurm, member = get_backend("slurm"), plan.members[0]
+    assert runner._reason(slurm, plan, member, 2) == "the trainer exited with code 2"
+    logs = tmp_path / "slurm-logs"
+    logs.mkdir()
+    name = slurm.job_name(plan, member)
+    (logs / f"{name}-4.out").write_text("error: an earlier job's\n")
+    latest = logs / f"{name}-12.out"
+    latest.write_text(
+        "distributed: ...\nerror: the store is busy; relaunch\n"
+        "srun: error: node1: task 0: Exited with exit code 2\n"
+    )
+    os.utime(logs / f"{name}-4.out", (1, 1))  # older, though "4" sorts after "12"
+    assert runner._reason(slurm, plan, member, 2) == (
+        "the trainer exited with code 2 (error: the store is busy; relaunch; "
+        "the whole log: slurm-logs/" + latest.name + ")"
+    )
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [

@@ -235,19 +235,30 @@ def _train(backend, plan, i, member: Member, run) -> str:
             state_rc, output = run(check.args, True)
             if backend.preempted(output, state_rc):
                 raise _Unavailable(f"slice preempted ({output.strip() or 'gone'})")
-        return f"failed: {_reason(plan, member.run_id, rc)}"
+        return f"failed: {_reason(backend, plan, member, rc)}"
     return "finished"
 
 
-def _reason(plan: Launch, run_id: str, returncode: int) -> str:
-    """The run's own failure reason from its records, else the exit code."""
+def _reason(backend, plan: Launch, member: Member, returncode: int) -> str:
+    """The run's own failure reason from its records, else the exit code and the last
+    error line of the job's log where the backend keeps one (Slurm)."""
     if plan.launch["bucket"]:
         status = remote_records.latest_status(
-            remote_records.records_dir(plan.launch["bucket"], run_id)
+            remote_records.records_dir(plan.launch["bucket"], member.run_id)
         )
         if status and status["status"] == "failed" and status["reason"]:
             return status["reason"]
-    return f"the trainer exited with code {returncode}"
+    reason = f"the trainer exited with code {returncode}"
+    log = getattr(backend, "log_of", lambda plan, member: None)(plan, member)
+    if log is not None:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        # The CLI's one-line error, else the last line that is not the scheduler's own.
+        said = [line for line in lines if line.startswith("error:")] or [
+            line for line in lines if not line.startswith(("srun:", "slurmstepd:"))
+        ]
+        if said:
+            reason += f" ({said[-1].strip()[:300]}; the whole log: {log})"
+    return reason
 
 
 def _release(backend, plan, i, run):

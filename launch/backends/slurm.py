@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from launch.backends import Launch, Member, Step
 from launch.backends.commands import trainer_args
@@ -106,6 +107,16 @@ def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
             ]
         )
     ]
+
+
+def log_of(plan: Launch, member: Member) -> Path | None:
+    """The output file of the run's latest job (`--output` names it after the job's name)."""
+    logs = sorted(Path(LOGS).glob(f"{job_name(plan, member)}-*.out"), key=_mtime)
+    return logs[-1] if logs else None
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
 
 
 def release(plan: Launch, slice_index: int) -> list[Step]:
