@@ -314,8 +314,10 @@ def test_a_notice_to_one_process_stops_both_at_one_step_and_loses_none(tmp_path)
     more = {"train.steps": 16, "eval.points": 4, "checkpoint.every": 8}
     store, workdir = tmp_path / "store.sqlite", tmp_path / "runs"
     args = _run_args(tmp_path, store, workdir, paths, **more)
+    # Process 1 then stalls 3 s (both wait at the next step's all-reduce) while JAX's
+    # coordination service agrees a sync step: on a fast machine the last step came first.
     outputs = _two_processes(
-        args, expect=143, extra_env=({}, {"SCALING_FAULT": "train_step:5:SIGTERM"})
+        args, expect=143, extra_env=({}, {"SCALING_FAULT": "train_step:5:SIGTERM:3"})
     )
     assert "preempted at step" in outputs[0][1], outputs[0][1][-2000:]
     runs, _ = _eval_rows(store)
