@@ -326,6 +326,12 @@ class Store:
                 f"{str(self.path)!r} is not a readable results store ({e}); "
                 "restore it from a copy or give another with --store"
             ) from None
+        if not tables - {"sqlite_sequence"}:
+            self._conn.close()
+            raise UserError(
+                f"store {str(self.path)!r} has no tables yet (a launch that is creating it "
+                "writes them in a moment); try again once a run has started"
+            )
         if version != SCHEMA_VERSION:
             self._conn.close()
             raise UserError(

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scaling.errors import UserError
 from scaling.store import Store
 
 pytestmark = pytest.mark.slow
@@ -188,13 +189,15 @@ def test_a_job_cancelled_mid_run_resumes_on_relaunch_and_matches(slurm, tmp_path
     # Cancel the first job once its run has logged an eval past step 10.
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if (cancelled / "store.sqlite").exists():
+        try:
             with Store(cancelled / "store.sqlite", readonly=True) as store:
                 progressed = [
                     r for r in store.runs() if (store.last_eval(r.run_id) or (0,))[0] > 10
                 ]
-            if progressed:
-                break
+        except UserError:  # not there yet, or the jobs are still creating its tables
+            progressed = []
+        if progressed:
+            break
         time.sleep(0.2)
     else:
         launcher.kill()

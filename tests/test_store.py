@@ -175,6 +175,13 @@ def test_a_store_held_past_the_timeout_says_so_not_that_it_is_damaged(tmp_path, 
         assert store.runs() == []
 
 
+def test_a_store_file_not_yet_given_its_tables_is_read_as_one_line(tmp_path):
+    path = tmp_path / "s.sqlite"
+    sqlite3.connect(path).execute("PRAGMA user_version=0").connection.close()  # empty file
+    with pytest.raises(UserError, match="has no tables yet .* try again once a run has started"):
+        Store(path, readonly=True)
+
+
 def test_a_relaunched_sweep_is_exactly_its_current_members(tmp_path):
     with Store(tmp_path / "s.sqlite") as store:
         for run_id in ("old", "kept", "new"):
