@@ -433,6 +433,46 @@ POLISH_STARTS = 4
 POLISH_TIE = 1e-3
 
 
+class _Program(NamedTuple):
+    """What every phase of one `_fit_program` reads: the data, the starts and the sizes.
+
+    Task t of a phase is member t % members[phase] of group t // members[phase]; a group
+    is a curve, or in BOOT a resample of one (resample * n_curves + curve)."""
+
+    spec: _Spec
+    log_x: jax.Array
+    log_y: jax.Array
+    weight: jax.Array  # [n_curves, n_points], the mask as 0/1
+    fixed: jax.Array
+    starts: jax.Array  # [n_curves, n_starts, n_free]
+    tol: jax.Array
+    delta: jax.Array
+    key: jax.Array
+    valid_first: tuple  # `_valid_first(mask)`, for drawing resamples
+    n_valid: jax.Array  # [n_curves]
+    n_curves: int
+    keep: int  # starts of each curve that continue past the screen
+    search: list  # the float32 phases
+    refine: list  # the float64 phases
+    members: dict  # phase -> tasks per group
+    groups: dict  # phase -> groups
+
+
+class _Lanes(NamedTuple):
+    """One solver's task lanes: every phase it runs is padded to n_tasks tasks."""
+
+    dtype: jnp.dtype
+    n_tasks: int
+    task: jax.Array  # arange(n_tasks)
+    eye: jax.Array  # [n_tasks, n_free, n_free]
+    chunk: int  # tasks the solver runs side by side
+    data: _Data  # every curve's data, in dtype
+
+    def pad(self, a):
+        a = a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        return jnp.concatenate([a, jnp.zeros((self.n_tasks - len(a),) + a.shape[1:], a.dtype)])
+
+
 def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key):
     """Search every curve from every start (GRID; with screening, only the best
     `spec.keep` starts of each continue, FINISH) in float32, polish each
@@ -447,162 +487,196 @@ def _fit_program(spec: _Spec, log_x, log_y, mask, fixed, starts, tol, delta, key
     padding is inactive and costs nothing), because each traced copy of the
     solver adds seconds of XLA compile time.
     """
-    n_curves, n_points = log_y.shape
-    n_starts, n_free = starts.shape[1:]  # starts: [n_curves, n_starts, n_free]
+    n_curves = log_y.shape[0]
+    n_starts = starts.shape[1]  # starts: [n_curves, n_starts, n_free]
     keep = spec.keep if 0 < spec.keep < n_starts else n_starts
-    polish = min(POLISH_STARTS, keep)
-    search = [GRID] + ([FINISH] if keep < n_starts else [])
-    refine = [POLISH] + ([BOOT] if spec.n_boot else [])
-    members = {GRID: n_starts, FINISH: keep, POLISH: polish, BOOT: BOOTSTRAP_STARTS}
-    groups = {GRID: n_curves, FINISH: n_curves, POLISH: n_curves, BOOT: spec.n_boot * n_curves}
     weight = mask.astype(log_y.dtype)
-    n_valid = weight.sum(axis=1)
-    draw = jax.vmap(partial(_resample, key, *_valid_first(mask)))
-
-    def per_group(sol: Solution, phase):
-        """The phase's results as [groups, members, ...] (task t is member t % members
-        of group t // members; a group is a curve, or in BOOT a resample of one)."""
-        size = groups[phase] * members[phase]
-        return jax.tree.map(
-            lambda a: a[:size].reshape(groups[phase], members[phase], *a.shape[1:]), sol
-        )
-
-    def best_of(sol: Solution, phase, k):
-        """Each curve's k lowest-objective results of `phase`, flattened to tasks."""
-        grid = per_group(sol, phase)
-        best = jnp.argsort(grid.f, axis=1)[:, :k]
-        return jax.tree.map(
-            lambda a: jnp.take_along_axis(
-                a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1
-            ).reshape(-1, *a.shape[2:]),
-            grid,
-        )
-
-    def run_phases(phases, dtype, gtol_per_point, task_fns, results=None):
-        """Run `phases` in order with one solver traced at `dtype`; returns phase -> Solution."""
-        n_tasks = max(groups[p] * members[p] for p in phases)
-        # Lanes no wider than the smallest phase: a few kept starts of a
-        # screened grid on lanes sized for the whole grid would pay for every
-        # lane every iteration, for hundreds of iterations; a big phase loses
-        # little at the narrower width.
-        smallest = min(groups[p] * members[p] for p in phases)
-        chunk = min(spec.chunk, max(16, -(-smallest // 8) * 8))
-        task = jnp.arange(n_tasks)
-        data_x, data_y, data_w, data_f = (a.astype(dtype) for a in (log_x, log_y, weight, fixed))
-        value_and_grad = jax.value_and_grad(partial(_objective, spec, delta))
-        eye = jnp.broadcast_to(jnp.eye(n_free, dtype=dtype), (n_tasks, n_free, n_free))
-
-        def pad(a):
-            a = a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-            return jnp.concatenate([a, jnp.zeros((n_tasks - len(a),) + a.shape[1:], a.dtype)])
-
-        def run_phase(i, results):
-            phase = jnp.asarray(phases)[i]
-            branches = [partial(task_fns[p], pad=pad, eye=eye, task=task) for p in phases]
-            x0, h0, warm, active, max_evals = jax.lax.switch(i, branches, results)
-            group = task // jnp.asarray([members[p] for p in phases])[i]
-            curve = group % n_curves  # in BOOT, group is resample * n_curves + curve
-
-            def load(ids):
-                w = data_w[curve[ids]]
-                if BOOT in phases:
-                    w = jax.lax.cond(
-                        phase == BOOT, lambda: draw(group[ids]).astype(dtype), lambda: w
-                    )
-                return _Data(data_x[curve[ids]], data_y[curve[ids]], w, data_f[curve[ids]])
-
-            gtol = (gtol_per_point * n_valid[curve]).astype(dtype)
-            sol = minimize_tasks(
-                value_and_grad, load, x0, gtol, active, h0, warm, max_evals=max_evals, chunk=chunk
-            )
-            return {
-                **results,
-                **{
-                    p: jax.tree.map(partial(jnp.where, phase == p), sol, results[p]) for p in phases
-                },
-            }
-
-        empty = Solution(
-            jnp.zeros((n_tasks, n_free), dtype),
-            jnp.full(n_tasks, jnp.inf, dtype),
-            jnp.zeros(n_tasks, bool),
-            jnp.zeros(n_tasks, jnp.int32),
-            eye,
-            jnp.zeros(n_tasks, bool),
-        )
-        return jax.lax.fori_loop(
-            0, len(phases), run_phase, {**(results or {}), **{p: empty for p in phases}}
-        )
-
-    # Each phase's tasks: (x0, h0, warm, active, max_evals).
-    def grid_tasks(results, pad, eye, task):
-        return (
-            pad(starts.reshape(-1, n_free)),
-            eye,
-            jnp.zeros(len(task), bool),
-            task < n_curves * n_starts,
-            spec.screen if FINISH in search else spec.max_iter,
-        )
-
-    def finish_tasks(results, pad, eye, task):
-        # Continue each curve's `keep` best screened starts, curvature estimate and all.
-        chosen = best_of(results[GRID], GRID, keep)
-        return (
-            pad(chosen.x),
-            pad(chosen.h),
-            pad(chosen.scaled),
-            pad(jnp.isfinite(chosen.f)),
-            spec.max_iter,
-        )
-
-    def polish_tasks(results, pad, eye, task):
-        found = per_group(results[search[-1]], search[-1])
-        x0, h0, warm, used = jax.vmap(
-            partial(_distinct_minima, k=polish, near_tie=POLISH_TIE, converged_only=False)
-        )(found.x, found.f, found.converged, found.h, found.scaled)
-        flat = lambda a: pad(a.reshape(-1, *a.shape[2:]))  # noqa: E731
-        return flat(x0), flat(h0), flat(warm), flat(used), spec.max_iter
-
-    def boot_tasks(results, pad, eye, task):
-        fits = per_group(results[POLISH], POLISH)
-        x0, h0, warm, used = jax.vmap(
-            partial(_distinct_minima, k=BOOTSTRAP_STARTS, near_tie=NEAR_TIE)
-        )(fits.x, fits.f, fits.converged, fits.h, fits.scaled)
-
-        def tile(a):
-            return pad(jnp.tile(a.reshape(-1, *a.shape[2:]), (spec.n_boot,) + (1,) * (a.ndim - 2)))
-
-        return tile(x0), tile(h0), tile(warm), tile(used), spec.max_iter
-
-    task_fns = {GRID: grid_tasks, FINISH: finish_tasks, POLISH: polish_tasks, BOOT: boot_tasks}
+    p = _Program(
+        spec=spec,
+        log_x=log_x,
+        log_y=log_y,
+        weight=weight,
+        fixed=fixed,
+        starts=starts,
+        tol=tol,
+        delta=delta,
+        key=key,
+        valid_first=_valid_first(mask),
+        n_valid=weight.sum(axis=1),
+        n_curves=n_curves,
+        keep=keep,
+        search=[GRID] + ([FINISH] if keep < n_starts else []),
+        refine=[POLISH] + ([BOOT] if spec.n_boot else []),
+        members={
+            GRID: n_starts,
+            FINISH: keep,
+            POLISH: min(POLISH_STARTS, keep),
+            BOOT: BOOTSTRAP_STARTS,
+        },
+        groups={GRID: n_curves, FINISH: n_curves, POLISH: n_curves, BOOT: spec.n_boot * n_curves},
+    )
     # The projected objective (varpro) solves a small NNLS inside each
     # evaluation, which wants float64 throughout.
     search_dtype = log_y.dtype if spec.projected else SEARCH_DTYPE
-    found = run_phases(search, search_dtype, jnp.maximum(tol, SEARCH_TOL), task_fns)
+    found = _run_phases(p, p.search, search_dtype, jnp.maximum(tol, SEARCH_TOL))
     found = {
-        p: jax.tree.map(
+        phase: jax.tree.map(
             lambda a: a.astype(log_y.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, sol
         )
-        for p, sol in found.items()
+        for phase, sol in found.items()
     }
-    results = run_phases(refine, log_y.dtype, tol, task_fns, found)
+    results = _run_phases(p, p.refine, log_y.dtype, tol, found)
+    return _best_fits(p, results)
 
-    searched = per_group(results[search[-1]], search[-1])
-    fits = per_group(results[POLISH], POLISH)
-    rows, best = jnp.arange(n_curves), jnp.argmin(fits.f, axis=1)
+
+def _best_fits(p: _Program, results) -> dict:
+    """Each curve's lowest polished minimum (and each resample's lowest refit)."""
+    searched = _per_group(p, results[p.search[-1]], p.search[-1])
+    fits = _per_group(p, results[POLISH], POLISH)
+    rows, best = jnp.arange(p.n_curves), jnp.argmin(fits.f, axis=1)
     out = {
         "theta": fits.x[rows, best],
         "objective": fits.f[rows, best],
         "converged": fits.converged[rows, best],
         "n_starts_converged": searched.converged.sum(axis=1),
-        "evaluations": sum(results[p].evals.sum() for p in search + [POLISH]),
+        "evaluations": sum(results[phase].evals.sum() for phase in p.search + [POLISH]),
     }
-    if spec.n_boot:
-        refits = per_group(results[BOOT], BOOT)
-        pairs, best = jnp.arange(spec.n_boot * n_curves), jnp.argmin(refits.f, axis=1)
-        out["boot_theta"] = refits.x[pairs, best].reshape(spec.n_boot, n_curves, n_free)
-        out["boot_objective"] = refits.f[pairs, best].reshape(spec.n_boot, n_curves)
+    n_boot = p.spec.n_boot
+    if n_boot:
+        refits = _per_group(p, results[BOOT], BOOT)
+        pairs, best = jnp.arange(n_boot * p.n_curves), jnp.argmin(refits.f, axis=1)
+        n_free = p.starts.shape[2]
+        out["boot_theta"] = refits.x[pairs, best].reshape(n_boot, p.n_curves, n_free)
+        out["boot_objective"] = refits.f[pairs, best].reshape(n_boot, p.n_curves)
     return out
+
+
+def _per_group(p: _Program, sol: Solution, phase) -> Solution:
+    """The phase's results as [groups, members, ...]."""
+    size = p.groups[phase] * p.members[phase]
+    return jax.tree.map(
+        lambda a: a[:size].reshape(p.groups[phase], p.members[phase], *a.shape[1:]), sol
+    )
+
+
+def _best_of(p: _Program, sol: Solution, phase, k) -> Solution:
+    """Each curve's k lowest-objective results of `phase`, flattened to tasks."""
+    grid = _per_group(p, sol, phase)
+    best = jnp.argsort(grid.f, axis=1)[:, :k]
+    return jax.tree.map(
+        lambda a: jnp.take_along_axis(
+            a, best.reshape(best.shape + (1,) * (a.ndim - 2)), axis=1
+        ).reshape(-1, *a.shape[2:]),
+        grid,
+    )
+
+
+def _run_phases(p: _Program, phases, dtype, gtol_per_point, results=None) -> dict:
+    """Run `phases` in order with one solver traced at `dtype`; returns phase -> Solution."""
+    n_tasks = max(p.groups[phase] * p.members[phase] for phase in phases)
+    n_free = p.starts.shape[2]
+    # Lanes no wider than the smallest phase: a few kept starts of a screened grid on
+    # lanes sized for the whole grid would pay for every lane every iteration, for
+    # hundreds of iterations; a big phase loses little at the narrower width.
+    smallest = min(p.groups[phase] * p.members[phase] for phase in phases)
+    lanes = _Lanes(
+        dtype,
+        n_tasks,
+        jnp.arange(n_tasks),
+        jnp.broadcast_to(jnp.eye(n_free, dtype=dtype), (n_tasks, n_free, n_free)),
+        min(p.spec.chunk, max(16, -(-smallest // 8) * 8)),
+        _Data(*(a.astype(dtype) for a in (p.log_x, p.log_y, p.weight, p.fixed))),
+    )
+    empty = Solution(
+        jnp.zeros((n_tasks, n_free), dtype),
+        jnp.full(n_tasks, jnp.inf, dtype),
+        jnp.zeros(n_tasks, bool),
+        jnp.zeros(n_tasks, jnp.int32),
+        lanes.eye,
+        jnp.zeros(n_tasks, bool),
+    )
+    body = partial(_run_phase, p, tuple(phases), lanes, gtol_per_point)
+    return jax.lax.fori_loop(
+        0, len(phases), body, {**(results or {}), **{phase: empty for phase in phases}}
+    )
+
+
+def _run_phase(p: _Program, phases: tuple, lanes: _Lanes, gtol_per_point, i, results) -> dict:
+    """Phase `phases[i]` (a traced index): its tasks from the results so far, solved."""
+    spec, dtype, data = p.spec, lanes.dtype, lanes.data
+    phase = jnp.asarray(phases)[i]
+    branches = [partial(_TASKS[ph], p, lanes) for ph in phases]
+    x0, h0, warm, active, max_evals = jax.lax.switch(i, branches, results)
+    group = lanes.task // jnp.asarray([p.members[ph] for ph in phases])[i]
+    curve = group % p.n_curves  # in BOOT, group is resample * n_curves + curve
+    draw = jax.vmap(partial(_resample, p.key, *p.valid_first))
+
+    def load(ids):
+        w = data.weight[curve[ids]]
+        if BOOT in phases:
+            w = jax.lax.cond(phase == BOOT, lambda: draw(group[ids]).astype(dtype), lambda: w)
+        return _Data(data.log_x[curve[ids]], data.log_y[curve[ids]], w, data.fixed[curve[ids]])
+
+    gtol = (gtol_per_point * p.n_valid[curve]).astype(dtype)
+    value_and_grad = jax.value_and_grad(partial(_objective, spec, p.delta))
+    sol = minimize_tasks(
+        value_and_grad, load, x0, gtol, active, h0, warm, max_evals=max_evals, chunk=lanes.chunk
+    )
+    return {
+        **results,
+        **{ph: jax.tree.map(partial(jnp.where, phase == ph), sol, results[ph]) for ph in phases},
+    }
+
+
+# Each phase's tasks from the results so far: (x0, h0, warm, active, max_evals).
+
+
+def _grid_tasks(p: _Program, lanes: _Lanes, results):
+    n_free = p.starts.shape[2]
+    return (
+        lanes.pad(p.starts.reshape(-1, n_free)),
+        lanes.eye,
+        jnp.zeros(lanes.n_tasks, bool),
+        lanes.task < p.n_curves * p.starts.shape[1],
+        p.spec.screen if FINISH in p.search else p.spec.max_iter,
+    )
+
+
+def _finish_tasks(p: _Program, lanes: _Lanes, results):
+    # Continue each curve's `keep` best screened starts, curvature estimate and all.
+    chosen = _best_of(p, results[GRID], GRID, p.keep)
+    return (
+        lanes.pad(chosen.x),
+        lanes.pad(chosen.h),
+        lanes.pad(chosen.scaled),
+        lanes.pad(jnp.isfinite(chosen.f)),
+        p.spec.max_iter,
+    )
+
+
+def _polish_tasks(p: _Program, lanes: _Lanes, results):
+    found = _per_group(p, results[p.search[-1]], p.search[-1])
+    x0, h0, warm, used = jax.vmap(
+        partial(_distinct_minima, k=p.members[POLISH], near_tie=POLISH_TIE, converged_only=False)
+    )(found.x, found.f, found.converged, found.h, found.scaled)
+    flat = lambda a: lanes.pad(a.reshape(-1, *a.shape[2:]))  # noqa: E731
+    return flat(x0), flat(h0), flat(warm), flat(used), p.spec.max_iter
+
+
+def _boot_tasks(p: _Program, lanes: _Lanes, results):
+    fits = _per_group(p, results[POLISH], POLISH)
+    x0, h0, warm, used = jax.vmap(partial(_distinct_minima, k=BOOTSTRAP_STARTS, near_tie=NEAR_TIE))(
+        fits.x, fits.f, fits.converged, fits.h, fits.scaled
+    )
+
+    def tile(a):
+        reps = (p.spec.n_boot,) + (1,) * (a.ndim - 2)
+        return lanes.pad(jnp.tile(a.reshape(-1, *a.shape[2:]), reps))
+
+    return tile(x0), tile(h0), tile(warm), tile(used), p.spec.max_iter
+
+
+_TASKS = {GRID: _grid_tasks, FINISH: _finish_tasks, POLISH: _polish_tasks, BOOT: _boot_tasks}
 
 
 @cache
