@@ -696,16 +696,6 @@ def _plot(args, overrides):
     check_sweep_name(args.sweep)  # it becomes a file name
     from scaling.figures import plots
 
-    if args.kind == "isoflop-total":
-        from pathlib import Path
-
-        from scaling.figures import isoflop_total
-
-        out = args.out or Path("results/plots") / args.sweep
-        with _open_store(_store_path(args, overrides)) as store:
-            paths, notes = isoflop_total.plot_isoflop(store, args.sweep, out, args.vector)
-        print("\n".join(notes + [f"wrote {', '.join(str(p) for p in paths)}"]))
-        return
     with _open_store(_store_path(args, overrides)) as store:
         drawn = plots.plot_sweep(
             store, args.sweep, args.kind, args.out, run=args.run, vector=args.vector

@@ -10,7 +10,8 @@
     compute          loss against training FLOPs for every run, the compute-efficient
                      frontier and a power law fitted to it
     isoflop          final loss against N at fixed FLOP budgets (sweeps with several
-                     token budgets per size)
+                     token budgets per size), scaling/figures/isoflop.py
+    isoflop-total    the same at budgets 6 N_total D of an IsoFLOP grid (by name only)
 
 `plot_sweep(store, sweep, kind, out_dir)` writes KIND.png and KIND.svg (or
 .pdf) and returns what it drew; `make_plot` builds one figure without
@@ -28,6 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from scaling.errors import UserError
+from scaling.figures import isoflop
 from scaling.figures.plot_common import (
     CMAP,
     STYLE,
@@ -50,10 +52,8 @@ from scaling.figures.plot_common import (
 from scaling.figures.plot_data import (
     bin_means,
     by_curve,
-    chinchilla_fit,
     final_points,
     fit_power,
-    flop_levels,
     log_bins,
     lower_envelope,
     stored_fits,
@@ -63,6 +63,9 @@ from scaling.figures.plot_data import (
 from scaling.store import Store, sweep_runs
 
 KINDS = ("per-token", "per-token-steps", "learning-curves", "size", "compute", "isoflop")
+# Drawn when asked for by name, not by "all": the same profiles as "isoflop", under
+# Chinchilla's count of budgets and parameters, for a grid designed for it.
+BY_NAME = ("isoflop-total",)
 VECTOR_FORMATS = ("svg", "pdf")
 N_LABEL = "non-embedding parameters $N$"
 LOSS_LABEL = "eval loss (nats/token)"
@@ -125,8 +128,10 @@ def make_plot(store: Store, sweep: str, kind: str, *, run: str | None = None, ax
 
 
 def _check_kind(kind):
-    if kind not in KINDS:
-        raise UserError(f"unknown plot kind {kind!r}; use one of {', '.join(KINDS)}, or all")
+    if kind not in KINDS + BY_NAME:
+        raise UserError(
+            f"unknown plot kind {kind!r}; use one of {', '.join(KINDS + BY_NAME)}, or all"
+        )
 
 
 # -- per-token loss (Kaplan Fig. 20) ------------------------------------------
@@ -428,121 +433,12 @@ def _compute(store, sweep, runs, plot, _run):
     return fig
 
 
-# -- IsoFLOP profiles -----------------------------------------------------------
-
-
-def _isoflop(store, sweep, runs, plot, _run):
-    points = final_points(store, runs, plot)
-    by_size: dict[int, list] = {}
-    for r, loss in points:
-        by_size.setdefault(r.n_params, []).append((r.flops, loss, r.tokens))
-    if not any(len({t for _, _, t in v}) > 1 for v in by_size.values()):
-        budgets = sorted({short(r.tokens) for r, _ in points})
-        raise UserError(
-            f"sweep {sweep!r} has a single token budget per model size "
-            f"(D = {', '.join(budgets) or 'none'}); isoflop needs several budgets "
-            "per size: train each size for a few train.steps values"
-        )
-    levels, tolerance = flop_levels(points)
-    fig, ax = new_figure()
-    norm = log_norm(levels)
-    drawn, interpolated = 0, False
-    for level in levels:
-        profile = []  # (N, loss, measured?)
-        for n, values in by_size.items():
-            values = sorted(values)
-            c = np.array([v[0] for v in values])
-            y = np.array([v[1] for v in values])
-            near = np.abs(np.log(c / level)) < np.log(tolerance)
-            if near.any():
-                profile.append((n, float(y[near][0]), True))
-            elif c[0] < level < c[-1]:  # interpolate log L in log C between budgets
-                profile.append(
-                    (n, float(np.exp(np.interp(np.log(level), np.log(c), np.log(y)))), False)
-                )
-        if len(profile) < 2:
-            continue
-        drawn += 1
-        interpolated |= not all(m for _, _, m in profile)
-        profile.sort()
-        n, y, measured = (np.array(v) for v in zip(*profile, strict=True))
-        color = CMAP(norm(level))
-        ax.plot(n, y, color=color, lw=1.3)
-        ax.scatter(n[measured], y[measured], color=color, s=28, zorder=3)
-        ax.scatter(n[~measured], y[~measured], facecolors="white", edgecolors=color, s=28, zorder=3)
-        if len(n) >= 3:
-            a, b, c0 = np.polyfit(np.log(n), y, 2)
-            if a > 0 and n[0] <= np.exp(-b / (2 * a)) <= n[-1]:
-                best = np.exp(-b / (2 * a))
-                ax.scatter(
-                    [best],
-                    [c0 - b * b / (4 * a)],
-                    marker="*",
-                    s=110,
-                    color=color,
-                    edgecolors="black",
-                    linewidths=0.5,
-                    zorder=4,
-                )
-        record = chinchilla_fit(store, sweep)
-        if record is not None:  # the stored fit along the profile, with D = C / (6 N)
-            grid = np.geomspace(n[0], n[-1], 100)
-            ax.plot(
-                grid,
-                predict("chinchilla", record.params, np.stack([grid, level / (6 * grid)], 1)),
-                color=color,
-                ls="--",
-                lw=1.0,
-            )
-    if not drawn:
-        raise UserError(
-            f"sweep {sweep!r}: no FLOP budget is reached by two model sizes, so "
-            "there is no IsoFLOP profile; give the sizes overlapping budgets"
-        )
-    ax.scatter([], [], color="grey", s=28, label="final loss of a run")
-    if interpolated:
-        ax.scatter(
-            [],
-            [],
-            facecolors="white",
-            edgecolors="grey",
-            s=28,
-            label="interpolated in log C between a size's budgets",
-        )
-    ax.scatter(
-        [],
-        [],
-        marker="*",
-        s=110,
-        color="grey",
-        edgecolors="black",
-        linewidths=0.5,
-        label="minimum of a parabola in $\\log N$",
-    )
-    record = chinchilla_fit(store, sweep)
-    if record is not None:
-        ax.plot(
-            [],
-            [],
-            color="grey",
-            ls="--",
-            lw=1.0,
-            label="chinchilla, $D = C/6N$: " + law_formula("chinchilla", record.params),
-        )
-    ax.set_xscale("log")
-    ax.set_xlabel(N_LABEL)
-    ax.set_ylabel("final " + LOSS_LABEL)
-    ax.set_title(f"{sweep}: IsoFLOP profiles (final loss at a fixed training budget)")
-    colorbar(fig, ax, norm, "training compute $C$ (FLOPs)")
-    add_legend(fig, ax)
-    return fig
-
-
 _BUILDERS = {
     "per-token": _per_token,
     "per-token-steps": _per_token_steps,
     "learning-curves": _learning_curves,
     "size": _size,
     "compute": _compute,
-    "isoflop": _isoflop,
+    "isoflop": isoflop.draw_kaplan,
+    "isoflop-total": isoflop.draw_total,
 }

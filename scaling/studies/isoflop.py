@@ -10,9 +10,8 @@ Intervals come from resampling each profile's runs (bootstrap).
 
 `scaling fit --sweep S --what isoflop --law compute_optimal` stores the
 result as a fit; `scaling plot S --kind isoflop-total` draws the profiles
-(scaling/figures/isoflop_total.py)
-(the `isoflop` kind groups runs by the trainer's 6N + attention FLOPs and
-non-embedding N instead).
+(scaling/figures/isoflop.py; its `isoflop` kind groups runs by the trainer's
+6N + attention FLOPs and non-embedding N instead).
 """
 
 from __future__ import annotations
