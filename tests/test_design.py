@@ -5,14 +5,14 @@ import pytest
 
 from launch import cli
 from scaling.checks.design import EPOCH_PRIOR, check_design, iso_groups
-from scaling.fitting.laws import compute_optimal
+from scaling.fitting.laws import chinchilla_optimum
 
 
 def good_design():
     """An IsoFLOP design: 4 budgets x 7 sizes around the compute-optimal N, D = C / 6N."""
     n, d = [], []
     for compute in (1e18, 1e19, 1e20, 1e21):
-        n_opt = compute_optimal(EPOCH_PRIOR, compute)[0]
+        n_opt = chinchilla_optimum(EPOCH_PRIOR, compute)[0]
         for size in n_opt * np.geomspace(1 / 8, 8, 7):
             n.append(size)
             d.append(compute / (6 * size))
@@ -40,7 +40,7 @@ def test_collinear_n_and_d():
 
 def test_isoflop_group_that_misses_the_minimum():
     compute = 1e20
-    n_opt = compute_optimal(EPOCH_PRIOR, compute)[0]
+    n_opt = chinchilla_optimum(EPOCH_PRIOR, compute)[0]
     n = n_opt * np.geomspace(4, 64, 5)  # all larger than the optimum
     d = compute / (6 * n)
     warnings = [w for w in check_design(n, d, 6 * n * d) if "IsoFLOP group" in w]

@@ -6,7 +6,7 @@ import pytest
 
 from scaling.errors import UserError
 from scaling.fitting.fit import fit
-from scaling.fitting.laws import LAWS, Law, compute_optimal, get_law, register
+from scaling.fitting.laws import LAWS, Law, chinchilla_optimum, get_law, register
 
 RNG = np.random.default_rng(0)
 
@@ -111,7 +111,7 @@ def test_malformed_laws_are_refused(bad, message):
 def test_compute_optimal_spends_all_compute_at_the_loss_minimum():
     p = PUBLISHED["chinchilla"]
     compute = np.array([1e18, 1e21, 1e24])
-    n_opt, d_opt = compute_optimal(p, compute)
+    n_opt, d_opt = chinchilla_optimum(p, compute)
     np.testing.assert_allclose(6 * n_opt * d_opt, compute, rtol=1e-12)
     # N_opt ~ C^a with a = beta / (alpha + beta).
     slope = np.diff(np.log(n_opt)) / np.diff(np.log(compute))

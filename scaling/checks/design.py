@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scaling.fitting.laws import compute_optimal, get_law
+from scaling.fitting.laws import chinchilla_optimum, get_law
 
 COLLINEAR = 0.95
 ISO_RATIO = 1.1
@@ -94,7 +94,7 @@ def _isoflop(n, c, losses, prior):
             where = f"the lowest observed loss is at N = {best:.3g}"
             inside = sizes[0] < best < sizes[-1]
         else:
-            best = float(compute_optimal(prior, compute)[0])
+            best = float(chinchilla_optimum(prior, compute)[0])
             where = f"the prior's loss-optimal N is {best:.3g}"
             inside = sizes[0] < best < sizes[-1]
         if not inside:

@@ -195,7 +195,7 @@ def _chinchilla_derived(p):
     return {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
 
 
-def compute_optimal(params: Mapping, compute) -> tuple[np.ndarray, np.ndarray]:
+def chinchilla_optimum(params: Mapping, compute) -> tuple[np.ndarray, np.ndarray]:
     """Chinchilla's compute-optimal (N_opt, D_opt) for compute C in FLOP, with C = 6 N D.
 
     N_opt = G (C/6)^a and D_opt = G^-1 (C/6)^b, where G = (alpha A / (beta B))^(1/(alpha+beta)),

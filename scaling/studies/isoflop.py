@@ -23,6 +23,9 @@ import numpy as np
 from scaling.errors import UserError
 from scaling.store import FitRecord, Store, sweep_runs
 
+# The names its stored fit carries. "compute_optimal" is not a law of the registry
+# (scaling/fitting/laws.py): no curve is fitted, two lines go through the parabolas'
+# minima; `laws.chinchilla_optimum` is the same optimum read off a fitted chinchilla law.
 WHAT, LAW = "isoflop", "compute_optimal"
 
 
