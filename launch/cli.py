@@ -549,7 +549,6 @@ def _status(args, overrides):
 
 def _fit(args, overrides):
     from scaling.checks.sensitivity import parse_fix
-    from scaling.studies import analysis
 
     fixed = parse_fix(args.fix)
     if args.csv:
@@ -575,32 +574,13 @@ def _fit(args, overrides):
         return
     if not args.sweep:
         raise UserError("fit needs --sweep NAME (a sweep in the store) or --csv PATH")
-    if "isoflop" in (args.what, args.law) or args.law == "compute_optimal":
-        if args.law != "compute_optimal" or args.what != "isoflop":
-            raise UserError("--what isoflop goes with --law compute_optimal")
-        from scaling.studies import isoflop
+    from scaling.studies.fit_study import fit_study, kind_of
 
-        with _open_store(_store_path(args, overrides)) as store:
-            records = [isoflop.fit_isoflop(store, args.sweep, bootstrap=args.bootstrap)]
-        _print_fits(records, args.json)
-        return
-    if "critical-batch" in (args.what, args.law) or args.law == "b_crit":
-        if args.law != "b_crit":
-            raise UserError(
-                "--what critical-batch fits law b_crit (then kaplan_ns on S_min); give --law b_crit"
-            )
-        from scaling.studies import critical_batch
-
-        with _open_store(_store_path(args, overrides)) as store:
-            records = critical_batch.fit_critical_batch(
-                store, args.sweep, bootstrap=args.bootstrap, objective=args.objective
-            )
-        _print_fits(records, args.json)
-        return
+    kind = kind_of(args.law, args.what)  # a mismatch fails before the store is opened
     with _open_store(_store_path(args, overrides)) as store:
-        if args.sensitivity:
+        if args.sensitivity and kind == "curves":
             return _sensitivity(args, fixed, store)
-        records = analysis.fit_sweep(
+        records = fit_study(
             store,
             args.sweep,
             args.law,

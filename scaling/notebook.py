@@ -9,6 +9,7 @@ For a researcher in Jupyter: nothing here needs the command line or SQL.
     curves = sn.evals(store, "local_cpu")           # one row per (run, step), a column per metric
     tokens = sn.per_token(store, "local_cpu")       # one row per (run, step, T)
     fits = sn.fits(store, "local_cpu")              # one row per stored fit and parameter
+    sn.fit_sweep(store, "local_cpu", "saturating", "per-token")  # fit and store, as the CLI
     final = sn.final_losses(store, "local_cpu").join(runs[["n_params"]])
     sn.fit_frame(final, "power", x="n_params", y="eval_loss", bootstrap=200)
     fig, ax = plt.subplots(); sn.draw(store, "local_cpu", "per-token", ax=ax)
@@ -30,6 +31,7 @@ from scaling.fitting.fit import fit
 from scaling.fitting.laws import get_law
 from scaling.store import Store, sweep_runs
 from scaling.studies.analysis import pad_curves
+from scaling.studies.fit_study import fit_study
 
 RUN_COLUMNS = (
     "run_id",
@@ -119,10 +121,38 @@ def per_token(store: Store, sweep: str, *, last_only: bool = False) -> pd.DataFr
     return pd.concat(frames, ignore_index=True)
 
 
+FIT_COLUMNS = (
+    "fit_id",
+    "sweep",
+    "law",
+    "what",
+    "curve",
+    "param",
+    "value",
+    "low",
+    "high",
+    "n_points",
+    "converged",
+    "created",
+)
+
+
 def fits(store: Store, sweep: str | None = None, law: str | None = None) -> pd.DataFrame:
     """Stored fits, newest first: one row per (fit, parameter) with its value and interval."""
+    return _fit_rows(store.fits(sweep, law))
+
+
+def fit_sweep(store: Store, sweep: str, law: str, what: str = "final", **options) -> pd.DataFrame:
+    """Fit `law` to the selection `what` of `sweep` and store the fits, as `scaling fit
+    --sweep` does (`scaling.studies.fit_study`: final, per-token, learning-curve, isoflop,
+    critical-batch; `options` are bootstrap, objective, fixed, ...); returns them as `fits`
+    does."""
+    return _fit_rows(fit_study(store, sweep, law, what, **options))
+
+
+def _fit_rows(records) -> pd.DataFrame:
     rows = []
-    for record in store.fits(sweep, law):
+    for record in records:
         for name, value in record.params.items():
             low, high = record.intervals.get(name, (np.nan, np.nan))
             rows.append(
@@ -141,23 +171,7 @@ def fits(store: Store, sweep: str | None = None, law: str | None = None) -> pd.D
                     "created": record.created,
                 }
             )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "fit_id",
-            "sweep",
-            "law",
-            "what",
-            "curve",
-            "param",
-            "value",
-            "low",
-            "high",
-            "n_points",
-            "converged",
-            "created",
-        ],
-    )
+    return pd.DataFrame(rows, columns=list(FIT_COLUMNS))
 
 
 def fit_frame(

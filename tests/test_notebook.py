@@ -84,3 +84,14 @@ def test_draw_onto_the_callers_axes(store):
     assert len(right.get_lines()) >= 5 and not left.get_lines()
     alone = sn.draw(store, "syn", "learning-curves")
     assert alone.figure is not figure and len(alone.figure.axes[0].get_lines()) >= 5
+
+
+def test_fit_a_sweep_from_python_stores_what_the_command_line_would(store):
+    frame = sn.fit_sweep(store, "syn", "saturating", "per-token", bootstrap=0)
+    assert set(frame["curve"]) == {"run0", "run1", "run2", "run3", "run4"}
+    alphas = frame[frame.param == "alpha"]["value"]
+    np.testing.assert_allclose(alphas, 0.5, atol=1e-3)
+    stored = sn.fits(store, "syn")
+    assert sorted(stored["fit_id"].unique()) == sorted(frame["fit_id"].unique())
+    with pytest.raises(UserError, match="--what isoflop goes with --law compute_optimal"):
+        sn.fit_sweep(store, "syn", "saturating", "isoflop")
