@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +27,7 @@ from tqdm import tqdm
 
 from launch import checkpoints, data, distributed, preemption, preflight, remote_records, steps
 from launch import config as config_lib
-from launch.backends.local import BUSY_EXIT_CODE
+from launch.claims import Claim, RunBusy, run_lock
 from launch.corpus import resolve_cache_dir
 from launch.peak import matmul_peak_flops
 from models import sharding
@@ -38,41 +35,6 @@ from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling import faults
 from scaling.errors import Preempted, UserError
 from scaling.store import RunRecord, Store, check_writable
-
-
-class RunBusy(UserError):
-    """Another process on this machine is training the same run (it holds the run's lock)."""
-
-    exit_code = BUSY_EXIT_CODE
-
-
-@contextlib.contextmanager
-def run_lock(workdir: str, run_id: str):
-    """Hold the run's lock on this machine for the block, or raise RunBusy at once.
-
-    Two sweeps started over the same workdir would otherwise train the same
-    member side by side and collide in its checkpoint folder. The lock is the
-    kernel's (flock), so it goes with the process, also when the process is
-    killed; its file lives in the temporary folder, keyed by the workdir's
-    absolute path, so a run refused for another reason leaves nothing in the
-    workdir.
-    """
-    key = hashlib.sha256(str(Path(workdir).resolve()).encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / "scaling-suite-locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}-{run_id}.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunBusy(
-                f"run {run_id} is being trained by another process on this machine "
-                f"(it holds {path}); wait for it to finish, or stop it and relaunch"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class DivergedError(Exception):
@@ -129,7 +91,11 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
             if records:
                 records.start(dataclasses.asdict(run_record(config, run_id)))
         # A busy run (RunBusy) is left as its other trainer has it: nothing is marked.
-        with run_lock(config.workdir, run_id) if is_writer else contextlib.nullcontext():
+        # The lock settles two trainers on this machine, the claim two on different ones.
+        with (
+            run_lock(config.workdir, run_id) if is_writer else contextlib.nullcontext(),
+            Claim(store.path, run_id) if is_writer else contextlib.nullcontext() as claim,
+        ):
             # A finished run stays finished, whatever this launch would change; process 0
             # knows (from its store or the bucket's records), and tells the others. Asked
             # under the lock, so a run another sweep finished a moment ago is not retrained.
@@ -145,7 +111,7 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
             if is_writer:
                 mark("running")
             try:
-                _train(config, run_id, store, is_writer, corpus, records)
+                _train(config, run_id, store, is_writer, corpus, records, claim)
             except DivergedError as e:
                 if is_writer:
                     mark("failed", reason=str(e))
@@ -166,6 +132,8 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 if is_writer:
                     mark("preempted", step=e.step, reason=str(e))
                 raise
+            except RunBusy:
+                raise  # its claim was taken over: the run is the other trainer's to mark
             except (KeyboardInterrupt, UserError) as e:
                 # Not the run's fault: it stays pending and trains on the next launch.
                 if is_writer:
@@ -323,8 +291,9 @@ class _Writers:
         store: Store,
         is_writer: bool,
         records: remote_records.RunRecords | None,
+        claim: Claim | None = None,
     ):
-        self.run_id, self.store, self.records = run_id, store, records
+        self.run_id, self.store, self.records, self.claim = run_id, store, records, claim
         self.active = is_writer
         self.tensorboard = _tensorboard_writer(run.local_dir, run.start_step) if is_writer else None
         if is_writer:
@@ -334,6 +303,8 @@ class _Writers:
     def log(self, step: int, row: dict, per_token_L, stderr_L, n_sequences: int):
         if not self.active:
             return
+        if self.claim is not None:
+            self.claim.check()  # a trainer whose run was taken over writes nothing more
         self.store.log_eval(self.run_id, step, row, per_token_L, stderr_L, n_sequences)
         if self.records:
             self.records.eval(step, row, per_token_L, stderr_L, n_sequences)
@@ -403,11 +374,12 @@ def _train(
     is_writer: bool,
     corpus: data.Corpus,
     records: remote_records.RunRecords | None,
+    claim: Claim | None = None,
 ):
     total = config.train.steps
     eval_at = set(eval_schedule(total, config.eval.points))
     run = _build(config, run_id, store, is_writer, corpus, eval_at)
-    writers = _Writers(run, run_id, store, is_writer, records)
+    writers = _Writers(run, run_id, store, is_writer, records, claim)
     peak = matmul_peak_flops(config.model.compute_dtype) if is_writer else float("nan")
     nan_watch = _NanWatch(config.train.nan_check_every)
     window = _EvalWindow(run.ckpt.restored_loop.get("train_losses", []))

@@ -96,6 +96,14 @@ CREATE TABLE IF NOT EXISTS fits (
     created REAL NOT NULL,
     provenance_json TEXT NOT NULL DEFAULT '{}'  -- runs, points, optimizer, version (schema 2)
 );
+-- Which process trains a run now (launch/claims.py). Added without a version bump: a
+-- store gains it on its next writable open, and a reader never needs it.
+CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,                -- host:pid:token of the trainer
+    since REAL NOT NULL,
+    heartbeat REAL NOT NULL             -- time.time() of its last sign of life
+);
 """.replace("{runs_columns}", _RUNS_COLUMNS)
 
 # Upgrades of an older store, in place: version -> statements that take it to version + 1.
@@ -478,6 +486,40 @@ class Store:
                 "WHERE run_id = ?",
                 (status, step, reason, time.time(), run_id),
             )
+
+    # -- claims: one trainer per run, across hosts (launch/claims.py) ------------
+
+    def claim(self, run_id: str, owner: str, stale_s: float) -> tuple[str, float] | None:
+        """Claim `run_id` for `owner`, unless another owner's heartbeat is younger than
+        `stale_s`: then (that owner, seconds since its heartbeat) and nothing changes. A
+        stale claim (its trainer killed, or its host gone) is taken over."""
+        with self._transaction():
+            row = self._conn.execute(
+                "SELECT owner, heartbeat FROM claims WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            now = time.time()
+            if row and row[0] != owner and now - row[1] < stale_s:
+                return row[0], now - row[1]
+            self._conn.execute(
+                "INSERT OR REPLACE INTO claims (run_id, owner, since, heartbeat) "
+                "VALUES (?, ?, ?, ?)",
+                (run_id, owner, now, now),
+            )
+        return None
+
+    def heartbeat(self, run_id: str, owner: str) -> bool:
+        """Renew `owner`'s claim; False when the claim is no longer its own (taken over)."""
+        with self._transaction():
+            cursor = self._conn.execute(
+                "UPDATE claims SET heartbeat = ? WHERE run_id = ? AND owner = ?",
+                (time.time(), run_id, owner),
+            )
+        return cursor.rowcount == 1
+
+    def release(self, run_id: str, owner: str):
+        """Drop `owner`'s claim (another owner's, which took it over, stays)."""
+        with self._transaction():
+            self._conn.execute("DELETE FROM claims WHERE run_id = ? AND owner = ?", (run_id, owner))
 
     def log_eval(
         self,

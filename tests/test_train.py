@@ -1,6 +1,8 @@
 """End to end on the real corpus: training lowers the loss, evals are consistent,
 runs resume, sweeps skip finished work, bad input is refused cleanly."""
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +273,83 @@ def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, 
     assert main(["sweep", study, "--parallel", "1"]) == 0  # the lock went with its holder
     with Store(tiny_config.store) as store:
         assert store.run(busy).status == "finished"
+
+
+def test_a_run_claimed_on_another_machine_is_skipped_until_its_heartbeat_stops(
+    tiny_config, tmp_path, capsys
+):
+    """A trainer on another host (its claim in the shared store, no lock here): its run is
+    left to it while its heartbeat is fresh, and taken over once the heartbeat stopped."""
+    import time
+
+    from launch import claims
+    from launch import config as config_lib
+
+    study = _study(tmp_path, tiny_config)
+    busy, free = [config_lib.run_id(c) for c in config_lib.study_sweep(study)]
+    other = "node7:4242:0badc0de"
+    with Store(tiny_config.store) as store:
+        store.register_run(train.run_record(config_lib.study_sweep(study)[0], busy))
+        assert store.claim(busy, other, claims.STALE_S) is None
+    assert main(["sweep", study, "--parallel", "1"]) == 1
+    out = capsys.readouterr()
+    assert "sweep done: 1 busy, 1 finished" in out.out
+    assert f"run {busy} is being trained by {other}" in out.err
+    with Store(tiny_config.store) as store:
+        assert store.run(busy).status == "pending"
+        assert store.claim(free, "probe", claims.STALE_S) is None  # released when it ended
+        # node7 went silent: its heartbeat is older than STALE_S.
+        stale = time.time() - claims.STALE_S - 1
+        store._conn.execute("UPDATE claims SET heartbeat = ? WHERE run_id = ?", (stale, busy))
+    assert main(["sweep", study, "--parallel", "1"]) == 0
+    with Store(tiny_config.store) as store:
+        assert store.run(busy).status == "finished"
+        assert store.claim(busy, "probe", claims.STALE_S) is None  # and released
+
+
+def test_a_claim_left_by_a_process_killed_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from launch import claims
+
+    path = tmp_path / "s.sqlite"
+    Store(path).close()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    with Store(path) as store:
+        assert store.claim("run1", f"{socket.gethostname()}:{dead}:1", claims.STALE_S) is None
+        assert store.claim("run2", f"{socket.gethostname()}:{os.getpid()}:1", 300) is None
+    with claims.Claim(path, "run1"):  # its heartbeat is fresh, but its process is gone
+        pass
+    with pytest.raises(claims.RunBusy, match="is being trained by"):
+        with claims.Claim(path, "run2"):  # this very process: alive
+            pass
+
+
+def test_a_trainer_whose_claim_was_taken_over_stops_before_writing(tmp_path, monkeypatch):
+    from launch import claims
+
+    path = tmp_path / "s.sqlite"
+    Store(path).close()
+    monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
+    with claims.Claim(path, "run1") as claim:
+        claim.check()  # still its own
+        with Store(path) as store:  # a trainer elsewhere that saw it stale took it over
+            store._conn.execute("UPDATE claims SET owner = 'node7:1:x' WHERE run_id = 'run1'")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and claim._lost is None:
+            time.sleep(0.05)
+        with pytest.raises(claims.RunBusy, match="its claim was taken over"):
+            claim.check()
+    with Store(path) as store:  # the other owner's claim stays
+        holder, age = store.claim("run1", "probe", claims.STALE_S)
+        assert holder == "node7:1:x" and age < 60
 
 
 @pytest.mark.slow  # two sweeps as real processes, side by side
