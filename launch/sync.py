@@ -12,6 +12,7 @@ import math
 import re
 
 from launch import remote_records
+from models.sizes import FLOP_CONVENTIONS
 from scaling.errors import UserError
 from scaling.store import STATUSES, RunRecord, Store
 
@@ -70,6 +71,9 @@ def _checked(folder: str, remote: dict) -> dict:
         run["config"].get("sweep_name"), str
     ):
         raise BadRecord("run.json has no config with a sweep_name")
+    train = run["config"].get("train")
+    if not isinstance(train, dict) or not _is_int(train.get("steps")) or train["steps"] < 1:
+        raise BadRecord("run.json: config.train.steps is not a positive whole number")
     for key in _INT_FIELDS:
         if not _is_int(run.get(key)) or run[key] < 1:
             raise BadRecord(
@@ -79,6 +83,7 @@ def _checked(folder: str, remote: dict) -> dict:
         raise BadRecord(
             f"run.json: flops = {str(run.get('flops'))[:40]!r} is not a positive number"
         )
+    _check_optional_fields(run)
     n_ctx = run["n_ctx"]
     for row in remote["evals"]:
         where = f"eval {str(row.get('step') if isinstance(row, dict) else row)[:20]}"
@@ -116,6 +121,29 @@ def _checked(folder: str, remote: dict) -> dict:
             f"the newest status record is not one the trainer writes ({str(status)[:60]})"
         )
     return remote
+
+
+def _check_optional_fields(run: dict):
+    """The RunRecord fields run.json may leave out (their defaults then), when it has them."""
+    if "status" in run and run["status"] not in _STATUSES:
+        raise BadRecord(f"run.json: status = {str(run['status'])[:40]!r} is not a run status")
+    if "step" in run and (not _is_int(run["step"]) or run["step"] < 0):
+        raise BadRecord(f"run.json: step = {str(run['step'])[:40]!r} is not a whole number >= 0")
+    if "reason" in run and not (run["reason"] is None or isinstance(run["reason"], str)):
+        raise BadRecord("run.json: reason is neither text nor null")
+    counts = run.get("flops_by_convention", {})
+    if not isinstance(counts, dict) or not all(
+        k in FLOP_CONVENTIONS and _is_number(v) for k, v in counts.items()
+    ):
+        raise BadRecord(
+            f"run.json: flops_by_convention must map FLOP conventions "
+            f"({', '.join(FLOP_CONVENTIONS)}) to finite numbers"
+        )
+    if "flop_convention" in run and run["flop_convention"] not in FLOP_CONVENTIONS:
+        raise BadRecord(
+            f"run.json: flop_convention = {str(run['flop_convention'])[:40]!r} is not one of "
+            f"{', '.join(FLOP_CONVENTIONS)}"
+        )
 
 
 def _is_int(value) -> bool:

@@ -38,6 +38,6 @@ def status_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['run_id']:<13}{(r['sweep'] or '-')[:13]:<14}{r['status']:<10}"
             f"{str(r['step']) + '/' + str(r['steps']):>12}{loss:>11}{r['n_params']:>12,}"
-            f"{r['tokens']:>12,}  {r['reason'] or ''}"
+            f"{r['tokens']:>12,}  {' '.join((r['reason'] or '').split())}"  # one line a run
         )
     return "\n".join(lines)
