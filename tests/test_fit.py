@@ -333,3 +333,20 @@ def test_residual_bootstrap_keeps_the_design_and_covers_the_truth():
     assert residuals.bootstrap_params["alpha"].shape == (100, 24)
     with pytest.raises(UserError, match="resample 'rows' is not one of"):
         fit("saturating", T, y[0], bootstrap=10, resample="rows")
+
+
+def test_a_fit_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated(monkeypatch):
+    from scaling.fitting import inputs
+
+    T = np.arange(1, 65, dtype=float)
+    y = np.tile(2 + 1.5 * T**-0.5, (4, 1))
+    need = inputs.fit_memory(100_000 * 4 * inputs.BOOTSTRAP_STARTS, 3, T.size * 4 + y.size)
+    monkeypatch.setattr(inputs, "available_memory", lambda: need - 1)
+    with pytest.raises(UserError, match=r"needs about .* GiB .* fewer --bootstrap resamples"):
+        fit("saturating", T, y, bootstrap=100_000)
+    with pytest.raises(UserError, match="fewer --bootstrap"):
+        fit("saturating", T, y, bootstrap=100_000, varpro=True)
+    with pytest.raises(UserError, match="fewer --bootstrap"):
+        fit("saturating", T, y, bootstrap=100_000, resample="residuals")
+    monkeypatch.setattr(inputs, "available_memory", lambda: need)  # just enough: no refusal
+    inputs.check_memory(4, 27, 100_000, 3, T.size * 4 + y.size)

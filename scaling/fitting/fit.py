@@ -48,13 +48,19 @@ import numpy as np
 
 from scaling.errors import UserError
 from scaling.fitting import varpro as vp
-from scaling.fitting.inputs import as_curves, check_fixed, check_settings, merged_grid
+from scaling.fitting.inputs import (
+    BOOTSTRAP_STARTS,
+    as_curves,
+    check_fixed,
+    check_memory,
+    check_settings,
+    merged_grid,
+)
 from scaling.fitting.laws import Law, get_law
 from scaling.fitting.minimize import Solution, minimize_tasks
 
 # Bootstrap resamples of a curve start from its full-data best and from up to
-# this many - 1 other local minima within NEAR_TIE of it (see `_distinct_minima`).
-BOOTSTRAP_STARTS = 4
+# BOOTSTRAP_STARTS - 1 other local minima within NEAR_TIE of it (see `_distinct_minima`).
 NEAR_TIE = 0.25
 # With keep_starts, every start first gets this many objective evaluations:
 # one round of the solver, so screened tasks leave their lanes together.
@@ -173,6 +179,8 @@ def fit(
     if resample not in RESAMPLES:
         raise UserError(f"resample {resample!r} is not one of {', '.join(RESAMPLES)}")
     if resample == "residuals" and bootstrap:
+        n_starts = len(law.grid_points(None, merged_grid(law, init_grid)))
+        check_memory(len(y), n_starts, int(bootstrap), len(law.param_names), x.size + y.size, True)
         options = dict(
             objective=objective,
             delta=delta,
@@ -225,6 +233,7 @@ def fit(
         np.asarray(starts, float).reshape(-1, *np.shape(starts)[-2:]),
         (len(y), np.shape(starts)[-2], len(free)),
     )
+    check_memory(len(y), starts.shape[1], int(bootstrap), len(free), x.size + y.size)
     spec = _Spec(
         law,
         free,
@@ -278,6 +287,7 @@ def _fit_varpro(
     projected = vp.check_law(law, fixed_values)
     free = tuple(k for k in law.param_names if k not in fixed_values and k not in projected)
     starts = law.grid_points(free, merged_grid(law, init_grid))
+    check_memory(len(y), len(starts), int(bootstrap), len(law.param_names), x.size + y.size)
     spec = _Spec(
         law,
         free,
