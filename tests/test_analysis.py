@@ -204,7 +204,8 @@ def test_fit_of_finished_runs_without_evals_is_one_line(tmp_path, capsys):
     ("content", "extra", "message"),
     [
         ("N,loss\n1000,52,05\n2000,40,1\n", [], "decimal commas"),
-        ("N,loss\n1e40,2.0\n1e41,1.9\n1e42,1.8\n", [], "outside"),
+        ("N,loss\n1000,2e40\n2000,1.9e40\n3000,1.8e40\n", [], "outside"),
+        ("N,loss\n1e301,2.0\n1e302,1.9\n1e303,1.8\n", [], "outside"),
         ("N,loss\n1000,nan\n2000,1.9\n3000,1.8\n", [], "outside"),
         ("N,loss\n1000,3.0\n2000,2.5\n4000,2.2\n", ["--bootstrap", "100000000"], "bootstrap"),
         ("N,loss\n1000,3.0\n2000,2.5\n4000,2.2\n", ["--x", "[N]" + " + [N]" * 5000], "characters"),
@@ -235,3 +236,15 @@ def test_fit_csv_reads_a_byte_order_mark_and_refuses_latin_1(tmp_path, capsys):
     path.write_bytes("N,loss,note\n1000,3.0,caf\xe9\n".encode("latin-1"))
     assert main(["fit", "--law", "power", "--csv", str(path), "--x", "N", "--y", "loss"]) == 2
     assert "is not UTF-8" in capsys.readouterr().err
+
+
+def test_a_csv_of_inputs_far_past_the_grid_fits_the_law_it_holds(tmp_path, capsys):
+    N = np.geomspace(1e36, 1e40, 10)
+    rows = "\n".join(f"{n:.6e},{1.7 + 50 * (n / 1e36) ** -0.3:.9f}" for n in N)
+    path = tmp_path / "far.csv"
+    path.write_text("C,loss\n" + rows + "\n")
+    args = ["fit", "--csv", str(path), "--x", "C", "--y", "loss", "--law", "saturating"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"]["E"] == pytest.approx(1.7, rel=1e-4) and out["converged"]
+    assert out["params"]["alpha"] == pytest.approx(0.3, rel=1e-4)

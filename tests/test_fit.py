@@ -350,3 +350,35 @@ def test_a_fit_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated
         fit("saturating", T, y, bootstrap=100_000, resample="residuals")
     monkeypatch.setattr(inputs, "available_memory", lambda: need)  # just enough: no refusal
     inputs.check_memory(4, 27, 100_000, 3, T.size * 4 + y.size)
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e-60])
+def test_inputs_far_from_one_fit_as_well_as_inputs_near_it(scale):
+    """Inputs past the grid's reach (1e100 FLOPs, say) are rescaled inside the fitter and
+    the parameters mapped back: the same E and exponents, A in the inputs' own units."""
+    from scaling.fitting import fit as fit_module
+
+    N = np.geomspace(1e6, 1e10, 12)
+    L = 1.7 + 50 * N**-0.3
+    near = fit("saturating", N, L)
+    far = fit("saturating", N * scale, L, bootstrap=20)
+    assert far.converged[0]
+    assert far.params["E"][0] == pytest.approx(near.params["E"][0], rel=1e-5)
+    assert far.params["alpha"][0] == pytest.approx(0.3, rel=1e-5)
+    assert far.params["A"][0] == pytest.approx(50 * scale**0.3, rel=1e-4)
+    low, high = far.intervals["A"][0]
+    assert low <= far.params["A"][0] <= high and low > 50 * scale**0.3 / 2
+    # Two inputs, one of them far: the pair's law back in the inputs' units.
+    NN, DD = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e9, 6), np.geomspace(1e8, 1e11, 6)))
+    L2 = 1.7 + 400 * NN**-0.34 + 410 * DD**-0.28
+    two = fit("chinchilla", np.stack([NN, DD * scale], 1), L2)
+    assert two.params["beta"][0] == pytest.approx(0.28, rel=1e-4)
+    assert two.params["B"][0] == pytest.approx(410 * scale**0.28, rel=1e-3)
+    assert two.params["A"][0] == pytest.approx(400, rel=1e-3)  # N was not rescaled
+    # Inputs of the usual sizes are fitted as given, so their answers do not move.
+    assert (
+        fit_module._input_scale(
+            near.law, NN[None, :, None], np.ones((1, 36), bool), None, None, None
+        )
+        is None
+    )

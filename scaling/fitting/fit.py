@@ -178,6 +178,25 @@ def fit(
     check_settings(objective, delta, bootstrap, max_iter, tol, confidence, keep_starts)
     if resample not in RESAMPLES:
         raise UserError(f"resample {resample!r} is not one of {', '.join(RESAMPLES)}")
+    log_s = _input_scale(law, x, mask, fixed, init_grid, starts)
+    if log_s is not None:
+        scaled = fit(
+            law,
+            x / np.exp(log_s),
+            y,
+            mask,
+            objective=objective,
+            delta=delta,
+            bootstrap=bootstrap,
+            seed=seed,
+            max_iter=max_iter,
+            tol=tol,
+            confidence=confidence,
+            keep_starts=keep_starts,
+            varpro=varpro,
+            resample=resample,
+        )
+        return _unscaled(scaled, log_s)
     if resample == "residuals" and bootstrap:
         n_starts = len(law.grid_points(None, merged_grid(law, init_grid)))
         check_memory(len(y), n_starts, int(bootstrap), len(law.param_names), x.size + y.size, True)
@@ -265,6 +284,46 @@ def fit(
         )
         out = jax.tree.map(np.asarray, out)
     return _result(spec, out, fixed_values, n_points, confidence, starts.shape[1])
+
+
+# Inputs whose geometric mean lies beyond this factor of 1 are fitted rescaled to it.
+# Every law's init grid and the float32 search are made for inputs from about 1 to 1e12
+# (parameters, tokens, steps, positions); far outside, the scale of A or x_c is past the
+# grid, and powers of the inputs overflow float32.
+RESCALE_BEYOND = 1e12
+
+
+def _input_scale(law: Law, x, mask, fixed, init_grid, starts) -> np.ndarray | None:
+    """log_s [n_inputs] to divide the inputs by, or None to fit them as they are: inputs
+    near 1, a law without `rescale`, or starting points or pinned values given in the
+    inputs' own scale."""
+    if law.rescale is None or fixed or init_grid or starts is not None:
+        return None
+    valid = np.log(x[mask])  # [n_valid, n_inputs]
+    center = valid.mean(axis=0)
+    if not (np.abs(center) > np.log(RESCALE_BEYOND)).any():
+        return None
+    return np.where(np.abs(center) > np.log(RESCALE_BEYOND), center, 0.0)
+
+
+def _unscaled(result: FitResult, log_s: np.ndarray) -> FitResult:
+    """`result` of a fit to x / exp(log_s), in the parameters of x (every one is free)."""
+    law = result.law
+    params = law.rescale(result.params, log_s)
+    boot, intervals, derived_intervals = {}, result.intervals, result.derived_intervals
+    if result.bootstrap_params:
+        boot = law.rescale(result.bootstrap_params, log_s)
+        intervals, derived_intervals = _percentile_intervals(
+            law, boot, list(result.intervals), result.confidence
+        )
+    return dataclasses.replace(
+        result,
+        params=params,
+        intervals=intervals,
+        bootstrap_params=boot,
+        derived=law.derived(params) if law.derived else {},
+        derived_intervals=derived_intervals,
+    )
 
 
 def _fit_varpro(

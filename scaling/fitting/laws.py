@@ -70,6 +70,10 @@ class Law:
     # [..., n_coefficients]), with L = basis @ coefficients.  Enables
     # variable projection (`scaling.fitting.varpro`).
     linear: tuple[tuple[str, ...], Callable] | None = field(default=None)
+    # The parameters for inputs x from those fitted to x / exp(log_s) (log_s [n_inputs]),
+    # numpy in and out. With it the fitter rescales inputs far from 1 (1e36 FLOPs, say),
+    # where the init grid cannot reach the scale of A or x_c, to near 1 and back.
+    rescale: Callable[[dict, np.ndarray], dict] | None = field(default=None)
 
     def __post_init__(self):
         names = tuple(self.param_names)
@@ -175,6 +179,39 @@ def _chinchilla(p, log_x):
     return jnp.log(p["E"] + n_term + d_term)
 
 
+def _scaled(p: dict, **factors) -> dict:
+    """`p` with each named parameter multiplied by its factor."""
+    return {k: np.asarray(v, float) * factors.get(k, 1.0) for k, v in p.items()}
+
+
+def _rescale_power(p, log_s):
+    return _scaled(p, x_c=np.exp(log_s[0]))
+
+
+def _rescale_saturating(p, log_s):
+    return _scaled(p, A=np.exp(np.asarray(p["alpha"]) * log_s[0]))
+
+
+def _rescale_kaplan_nd(p, log_s):
+    return _scaled(p, N_c=np.exp(log_s[0]), D_c=np.exp(log_s[1]))
+
+
+def _rescale_kaplan_ns(p, log_s):
+    return _scaled(p, N_c=np.exp(log_s[0]), S_c=np.exp(log_s[1]))
+
+
+def _rescale_chinchilla(p, log_s):
+    return _scaled(
+        p,
+        A=np.exp(np.asarray(p["alpha"]) * log_s[0]),
+        B=np.exp(np.asarray(p["beta"]) * log_s[1]),
+    )
+
+
+def _rescale_b_crit(p, log_s):
+    return _scaled(p, B_star=np.exp(log_s[0] / np.asarray(p["alpha_B"])))
+
+
 def _saturating_basis(p, log_x):
     return jnp.stack([jnp.ones_like(log_x[..., 0]), jnp.exp(-p["alpha"] * log_x[..., 0])], -1)
 
@@ -218,6 +255,7 @@ POWER = register(
         positive=("x_c",),
         init_grid={"x_c": (0.0, 10.0, 20.0, 30.0, 40.0), "alpha": (0.05, 0.2, 0.5, 1.0)},
         formula="L = (x_c / x)^alpha",
+        rescale=_rescale_power,
     )
 )
 SATURATING = register(
@@ -230,6 +268,7 @@ SATURATING = register(
         init_grid={"E": (-1.0, 0.5, 2.0), "A": (0.0, 4.0, 8.0), "alpha": (0.2, 0.6, 1.2)},
         formula="L = E + A x^-alpha",
         linear=(("E", "A"), _saturating_basis),
+        rescale=_rescale_saturating,
     )
 )
 KAPLAN_ND = register(
@@ -246,6 +285,7 @@ KAPLAN_ND = register(
             "alpha_D": (0.05, 0.2, 0.5),
         },
         formula="L = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D",
+        rescale=_rescale_kaplan_nd,
     )
 )
 KAPLAN_NS = register(
@@ -262,6 +302,7 @@ KAPLAN_NS = register(
             "alpha_S": (0.1, 0.5, 1.0),
         },
         formula="L = (N_c / N)^alpha_N + (S_c / S)^alpha_S",
+        rescale=_rescale_kaplan_ns,
     )
 )
 # The grid of Hoffmann et al. (2022) as Epoch's replication runs it: 4,500 starts.
@@ -282,6 +323,7 @@ CHINCHILLA = register(
         formula="L = E + A / N^alpha + B / D^beta",
         derived=_chinchilla_derived,
         linear=(("E", "A", "B"), _chinchilla_basis),
+        rescale=_rescale_chinchilla,
     )
 )
 # Kaplan et al. 2020, section 5.1: the critical batch size (tokens) as a
@@ -296,5 +338,6 @@ B_CRIT = register(
         positive=("B_star", "alpha_B"),
         init_grid={"B_star": (0.0, 5.0, 10.0, 15.0, 20.0), "alpha_B": (-3.0, -1.5, 0.0, 1.0)},
         formula="B_crit = B_star / L^(1 / alpha_B)",
+        rescale=_rescale_b_crit,
     )
 )

@@ -34,9 +34,11 @@ _OPERATORS = {
     ast.USub: operator.neg,
 }
 _BRACKETED = re.compile(r"\[([^\]]+)\]")
-# The fitter's search runs in float32: past this, powers of the values
-# overflow and a fit can report convergence on a wrong answer.
+# The fitter's search runs in float32: past this, powers of the losses overflow and a fit
+# can report convergence on a wrong answer. Inputs (x) go further: the fitter rescales
+# inputs far from 1 itself (scaling.fitting.fit.RESCALE_BEYOND), short of float64's end.
 MAX_MAGNITUDE = 1e30
+MAX_INPUT = 1e300
 MAX_EXPRESSION = 1000
 
 
@@ -92,8 +94,8 @@ def csv_arrays(path, law_name: str, x_cols: list[str], y_col: str, exclude_top: 
             f"got {len(x_cols)}: {x_cols}"
         )
     rows, columns = _read(Path(path))
-    y = _column(rows, columns, y_col, path)
-    x = np.stack([_column(rows, columns, spec, path) for spec in x_cols], axis=1)
+    y = _column(rows, columns, y_col, path, MAX_MAGNITUDE)
+    x = np.stack([_column(rows, columns, spec, path, MAX_INPUT) for spec in x_cols], axis=1)
     if int(exclude_top) != exclude_top or not 0 <= exclude_top < len(y):
         raise UserError(
             f"exclude_top = {exclude_top} must be a whole number from 0 to "
@@ -132,7 +134,7 @@ def _read(path: Path) -> tuple[list[dict], list[str]]:
     return rows, columns
 
 
-def _column(rows, columns, spec: str, path) -> np.ndarray:
+def _column(rows, columns, spec: str, path, limit: float) -> np.ndarray:
     """Values of one column name or bracketed expression, one per row."""
     names = _BRACKETED.findall(spec) if spec not in columns else [spec]
     missing = [n for n in names or [spec] if n not in columns]
@@ -142,7 +144,7 @@ def _column(rows, columns, spec: str, path) -> np.ndarray:
             "(write expressions as e.g. '[Training FLOP] / (6 * [Model Size])')"
         )
     if spec in columns:
-        return np.array([_number(row, spec, i, path) for i, row in enumerate(rows)])
+        return np.array([_number(row, spec, i, path, limit) for i, row in enumerate(rows)])
     if len(spec) > MAX_EXPRESSION:
         raise UserError(
             f"x column expression is {len(spec):,} characters long; keep it under "
@@ -162,21 +164,23 @@ def _column(rows, columns, spec: str, path) -> np.ndarray:
     values = np.array(
         [
             _evaluate(
-                tree, {var: _number(row, name, i, path) for var, name in variables.items()}, spec
+                tree,
+                {var: _number(row, name, i, path, limit) for var, name in variables.items()},
+                spec,
             )
             for i, row in enumerate(rows)
         ]
     )
-    bad = np.flatnonzero(~(np.abs(values) <= MAX_MAGNITUDE))
+    bad = np.flatnonzero(~(np.abs(values) <= limit))
     if len(bad):
         raise UserError(
             f"{path}, data row {bad[0] + 1}: x column {spec!r} evaluates to "
-            f"{values[bad[0]]:g}, outside +-{MAX_MAGNITUDE:g}; rescale its inputs"
+            f"{values[bad[0]]:g}, outside +-{limit:g}; rescale its inputs"
         )
     return values
 
 
-def _number(row, name, index, path) -> float:
+def _number(row, name, index, path, limit: float) -> float:
     try:
         value = float(row[name])
     except (TypeError, ValueError):
@@ -184,10 +188,10 @@ def _number(row, name, index, path) -> float:
             f"{path}, data row {index + 1}: column {name!r} holds {row[name]!r}, "
             "not a number; fix or remove the row"
         ) from None
-    if not abs(value) <= MAX_MAGNITUDE:  # also NaN and inf
+    if not abs(value) <= limit:  # also NaN and inf
         raise UserError(
             f"{path}, data row {index + 1}: column {name!r} holds {row[name]!r}, "
-            f"outside +-{MAX_MAGNITUDE:g}, which the fitter cannot represent; "
+            f"outside +-{limit:g}, which the fitter cannot represent; "
             "rescale the column (e.g. FLOPs in units of 1e18)"
         )
     return value
