@@ -105,8 +105,16 @@ def check_memory(config, available: int | None) -> None:
     )
 
 
+# Runs already warned about in this process: a sweep checks each run before training any,
+# and the run checks itself again when it starts.
+_SAID_SLOW: set[str] = set()
+
+
 def say_if_slow(config) -> None:
-    """One line on stderr when the run would take more than a day on this machine."""
+    """One line on stderr when the run would take more than a day on this machine (once
+    per run and process)."""
+    if config_lib.run_id(config) in _SAID_SLOW:
+        return
     shape = config_lib.model_config(config).shape
     tokens = config.train.steps * config.train.batch_size * shape.n_ctx
     flops = shape.train_flops_per_token * tokens
@@ -115,6 +123,7 @@ def say_if_slow(config) -> None:
     rate = DEFAULT_MFU * peak.matmul_peak_flops(config.model.compute_dtype) * jax.device_count()
     seconds = flops / rate
     if seconds > DAY_S:
+        _SAID_SLOW.add(config_lib.run_id(config))
         print(
             f"warning: run {config_lib.run_id(config)} would take about "
             f"{seconds / DAY_S:,.1f} days here ({flops:.2e} FLOPs at {DEFAULT_MFU:.0%} of this "

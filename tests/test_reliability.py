@@ -175,3 +175,5 @@ def test_a_run_of_more_than_a_day_here_says_so_and_a_short_one_measures_nothing(
     err = capsys.readouterr().err.strip()
     assert err.startswith("warning: run ") and "days here" in err and "\n" not in err
     assert "scaling plan --accelerator" in err
+    preflight.say_if_slow(tiny_config)  # a sweep's check, then the run's own: said once
+    assert capsys.readouterr().err == ""
