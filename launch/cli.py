@@ -25,6 +25,11 @@ loading JAX.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m launch.cli` (a backend's trainer): as `scaling` does,
+    from launch.entry import guard_imports  # guard Ctrl-C before the imports below
+
+    guard_imports()
+
 import argparse
 import json
 import sqlite3

@@ -70,9 +70,15 @@ def finish(code: int) -> None:
     sys.exit(code)
 
 
+def guard_imports() -> None:
+    """From here until run_guarded, Ctrl-C ends the process at once with 130 (the imports
+    before a command starts have nothing to save)."""
+    _on_interrupt(_exit_interrupted)
+
+
 def run() -> None:
     """`scaling ...`: launch/cli.py's main() with the interrupt guarded around it."""
-    _on_interrupt(_exit_interrupted)
+    guard_imports()
     from launch import cli  # imported after the guard is in place
 
     run_guarded(cli.main)
