@@ -168,22 +168,23 @@ def sync(store: Store, bucket: str, sweep: str) -> dict:
     evals = 0
     for remote in runs:
         record = RunRecord(**{k: v for k, v in remote["run"].items() if k in _RUN_FIELDS})
-        store.register_run(record, sweep=sweep)
-        for row in remote["evals"]:
-            store.log_eval(
-                record.run_id,
-                row["step"],
-                row["scalars"],
-                row["per_token"],
-                row.get("per_token_stderr"),
-                row.get("n_sequences"),
-            )
-            evals += 1
-        status = remote["status"]
-        if status is not None:
-            store.set_status(
-                record.run_id, status["status"], step=status["step"], reason=status["reason"]
-            )
+        with store.batch():  # a run whole or not at all, also if the sync is killed
+            store.register_run(record, sweep=sweep)
+            for row in remote["evals"]:
+                store.log_eval(
+                    record.run_id,
+                    row["step"],
+                    row["scalars"],
+                    row["per_token"],
+                    row.get("per_token_stderr"),
+                    row.get("n_sequences"),
+                )
+            status = remote["status"]
+            if status is not None:
+                store.set_status(
+                    record.run_id, status["status"], step=status["step"], reason=status["reason"]
+                )
+        evals += len(remote["evals"])
     return {"runs": len(runs), "evals": evals, "skipped": skipped}
 
 

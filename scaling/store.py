@@ -487,6 +487,10 @@ class Store:
                 (status, step, reason, time.time(), run_id),
             )
 
+    def batch(self):
+        """Every write inside the block in one transaction: all of them or none."""
+        return self._transaction()
+
     # -- claims: one trainer per run, across hosts (launch/claims.py) ------------
 
     def claim(self, run_id: str, owner: str, stale_s: float) -> tuple[str, float] | None:
@@ -697,7 +701,8 @@ class Store:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error.
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error; inside another (`Store.batch`), a
+    savepoint, so the outer one commits or rolls back everything together.
 
     IMMEDIATE takes the write lock up front, so two writers queue on the
     busy timeout instead of deadlocking on a lock upgrade.
@@ -705,12 +710,19 @@ class _Transaction:
 
     def __init__(self, conn):
         self._conn = conn
+        self._nested = False
 
     def __enter__(self):
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._nested = self._conn.in_transaction
+        self._conn.execute("SAVEPOINT inner" if self._nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, *_):
-        self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        if self._nested:
+            if exc_type:
+                self._conn.execute("ROLLBACK TO inner")
+            self._conn.execute("RELEASE inner")
+        else:
+            self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
 # RunRecord fields stored as JSON text, and their column names.

@@ -177,3 +177,30 @@ def test_any_text_in_a_csv_cell_reads_as_numbers_or_one_line(tmp_path_factory, c
     # Numbers the fitter can be given: finite and in range (its own checks refuse <= 0).
     assert x.shape == (5, 1) and y.shape == (5,)
     assert (abs(x) <= 1e300).all() and (abs(y) <= 1e30).all()
+
+
+def test_a_sync_killed_inside_a_run_leaves_that_run_out_whole(tmp_path):
+    """SIGKILL at the second eval write of a run: the run's rows are one transaction, so the
+    store holds none of it (not a run with half its evals); a second sync brings it whole."""
+    import os
+    import subprocess
+    import sys
+
+    bucket = _good_bucket(tmp_path)
+    store = tmp_path / "store.sqlite"
+    Store(store).close()
+    code = (
+        "import sys; from launch import sync; from scaling.store import Store; "
+        "s = Store(sys.argv[1]); sync.sync(s, sys.argv[2], 'fz')"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", code, str(store), str(bucket)],
+        env={**os.environ, "SCALING_FAULT": "store_write:2"},
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    with Store(store) as s:
+        assert s.runs() == [] and s.scalars(RUN_ID, "eval_loss")[0].size == 0
+        assert sync.sync(s, str(bucket), "fz")["evals"] == 2
+        assert len(s.scalars(RUN_ID, "eval_loss")[0]) == 2 and s.run(RUN_ID).status == "finished"
