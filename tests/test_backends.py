@@ -200,6 +200,12 @@ def test_dry_run_prints_every_command_in_order_and_runs_nothing(tmp_path, fake, 
             command = _command(argv)
             if want[-1] == "install":
                 assert "pip install" in command and "tar -xzf scaling-suite.tar.gz" in command
+                # The workers run the versions this study was checked with here.
+                import flax
+                import jax
+
+                assert f"'jax[tpu]=={jax.__version__}'" in command
+                assert f"flax=={flax.__version__}" in command and "gcsfs" in command
             else:
                 # The worker trains exactly this member: its run id is recomputed there.
                 run_id = next(run_ids)
@@ -340,6 +346,9 @@ def test_xpk_creates_one_workload_per_run_and_waits_for_it(tmp_path, fake):
         assert wait[-2:] == ["--wait-for-job-completion", name]
         tokens = shlex.split(create[create.index("--command") + 1])
         assert f"--config.data.paths={HOSTILE}" in tokens
+        import jax
+
+        assert f"jax[tpu]=={jax.__version__}" in tokens  # the versions checked here
     assert fake("gcloud") == []
 
 

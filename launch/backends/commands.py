@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import shlex
+from importlib import metadata
+
+# What a worker must run as the launching machine does: the suite's JAX stack, pinned to the
+# versions installed here (the versions the study was checked with), JAX with its TPU extra.
+PINNED = ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections")
 
 
 def config_flags(overrides: dict) -> list[str]:
@@ -29,3 +34,22 @@ def remote_shell(directory: str, args: list[str], env: dict[str, str] | None = N
     return f"cd {shlex.quote(directory)} && " + " ".join(
         assignments + [shlex.quote(a) for a in args]
     )
+
+
+def worker_requirements() -> list[str]:
+    """pip requirements for a TPU worker: the suite's stack at this machine's versions
+    (`jax[tpu]==0.10.2`, ...), and gcsfs, through which etils and orbax reach gs://."""
+    pins = []
+    for name in PINNED:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:  # not installed here: leave it to pip
+            pins.append("jax[tpu]" if name == "jax" else name)
+            continue
+        pins.append(f"jax[tpu]=={version}" if name == "jax" else f"{name}=={version}")
+    return pins + ["gcsfs"]
+
+
+def worker_install(python: str) -> list[str]:
+    """`python -m pip install -q -e . <worker_requirements()>`."""
+    return [python, "-m", "pip", "install", "-q", "-e", ".", *worker_requirements()]

@@ -31,7 +31,7 @@ import shlex
 import tempfile
 
 from launch.backends import Launch, Member, Step, split
-from launch.backends.commands import remote_shell, trainer_args
+from launch.backends.commands import remote_shell, trainer_args, worker_install
 
 ARCHIVE = "scaling-suite.tar.gz"  # in each worker's home
 LIVE = {"ACTIVE", "READY"}
@@ -116,10 +116,7 @@ def acquire(plan: Launch, slice_index: int) -> list[Step]:
         [
             shlex.join(["mkdir", "-p", directory]),
             shlex.join(["tar", "-xzf", ARCHIVE, "-C", directory]),
-            remote_shell(
-                directory,
-                [launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]", "gcsfs"],
-            ),
+            remote_shell(directory, worker_install(launch["python"])),
         ]
     )
     return [

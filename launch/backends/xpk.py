@@ -19,7 +19,7 @@ from __future__ import annotations
 import shlex
 
 from launch.backends import Launch, Member, Step
-from launch.backends.commands import trainer_args
+from launch.backends.commands import trainer_args, worker_install
 
 
 def prepare(plan: Launch) -> list[Step]:
@@ -47,10 +47,7 @@ def train(plan: Launch, slice_index: int, member: Member) -> list[Step]:
     )
     command = " && ".join(
         [
-            # gcsfs: etils (and orbax through it) reach gs:// with it.
-            shlex.join(
-                [launch["python"], "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]", "gcsfs"]
-            ),
+            shlex.join(worker_install(launch["python"])),
             "SCALING_DISTRIBUTED=auto " + shlex.join(trainer_args(launch["python"], plan, member)),
         ]
     )
