@@ -24,7 +24,7 @@ import uuid
 
 from etils import epath
 
-RUN, EVAL, STATUS = "run.json", "eval", "status"
+RUN, EVAL, STATUS, ENVIRONMENT = "run.json", "eval", "status", "environment"
 
 
 def run_dir(bucket: str, run_id: str) -> epath.Path:
@@ -79,6 +79,11 @@ class RunRecords:
             {"status": status, "step": step, "reason": reason, "time_ns": now},
         )
 
+    def environment(self, environment: dict):
+        """What this start of the run ran on (launch/environment.py), one file per start."""
+        now = time.time_ns()
+        _write(self.directory / ENVIRONMENT / f"{now:020d}.json", {**environment, "time_ns": now})
+
     def finished(self) -> bool:
         latest = latest_status(self.directory)
         return latest is not None and latest["status"] == "finished"
@@ -112,19 +117,24 @@ def run_ids(bucket: str) -> list[str]:
 
 def read_run(bucket: str, run_id: str) -> dict:
     """{"run": run.json, "status": newest status or None, "evals": [eval, ...] by step,
-    "symlinks": [paths that are symbolic links]} (a local bucket can hold links; the
-    trainer never writes one, so `scaling sync` refuses a run that has any)."""
+    "environments": [what each start ran on, oldest first], "symlinks": [paths that are
+    symbolic links]} (a local bucket can hold links; the trainer never writes one, so
+    `scaling sync` refuses a run that has any)."""
     directory = records_dir(bucket, run_id)
-    evals, paths = [], [run_dir(bucket, run_id), directory, directory / RUN]
-    if (directory / EVAL).exists():
-        for path in sorted(directory.joinpath(EVAL).iterdir(), key=lambda p: p.name):
-            if path.name.endswith(".json") and not path.name.startswith("."):
-                paths.append(path)
-                evals.append(json.loads(path.read_text()))
+    paths = [run_dir(bucket, run_id), directory, directory / RUN]
+    found = {}
+    for folder in (EVAL, ENVIRONMENT):
+        found[folder] = []
+        if (directory / folder).exists():
+            for path in sorted(directory.joinpath(folder).iterdir(), key=lambda p: p.name):
+                if path.name.endswith(".json") and not path.name.startswith("."):
+                    paths.append(path)
+                    found[folder].append(json.loads(path.read_text()))
     return {
         "run": json.loads((directory / RUN).read_text()),
         "status": latest_status(directory),
-        "evals": evals,
+        "evals": found[EVAL],
+        "environments": found[ENVIRONMENT],
         "symlinks": [str(p) for p in paths if _is_link(p)],
     }
 

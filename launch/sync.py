@@ -20,6 +20,7 @@ _RUN_FIELDS = {f.name for f in dataclasses.fields(RunRecord)}
 
 
 _STATUSES = set(STATUSES)
+FLOAT32_MAX = 3.4028234663852886e38  # per-token vectors are stored as float32
 _INT_FIELDS = ("n_params", "n_params_total", "n_layer", "d_model", "n_heads", "n_ctx", "tokens")
 # A run id is the 12 hex digits of launch.config.run_id; anything else in a
 # bucket's runs/ folder was not written by the trainer.
@@ -103,13 +104,17 @@ def _checked(folder: str, remote: dict) -> dict:
             if (
                 not isinstance(values, list)
                 or len(values) != n_ctx
-                or not all(_is_number(v) for v in values)
+                or not all(_is_number(v) and abs(v) <= FLOAT32_MAX for v in values)
             ):
-                raise BadRecord(f"{where}: {key} must be {n_ctx} finite numbers (n_ctx)")
+                raise BadRecord(
+                    f"{where}: {key} must be {n_ctx} finite numbers (n_ctx) within float32"
+                )
         if row.get("per_token_stderr") is not None and (
             not _is_int(row.get("n_sequences")) or row["n_sequences"] < 1
         ):
             raise BadRecord(f"{where}: n_sequences is not a positive whole number")
+    for environment in remote.get("environments", []):
+        _check_environment(environment)
     status = remote["status"]
     if status is not None and (
         not isinstance(status, dict)
@@ -121,6 +126,23 @@ def _checked(folder: str, remote: dict) -> dict:
             f"the newest status record is not one the trainer writes ({str(status)[:60]})"
         )
     return remote
+
+
+def _check_environment(environment):
+    """A record of what one start ran on, as launch/environment.py writes it."""
+    packages = environment.get("packages") if isinstance(environment, dict) else None
+    if (
+        not isinstance(packages, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in packages.items())
+        or not isinstance(environment.get("device_kind"), str)
+        or not isinstance(environment.get("platform"), str)
+        or not _is_int(environment.get("device_count"))
+        or not _is_int(environment.get("process_count"))
+        or not _is_int(environment.get("time_ns"))
+    ):
+        raise BadRecord(
+            f"an environment record is not one the trainer writes ({str(environment)[:60]})"
+        )
 
 
 def _check_optional_fields(run: dict):
@@ -179,6 +201,10 @@ def sync(store: Store, bucket: str, sweep: str) -> dict:
                     row.get("per_token_stderr"),
                     row.get("n_sequences"),
                 )
+            for environment in remote.get("environments", []):
+                started = environment["time_ns"] / 1e9
+                kept = {k: v for k, v in environment.items() if k != "time_ns"}
+                store.add_environment(record.run_id, kept, started=started)
             status = remote["status"]
             if status is not None:
                 store.set_status(

@@ -25,7 +25,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from launch import checkpoints, data, distributed, preemption, preflight, remote_records, steps
+from launch import (
+    checkpoints,
+    data,
+    distributed,
+    environment,
+    preemption,
+    preflight,
+    remote_records,
+    steps,
+)
 from launch import config as config_lib
 from launch.claims import Claim, RunBusy, run_lock
 from launch.corpus import resolve_cache_dir
@@ -110,6 +119,10 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 return run_id
             if is_writer:
                 mark("running")
+                ran_on = environment.current()
+                store.add_environment(run_id, ran_on)
+                if records:
+                    records.environment(ran_on)
             try:
                 _train(config, run_id, store, is_writer, corpus, records, claim)
             except DivergedError as e:

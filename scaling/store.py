@@ -98,6 +98,14 @@ CREATE TABLE IF NOT EXISTS fits (
 );
 -- Which process trains a run now (launch/claims.py). Added without a version bump: a
 -- store gains it on its next writable open, and a reader never needs it.
+-- What each start of a run ran on (launch/train.py): package versions and devices. Added
+-- without a version bump, as claims below.
+CREATE TABLE IF NOT EXISTS environments (
+    run_id TEXT NOT NULL,
+    started REAL NOT NULL,
+    environment_json TEXT NOT NULL,     -- {"packages": {name: version}, "device_kind", ...}
+    PRIMARY KEY (run_id, started)
+);
 CREATE TABLE IF NOT EXISTS claims (
     run_id TEXT PRIMARY KEY,
     owner TEXT NOT NULL,                -- host:pid:token of the trainer
@@ -486,6 +494,27 @@ class Store:
                 "WHERE run_id = ?",
                 (status, step, reason, time.time(), run_id),
             )
+
+    def add_environment(self, run_id: str, environment: dict, started: float | None = None):
+        """Record what one start of the run ran on (a resumed run adds a row per start)."""
+        with self._transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO environments (run_id, started, environment_json) "
+                "VALUES (?, ?, ?)",
+                (run_id, time.time() if started is None else started, json.dumps(environment)),
+            )
+
+    def environments(self, run_id: str) -> list[dict]:
+        """What each start of the run ran on, oldest first (none for a store or run from
+        before they were recorded)."""
+        try:
+            rows = self._conn.execute(
+                "SELECT environment_json FROM environments WHERE run_id = ? ORDER BY started",
+                (run_id,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a read-only store from before the table existed
+            return []
+        return [json.loads(r[0]) for r in rows]
 
     def batch(self):
         """Every write inside the block in one transaction: all of them or none."""

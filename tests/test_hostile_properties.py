@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -84,6 +85,15 @@ def _good_bucket(root: Path) -> Path:
             "flop_convention": "6N+attention",
         }
     )
+    records.environment(
+        {
+            "packages": {"jax": "0.10.2", "flax": "0.12.8"},
+            "platform": "cpu",
+            "device_kind": "cpu",
+            "device_count": 1,
+            "process_count": 1,
+        }
+    )
     for step in (5, 10):
         records.eval(step, {"eval_loss": 3.0 / step, "train_loss": 3.1 / step}, [3, 2, 1.5, 1.2])
     records.status("finished", 10)
@@ -113,6 +123,7 @@ def good_bucket(tmp_path_factory):
     return bucket, _fields(bucket)
 
 
+@pytest.mark.filterwarnings("error")  # an overflow on the way into the store is a failure too
 @settings(FAST, max_examples=150)
 @given(data=st.data())
 def test_any_value_in_any_record_field_syncs_whole_or_is_skipped_in_one_line(
@@ -149,6 +160,7 @@ def test_any_value_in_any_record_field_syncs_whole_or_is_skipped_in_one_line(
         steps, losses = store.scalars(RUN_ID, "eval_loss")
         assert len(steps) == 2 and all(loss == loss for loss in losses)
         assert run.n_ctx == 4 and len(store.per_token(RUN_ID)[1][-1]) == 4
+        assert np.isfinite(store.per_token(RUN_ID)[1]).all()
         assert len(status_table(status_rows(store, "fz")).splitlines()) == 2  # one line a run
 
 

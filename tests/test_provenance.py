@@ -60,6 +60,29 @@ def test_a_sweep_fit_records_where_it_came_from(tmp_path):
     assert stored.params["E"] == 1.7
 
 
+def test_a_fit_says_what_its_runs_were_trained_with(tmp_path, capsys):
+    path = tmp_path / "s.sqlite"
+    _store(path)
+    on = {
+        "packages": {"jax": "0.10.2", "flax": "0.12.8"},
+        "platform": "gpu",
+        "device_kind": "NVIDIA H100",
+        "device_count": 8,
+        "process_count": 1,
+    }
+    with Store(path) as store:
+        for i in range(7):  # r6 was resumed on another JAX: its latest start counts
+            store.add_environment(f"r{i}", on, started=1.0)
+        store.add_environment("r6", {**on, "packages": {"jax": "0.11.0"}}, started=2.0)
+        (record,) = analysis.fit_sweep(store, "sw", "saturating", bootstrap=0)
+    by_runs = {e["runs"]: e for e in record.provenance["environments"]}
+    assert by_runs[6]["packages"] == on["packages"] and by_runs[1]["packages"]["jax"] == "0.11.0"
+    assert cli.main(["query", "--store", str(path), "--sweep", "sw"]) == 0
+    out = capsys.readouterr().out
+    assert "trained with jax 0.10.2, flax 0.12.8 on 8 NVIDIA H100 (6 runs)" in out
+    assert "trained with jax 0.11.0 on 8 NVIDIA H100 (1 runs)" in out
+
+
 def test_query_refuses_fits_under_different_conventions(tmp_path, capsys):
     path = tmp_path / "s.sqlite"
     _store(path)

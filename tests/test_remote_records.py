@@ -4,6 +4,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -98,6 +99,10 @@ def test_sync_twice_gives_exactly_one_copy(remote_run, tmp_path, capsys):
                 mine.scalars(run_id, name)[1], theirs.scalars(run_id, name)[1]
             )
         np.testing.assert_allclose(mine.per_token(run_id)[1], theirs.per_token(run_id)[1])
+        # What the run ran on came along, once (the records' copy of the store's).
+        (ran_on,) = mine.environments(run_id)
+        assert ran_on == theirs.environments(run_id)[-1]
+        assert ran_on["packages"]["jax"] == jax.__version__ and ran_on["device_count"] >= 1
 
 
 def test_status_reads_remote_runs(remote_run, capsys):

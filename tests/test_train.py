@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -297,6 +298,10 @@ def test_a_run_claimed_on_another_machine_is_skipped_until_its_heartbeat_stops(t
     with Store(tiny_config.store) as store:
         assert store.run(run_id).status == "finished"
         assert store.claim(run_id, "probe", claims.STALE_S) is None  # released at the end
+        # The start recorded what it ran on.
+        (ran_on,) = store.environments(run_id)
+        assert ran_on["packages"]["jax"] == jax.__version__
+        assert ran_on["device_count"] == jax.device_count() and ran_on["platform"] == "cpu"
 
 
 def test_a_claim_left_by_a_process_killed_on_this_host_is_taken_over_at_once(tmp_path):

@@ -20,7 +20,7 @@ from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.fitting.laws import LAWS, get_law
 from scaling.store import FitRecord, Store, sweep_runs
 from scaling.studies.fit_warnings import record_warnings
-from scaling.studies.provenance import run_convention, save_fit_result
+from scaling.studies.provenance import environment_text, run_convention, save_fit_result
 
 
 def fit_sweep(
@@ -239,10 +239,15 @@ def provenance_line(record: FitRecord) -> str:
     starts = f"{p.get('n_starts_converged')}/{p.get('n_starts')} starts converged"
     fixed = "".join(f", {k} pinned at {fmt_number(v)}" for k, v in (p.get("fixed") or {}).items())
     method = "varpro + full polish" if (p.get("optimizer") or {}).get("varpro") else "bfgs"
+    trained = "".join(
+        f"\n    trained with {environment_text(e)} ({e.get('runs')} runs)"
+        for e in p.get("environments") or []
+    )
     return (
         f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
         f"{p.get('objective')} = {fmt_number(p.get('objective_value'))}, {method}, "
         f"{starts}{fixed}, FLOPs {p.get('flop_convention') or 'unknown'}, {p.get('version')}"
+        + trained
     )
 
 

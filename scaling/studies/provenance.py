@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -72,6 +73,26 @@ def fit_provenance(
     }
 
 
+def run_environments(store: Store, run_ids) -> list[dict]:
+    """What the runs were trained with: each distinct environment of their latest starts
+    (launch/environment.py), with how many of the runs it holds; runs that recorded none
+    (trained before environments were recorded) are left out."""
+    groups: dict[str, dict] = {}
+    for run_id in dict.fromkeys(run_ids):
+        starts = store.environments(run_id)
+        if not starts:
+            continue
+        key = json.dumps(starts[-1], sort_keys=True)
+        groups.setdefault(key, {**starts[-1], "runs": 0})["runs"] += 1
+    return list(groups.values())
+
+
+def environment_text(environment: dict) -> str:
+    """'jax 0.10.2, jaxlib 0.10.2, flax 0.12.8, ... on 1 cpu' for a line of output."""
+    packages = ", ".join(f"{k} {v}" for k, v in environment.get("packages", {}).items())
+    return f"{packages} on {environment.get('device_count')} {environment.get('device_kind')}"
+
+
 def run_convention(runs, convention: str | None) -> str:
     """The one FLOP convention the runs' compute is read under; UserError when ambiguous."""
     if convention is not None:
@@ -131,6 +152,7 @@ def save_fit_result(
         fit_settings=fit_settings,
         convention=convention,
     )
+    provenance["environments"] = run_environments(store, run_ids)
     record = FitRecord(
         sweep=sweep,
         law=result.law.name,
