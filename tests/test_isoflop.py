@@ -54,6 +54,14 @@ def test_approach_two_recovers_the_compute_optimal_exponents(tmp_path, capsys):
     assert record["params"]["a"] == pytest.approx(BETA / (ALPHA + BETA), abs=0.02)
     assert record["params"]["b"] == pytest.approx(ALPHA / (ALPHA + BETA), abs=0.02)
     assert record["params"]["a"] + record["params"]["b"] == pytest.approx(1.0, abs=1e-6)
+    # Stored as every fit is: the runs and points it used, its method, the version.
+    p = record["provenance"]
+    assert sorted(p["runs"]) == sorted(ids) and len(p["points"]) == len(ids)
+    assert p["method"].startswith("approach 2") and p["version"] and p["environments"] == []
+    assert main(["query", "--sweep", "grid", "--store", path]) == 0
+    assert f"provenance: {len(ids)} runs, {len(ids)} points, approach 2" in (
+        capsys.readouterr().out
+    )
     assert (
         main(
             [

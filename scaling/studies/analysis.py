@@ -236,13 +236,18 @@ def provenance_line(record: FitRecord) -> str:
     p = record.provenance
     if not p:
         return "  provenance: not recorded (fit stored before schema 2)"
-    starts = f"{p.get('n_starts_converged')}/{p.get('n_starts')} starts converged"
-    fixed = "".join(f", {k} pinned at {fmt_number(v)}" for k, v in (p.get("fixed") or {}).items())
-    method = "varpro + full polish" if (p.get("optimizer") or {}).get("varpro") else "bfgs"
     trained = "".join(
         f"\n    trained with {environment_text(e)} ({e.get('runs')} runs)"
         for e in p.get("environments") or []
     )
+    if "method" in p:  # not a curve fit (isoflop's approach 2): its method in words
+        return (
+            f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
+            f"{p['method']}, {p.get('version')}" + trained
+        )
+    starts = f"{p.get('n_starts_converged')}/{p.get('n_starts')} starts converged"
+    fixed = "".join(f", {k} pinned at {fmt_number(v)}" for k, v in (p.get("fixed") or {}).items())
+    method = "varpro + full polish" if (p.get("optimizer") or {}).get("varpro") else "bfgs"
     return (
         f"  provenance: {len(p.get('runs', []))} runs, {len(p.get('points', []))} points, "
         f"{p.get('objective')} = {fmt_number(p.get('objective_value'))}, {method}, "

@@ -22,6 +22,7 @@ import numpy as np
 
 from scaling.errors import UserError
 from scaling.store import FitRecord, Store, sweep_runs
+from scaling.studies.provenance import store_fit
 
 # The names its stored fit carries. "compute_optimal" is not a law of the registry
 # (scaling/fitting/laws.py): no curve is fitted, two lines go through the parabolas'
@@ -34,6 +35,7 @@ class Profile:
     budget: float  # FLOPs, 6 N_total D, the geometric mean of the group
     n_total: np.ndarray  # total parameters of each run, ascending
     loss: np.ndarray  # final eval loss of each run
+    run_ids: tuple = ()  # each run's id, in the same order
 
 
 def budget_of(run) -> float:
@@ -43,7 +45,7 @@ def budget_of(run) -> float:
 def profiles(store: Store, runs) -> list[Profile]:
     """Finished runs grouped by budget (2%), each profile with 3 or more sizes, by budget."""
     points = sorted(
-        (budget_of(r), r.n_params_total, store.last_eval(r.run_id)[1])
+        (budget_of(r), r.n_params_total, store.last_eval(r.run_id)[1], r.run_id)
         for r in runs
         if r.status == "finished" and store.last_eval(r.run_id)
     )
@@ -57,10 +59,18 @@ def profiles(store: Store, runs) -> list[Profile]:
         groups.append(current)
     result = []
     for group in groups:
-        c, n, loss = (np.array(v, float) for v in zip(*group, strict=True))
+        c, n, loss = (np.array(v, float) for v in list(zip(*group, strict=True))[:3])
+        ids = [point[3] for point in group]
         order = np.argsort(n)
         if len(set(n.tolist())) >= 3:
-            result.append(Profile(float(np.exp(np.log(c).mean())), n[order], loss[order]))
+            result.append(
+                Profile(
+                    float(np.exp(np.log(c).mean())),
+                    n[order],
+                    loss[order],
+                    tuple(ids[i] for i in order),
+                )
+            )
     return result
 
 
@@ -142,5 +152,14 @@ def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0
             "left_out": {},
         },
         settings={"bootstrap": bootstrap, "seed": seed, "draws": len(draws)},
+        provenance={
+            "runs": [run_id for p in found for run_id in p.run_ids],
+            "points": [
+                [p.budget, float(n), float(loss)]
+                for p in found
+                for n, loss in zip(p.n_total, p.loss, strict=True)
+            ],
+            "method": "approach 2: a parabola in log N per budget, lines in log C",
+        },
     )
-    return dataclasses.replace(record, fit_id=store.save_fit(record))
+    return store_fit(store, record, record.provenance["runs"])

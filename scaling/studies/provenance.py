@@ -152,7 +152,6 @@ def save_fit_result(
         fit_settings=fit_settings,
         convention=convention,
     )
-    provenance["environments"] = run_environments(store, run_ids)
     record = FitRecord(
         sweep=sweep,
         law=result.law.name,
@@ -169,4 +168,17 @@ def save_fit_result(
         settings=settings,
         provenance=provenance | (extra or {}),
     )
+    return store_fit(store, record, run_ids)
+
+
+def store_fit(store: Store, record: FitRecord, run_ids) -> FitRecord:
+    """Save `record` with what every stored fit says of itself besides its method: the
+    project version and what its runs were trained with; returns it with its fit id. Every
+    fit reaches the store through here (curve fits through `save_fit_result`)."""
+    provenance = {
+        **record.provenance,
+        "version": project_version(),
+        "environments": run_environments(store, run_ids),
+    }
+    record = dataclasses.replace(record, provenance=provenance)
     return dataclasses.replace(record, fit_id=store.save_fit(record))
