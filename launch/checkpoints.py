@@ -152,7 +152,7 @@ class Checkpointer:
         aside = directory.parent / "damaged_checkpoints" / f"{step}-{time.time_ns()}"
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
-            (directory / str(step)).rename(aside)
+            _move_tree(directory / str(step), aside)
             print(
                 f"checkpoint at step {step} in {directory} is damaged ({problem}); moved it "
                 f"to {aside} and resuming from the previous one",
@@ -167,6 +167,20 @@ class Checkpointer:
     def close(self):
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _move_tree(source: epath.Path, target: epath.Path):
+    """Rename a folder; in a bucket, copy each object and then delete the folder (what a
+    rename there is anyway, without the move API an HNS bucket or an emulator may lack)."""
+    if not str(source).startswith("gs://"):
+        source.rename(target)
+        return
+    for path in source.iterdir():  # epath refuses rglob in a bucket: one listing a level
+        if path.is_dir():
+            _move_tree(path, target / path.name)
+        else:
+            path.copy(target / path.name)
+    source.rmtree()
 
 
 def _savable(state):

@@ -37,9 +37,15 @@ def records_dir(bucket: str, run_id: str) -> epath.Path:
 
 
 def _write(path: epath.Path, payload: dict):
+    text = json.dumps(payload, sort_keys=True)
+    if str(path).startswith("gs://"):
+        # A GCS object appears whole or not at all, and a rename there is a copy and a
+        # delete: one upload is the atomic write.
+        path.write_text(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    partial.write_text(json.dumps(payload, sort_keys=True))
+    partial.write_text(text)
     partial.replace(path)  # rename refuses an existing name; a rewrite is the same content
 
 

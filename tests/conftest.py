@@ -7,7 +7,12 @@ cache (through pip, as a user's first run does).
 
 import os
 
-import jax
+# gcsfs (from 2026.10) asks GCS's gRPC control plane what kind each bucket is, and the
+# emulator tests/test_gcs.py starts speaks only the JSON API: a minute's timeout per bucket.
+# Read when gcsfs is imported, so set before any test can import it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import jax  # noqa: E402
 import pytest
 
 from launch.host_memory import keep_freed_memory

@@ -1,0 +1,218 @@
+"""Every gs:// path through a real GCS API: a bucket served by gcp-storage-emulator (GCS's JSON
+API, started here, its objects in a folder), reached as a pod reaches GCS: the run's records
+through etils and gcsfs, its orbax checkpoints through TensorStore. A local folder stays a
+supported bucket (tests/test_remote_records.py); this is the path `gs://` really takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+
+import pytest
+
+from launch import config as config_lib
+from launch import remote_records
+from launch.cli import main
+from launch.train import train_and_evaluate
+from scaling.store import Store
+
+emulator = pytest.importorskip("gcp_storage_emulator.server", reason="pip install -e '.[test]'")
+gcsfs = pytest.importorskip("gcsfs", reason="pip install -e '.[test]'")
+
+BUCKET = "scaling-test"
+
+
+class Emulator:
+    """The emulator on a fixed port over a fixed folder: stopped and started again, it
+    serves the same objects at the same address, as GCS does after an outage."""
+
+    def __init__(self, folder):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder, self.url, self.server = str(folder), f"http://127.0.0.1:{self.port}", None
+
+    def start(self):
+        self.server = emulator.create_server(
+            "127.0.0.1", self.port, default_bucket=BUCKET, data_dir=self.folder
+        )
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def fs(self):
+        return gcsfs.GCSFileSystem(token="anon", endpoint_url=self.url)
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    server = Emulator(tmp_path_factory.mktemp("gcs-objects"))
+    server.start()
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: server.url for name in names})  # gcsfs's and TensorStore's
+    try:
+        yield server
+    finally:
+        server.stop()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _config(tmp, data_cache, bucket: str):
+    config = config_lib.base_config()
+    config.update_from_flattened_dict(
+        {
+            "store": str(tmp / "worker.sqlite"),
+            "workdir": str(tmp / "runs"),
+            "progress": False,
+            "data.cache_dir": data_cache,
+            "model.n_layer": 1,
+            "model.d_model": 32,
+            "model.n_heads": 2,
+            "model.n_ctx": 32,
+            "train.steps": 20,
+            "train.batch_size": 8,
+            "train.warmup_steps": 2,
+            "eval.batches": 2,
+            "eval.points": 4,
+            "checkpoint.every": 10,
+            "launch.bucket": bucket,
+            "sweep_name": "gcs-sweep",
+        }
+    )
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(gcs, tmp_path_factory, data_cache):
+    """A tiny run trained with its bucket on the emulator, as process 0 on a pod would."""
+    tmp = tmp_path_factory.mktemp("gcs-run")
+    config = _config(tmp, data_cache, f"gs://{BUCKET}/{tmp.name}")
+    return config, train_and_evaluate(config)
+
+
+def _evals(path, run_id):
+    with sqlite3.connect(path) as conn:
+        return conn.execute(
+            "SELECT step, name, value FROM metrics WHERE run_id = ? ORDER BY step, name",
+            (run_id,),
+        ).fetchall()
+
+
+def test_records_and_checkpoints_go_through_the_gcs_api(gcs, trained, tmp_path, capsys):
+    config, run_id = trained
+    prefix = f"{config.launch.bucket.removeprefix('gs://')}/runs/{run_id}"
+    objects = gcs.fs().find(prefix)
+    names = {o.removeprefix(prefix + "/") for o in objects}
+    assert "records/run.json" in names and sum(n.startswith("records/eval/") for n in names) == 4
+    assert any(n.startswith("records/environment/") for n in names)
+    steps = {n.split("/")[1] for n in names if n.startswith("checkpoints/")}
+    assert steps == {"10", "20"}
+    assert f"checkpoints/20/{'commit_success.txt'}" in names
+
+    # `scaling status` reads the bucket; `scaling sync` brings it into a laptop's store, once.
+    assert main(["status", "--bucket", config.launch.bucket, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["run_id"] == run_id and row["status"] == "finished" and row["step"] == 20
+    laptop = tmp_path / "laptop.sqlite"
+    for _ in range(2):
+        sync = ["sync", config.sweep_name, "--bucket", config.launch.bucket, "--store", str(laptop)]
+        assert main(sync) == 0
+    assert "synced 1 runs (4 evals)" in capsys.readouterr().out
+    assert _evals(laptop, run_id) == _evals(config.store, run_id)
+    with Store(laptop) as mine:
+        assert mine.run(run_id).status == "finished" and len(mine.environments(run_id)) == 1
+
+
+def test_a_fresh_worker_finds_the_run_finished_in_the_gcs_bucket(trained, tmp_path):
+    config, run_id = trained
+    config = config.copy_and_resolve_references()
+    config.store = str(tmp_path / "fresh-worker.sqlite")
+    before = remote_records.read_run(config.launch.bucket, run_id)
+    assert train_and_evaluate(config) == run_id
+    after = remote_records.read_run(config.launch.bucket, run_id)
+    assert after["evals"] == before["evals"] and after["status"] == before["status"]
+
+
+@pytest.mark.slow  # trains twice more
+def test_a_damaged_latest_checkpoint_in_gcs_is_set_aside_and_the_run_resumes(
+    gcs, tmp_path, data_cache, capsys
+):
+    """The latest save's largest array file lost its second half: the next slice moves the
+    step aside in the bucket, resumes from the one before and ends as an uninterrupted run.
+    (A step without its commit marker is one orbax never finished: in a bucket it does not
+    list it, so the run resumes from the one before without setting anything aside.)"""
+    config = _config(tmp_path / "a", data_cache, f"gs://{BUCKET}/{tmp_path.name}-a")
+    run_id = train_and_evaluate(config.copy_and_resolve_references())
+    fs = gcs.fs()
+    run = f"{BUCKET}/{tmp_path.name}-a/runs/{run_id}"
+    arrays = [p for p in fs.find(f"{run}/checkpoints/20") if "ocdbt" in p and "/d/" in p]
+    biggest = max(arrays, key=fs.size)
+    fs.pipe(biggest, fs.cat(biggest)[: fs.size(biggest) // 2])
+    for status in sorted(fs.ls(f"{run}/records/status"))[1:]:
+        fs.rm(status)  # the "finished" record was never written
+    config.store = str(tmp_path / "second-slice.sqlite")
+    capsys.readouterr()
+    train_and_evaluate(config)
+    err = capsys.readouterr().err
+    assert "checkpoint at step 20" in err and "damaged" in err and "previous one" in err
+    assert [p.split("/")[-1].split("-")[0] for p in fs.ls(f"{run}/damaged_checkpoints")] == ["20"]
+    assert {p.split("/")[-1] for p in fs.ls(f"{run}/checkpoints")} >= {"10", "20"}
+
+    clean = _config(tmp_path / "b", data_cache, f"gs://{BUCKET}/{tmp_path.name}-b")
+    train_and_evaluate(clean)
+    resumed, reference = _evals(config.store, run_id), _evals(clean.store, run_id)
+    resumed = {(s, n): v for s, n, v in resumed if s > 10 and n == "eval_loss"}
+    reference = {(s, n): v for s, n, v in reference if s > 10 and n == "eval_loss"}
+    assert resumed.keys() == reference.keys() and resumed
+    for key, value in reference.items():
+        assert resumed[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+@pytest.mark.slow  # gcsfs retries a dead endpoint for about half a minute
+def test_gcs_gone_mid_sync_skips_what_it_could_not_read_and_a_retry_brings_it_once(
+    gcs, trained, tmp_path, capsys, monkeypatch
+):
+    config, run_id = trained
+    fs = gcs.fs()
+    bucket = config.launch.bucket.removeprefix("gs://")
+    twin = "0" * 12  # a second run: the first one's records under another id
+    for source in fs.find(f"{bucket}/runs/{run_id}/records"):
+        target = source.replace(f"/runs/{run_id}/", f"/runs/{twin}/")
+        data = fs.cat(source)
+        if source.endswith("run.json"):
+            data = json.dumps({**json.loads(data), "run_id": twin}).encode()
+        fs.pipe(target, data)
+    read_run, reads = remote_records.read_run, []
+
+    def read_then_fail(bucket, run):  # GCS goes away after the first run is read
+        reads.append(run)
+        if len(reads) == 2:
+            gcs.stop()
+        return read_run(bucket, run)
+
+    monkeypatch.setattr(remote_records, "read_run", read_then_fail)
+    laptop = tmp_path / "laptop.sqlite"
+    sync = ["sync", config.sweep_name, "--bucket", config.launch.bucket, "--store", str(laptop)]
+    try:
+        assert main(sync) == 1  # one run synced, the other skipped with its reason
+    finally:
+        gcs.start()
+    out, err = capsys.readouterr()
+    # (The emulator, in this process, prints its own broken connections to stderr too.)
+    said = [line for line in err.splitlines() if line.startswith("skipped ")]
+    assert "synced 1 runs" in out and len(said) == 1 and "ClientConnectorError" in said[0], err
+    monkeypatch.undo()
+    assert main(sync) == 0
+    with Store(laptop) as mine:
+        assert sorted(r.run_id for r in mine.runs()) == sorted([run_id, twin])
+    for run in (run_id, twin):
+        assert _evals(laptop, run) == _evals(config.store, run_id)  # each once, none lost
