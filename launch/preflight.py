@@ -12,7 +12,6 @@ member first.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from launch import checkpoints, data, peak
 from launch import config as config_lib
 from launch.plan import DEFAULT_MFU
 from scaling.errors import UserError
+from scaling.fitting import inputs as fitting_inputs
 
 GIB = 2**30
 DAY_S = 86_400
@@ -84,11 +84,11 @@ def memory_floor(config) -> dict[str, int]:
 
 def available_memory() -> int | None:
     """Bytes for training on all devices together: host RAM on CPU, else the devices' limit."""
-    device = jax.local_devices()[0]
-    if device.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * jax.process_count()
-    limit = (device.memory_stats() or {}).get("bytes_limit")
-    return int(limit) * jax.device_count() if limit else None
+    one = fitting_inputs.available_memory()  # this host's RAM, or one device's limit
+    if one is None:
+        return None
+    cpu = jax.local_devices()[0].platform == "cpu"
+    return one * (jax.process_count() if cpu else jax.device_count())
 
 
 def check_memory(config, available: int | None) -> None:

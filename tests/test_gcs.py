@@ -12,8 +12,8 @@ import socket
 import sqlite3
 
 import pytest
+from test_remote_records import bucket_config
 
-from launch import config as config_lib
 from launch import remote_records
 from launch.cli import main
 from launch.train import train_and_evaluate
@@ -67,28 +67,7 @@ def gcs(tmp_path_factory):
 
 
 def _config(tmp, data_cache, bucket: str):
-    config = config_lib.base_config()
-    config.update_from_flattened_dict(
-        {
-            "store": str(tmp / "worker.sqlite"),
-            "workdir": str(tmp / "runs"),
-            "progress": False,
-            "data.cache_dir": data_cache,
-            "model.n_layer": 1,
-            "model.d_model": 32,
-            "model.n_heads": 2,
-            "model.n_ctx": 32,
-            "train.steps": 20,
-            "train.batch_size": 8,
-            "train.warmup_steps": 2,
-            "eval.batches": 2,
-            "eval.points": 4,
-            "checkpoint.every": 10,
-            "launch.bucket": bucket,
-            "sweep_name": "gcs-sweep",
-        }
-    )
-    return config
+    return bucket_config(tmp, data_cache, bucket, "gcs-sweep")
 
 
 @pytest.fixture(scope="module")

@@ -29,21 +29,24 @@ def _interrupted(argv, after_s):
     return process.returncode, out, err
 
 
+def _fit_argv(start: str, store) -> list[str]:
+    """`scaling fit` of `_store`'s sweep, started by the Python code `start`.
+
+    SIGINT goes back to Python's own handler first: a runner started in the background by a
+    script hands its children SIGINT ignored (and a preexec_fn would fork this JAX process).
+    """
+    reset = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    fit = ["fit", "--store", str(store), "--sweep", "s", "--law", "saturating"]
+    return [sys.executable, "-c", reset + start, *fit]
+
+
 def test_ctrl_c_during_fit_exits_130_at_every_moment(tmp_path):
     # The moments cover the imports (launch.cli, then jax inside the command), XLA's
     # compile and the bootstrap; before the guard, 2 of 9 such moments ended in SIGABRT
     # or SIGSEGV (an interrupt inside a compiled extension's initialiser) and others in
     # a traceback.
     _store(tmp_path / "s.sqlite")
-    # SIGINT back to Python's own handler first: a runner started in the background by a
-    # script hands its children SIGINT ignored (and a preexec_fn would fork this JAX process).
-    argv = [
-        sys.executable,
-        "-c",
-        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from launch.entry import run; run()",
-    ]
-    argv += ["fit", "--store", str(tmp_path / "s.sqlite"), "--sweep", "s", "--law", "saturating"]
+    argv = _fit_argv("from launch.entry import run; run()", tmp_path / "s.sqlite")
     argv += ["--what", "final", "--bootstrap", "3000"]
     codes = []
     for after_s in (0.05, 0.2, 0.35, 0.45, 0.6, 0.8, 1.2):
@@ -59,13 +62,10 @@ def test_ctrl_c_during_fit_exits_130_at_every_moment(tmp_path):
 def test_ctrl_c_while_a_backends_trainer_starts_exits_130(tmp_path):
     """`python -m launch.cli` (how every backend starts a trainer) guards its own imports."""
     _store(tmp_path / "s.sqlite")
-    argv = [
-        sys.executable,
-        "-c",
-        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "runpy.run_module('launch.cli', run_name='__main__', alter_sys=True)",
-    ]
-    argv += ["fit", "--store", str(tmp_path / "s.sqlite"), "--sweep", "s", "--law", "saturating"]
+    argv = _fit_argv(
+        "import runpy; runpy.run_module('launch.cli', run_name='__main__', alter_sys=True)",
+        tmp_path / "s.sqlite",
+    )
     # From 0.08 s: before it, the interpreter is starting and runpy compiling cli.py, which
     # no code of ours can guard (nor can `scaling`, for its first few milliseconds).
     for after_s in (0.08, 0.11, 0.14, 0.18, 0.22, 0.3):

@@ -15,13 +15,8 @@ from launch.train import train_and_evaluate
 from scaling.store import Store
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_cache):
-    """A tiny run trained with a local folder as its bucket, as process 0 on a pod would.
-
-    Trained once for the module; the tests only read it (or train on copies).
-    """
-    tmp = tmp_path_factory.mktemp("remote")
+def bucket_config(tmp, data_cache, bucket: str, sweep_name: str):
+    """A tiny run's config whose records and checkpoints go to `bucket` (also tests/test_gcs.py)."""
     config = config_lib.base_config()
     config.update_from_flattened_dict(
         {
@@ -39,10 +34,21 @@ def trained(tmp_path_factory, data_cache):
             "eval.batches": 2,
             "eval.points": 4,
             "checkpoint.every": 10,
-            "launch.bucket": str(tmp / "bucket"),
-            "sweep_name": "remote-sweep.one",
+            "launch.bucket": bucket,
+            "sweep_name": sweep_name,
         }
     )
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache):
+    """A tiny run trained with a local folder as its bucket, as process 0 on a pod would.
+
+    Trained once for the module; the tests only read it (or train on copies).
+    """
+    tmp = tmp_path_factory.mktemp("remote")
+    config = bucket_config(tmp, data_cache, str(tmp / "bucket"), "remote-sweep.one")
     return config, train_and_evaluate(config)
 
 

@@ -178,7 +178,8 @@ def fit_memory(n_tasks: int, n_free: int, n_values: int) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes the fitter may use: host RAM on a CPU, else the device's limit (None: unknown)."""
+    """Bytes one process may use: host RAM on a CPU, else one device's limit (None: unknown).
+    The fitter runs on one device; launch/preflight.py scales it to a run's devices."""
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
