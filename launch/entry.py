@@ -88,4 +88,9 @@ def run_guarded(main) -> None:
     """Run `main()` with KeyboardInterrupt outside imports, then exit with its code."""
     sys.unraisablehook = _unraisable
     _on_interrupt(_interrupt)
-    finish(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before main's own handler is in place (parsing the arguments)
+        print("interrupted", file=sys.stderr, flush=True)
+        code = INTERRUPTED
+    finish(code)
