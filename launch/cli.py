@@ -5,6 +5,7 @@
     scaling sweep CONFIG --backend tpu|xpk ... [--dry-run]   ... on a TPU pod or GKE
     scaling sync SWEEP --bucket B [--store PATH]      ingest remote runs' records
     scaling prepare CONFIG                            fetch and tokenise its corpus
+    scaling prepare --text G --tokenizer T --out D    tokenise files into shards + manifest
     scaling plan CONFIG [--accelerator TYPE] [--mfu F] what a sweep will cost, before it runs
     scaling status [CONFIG] [--store PATH] [--bucket B] [--json]   runs, states, last loss
     scaling fit --sweep NAME --law LAW [--what ...]   fit a law to a sweep's results
@@ -127,8 +128,27 @@ def _parser():
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_plan)
 
-    prepare = sub.add_parser("prepare", help="download and tokenise the corpus of CONFIG")
-    prepare.add_argument("config")
+    prepare = sub.add_parser(
+        "prepare",
+        help="tokenise the corpus of CONFIG, or text files into shards plus a manifest (--out)",
+    )
+    prepare.add_argument("config", nargs="?", help="study file whose corpus to prepare")
+    prepare.add_argument("--text", help="comma-separated globs of UTF-8 text files, one per doc")
+    prepare.add_argument(
+        "--tokenizer",
+        help="a tokenizer.json, bpe:VOCAB (train the suite's BPE), or a Hugging Face name",
+    )
+    prepare.add_argument("--out", help="folder or gs:// path for the shards and manifest.json")
+    prepare.add_argument("--val-fraction", type=float, default=0.01, help="held-out share")
+    prepare.add_argument("--workers", type=int, default=0, help="processes (default: per core)")
+    prepare.add_argument("--shard-mb", type=float, default=256.0, help="MB of text per shard")
+    prepare.add_argument("--eod", default="", help="end-of-document token (default: detected)")
+    prepare.add_argument(
+        "--tokenizer-sample-mb",
+        type=float,
+        default=200.0,
+        help="MB of training text a bpe:VOCAB tokenizer learns from",
+    )
     prepare.set_defaults(handler=_prepare)
 
     status = sub.add_parser("status", help="each run's state, step and last eval loss")
@@ -533,6 +553,29 @@ def _prepare(args, overrides):
     from launch import config as config_lib
     from launch import data
 
+    shard_args = (args.text, args.tokenizer, args.out)
+    if any(shard_args) or not args.config:
+        if args.config or not all(shard_args):
+            raise UserError(
+                "scaling prepare needs either a study file (its corpus, cached) or all of --text, "
+                "--tokenizer and --out (shards plus a manifest), not both"
+            )
+        from launch import shards
+
+        if args.workers < 0:
+            raise UserError(f"--workers {args.workers} must be 0 (one per core) or more")
+        shards.prepare(
+            args.text,
+            args.tokenizer,
+            args.out,
+            val_fraction=args.val_fraction,
+            workers=args.workers,
+            shard_mb=args.shard_mb,
+            eod=args.eod,
+            tokenizer_sample_mb=args.tokenizer_sample_mb,
+        )
+        print(f"prepared {args.out}: train with --config.data.manifest={args.out}")
+        return
     config = config_lib.study_config(args.config, overrides)
     corpus = data.prepare_corpus(config.data, config.model.vocab_size, progress=True)
     print(data.describe(corpus))

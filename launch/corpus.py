@@ -115,11 +115,23 @@ def text_documents(paths: str) -> list[Document]:
     """The files matched by ``paths`` (comma-separated globs, ``**`` allowed), one document per
     file, sorted by name; a name is the file's path relative to the folder common to all files,
     so the split does not change when the whole folder moves."""
-    patterns = [p.strip() for p in paths.split(",") if p.strip()]
-    if not patterns:
+    if not any(p.strip() for p in paths.split(",")):
         raise UserError(
             "data.corpus=text needs data.paths; give comma-separated globs of UTF-8 text files, "
             "e.g. data.paths='texts/*.txt'"
+        )
+    return [Document(name, read_text_file(path)) for name, path in text_files(paths)]
+
+
+def text_files(paths: str, key: str = "data.paths") -> list[tuple[str, str]]:
+    """(document name, path as matched) of every file matched by ``paths`` (comma-separated
+    globs, ``**`` allowed; ``key`` names the setting in messages), sorted by real path, each
+    file once; a name is the real path relative to the folder common to all files."""
+    patterns = [p.strip() for p in paths.split(",") if p.strip()]
+    if not patterns:
+        raise UserError(
+            f"{key} is empty; give comma-separated globs of UTF-8 text files, "
+            f"e.g. {key}='texts/*.txt'"
         )
     given: dict[str, str] = {}  # real path -> path as matched, for messages
     for pattern in patterns:
@@ -127,27 +139,26 @@ def text_documents(paths: str) -> list[Document]:
             m for m in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m)
         ]
         if not matches:
-            raise UserError(
-                f"data.paths={pattern!r} matched no files; give a glob of UTF-8 text files"
-            )
+            raise UserError(f"{key}={pattern!r} matched no files; give a glob of UTF-8 text files")
         for m in matches:
             given.setdefault(os.path.realpath(m), m)
     real = sorted(given)
     root = os.path.commonpath(real) if len(real) > 1 else os.path.dirname(real[0])
-    docs = []
-    for path in real:
-        raw = Path(path).read_bytes()
-        if not raw.strip():
-            raise UserError(f"{given[path]} is empty; give it text or leave it out of data.paths")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(
-                f"{given[path]} is not UTF-8 (byte 0x{raw[e.start]:02x} at byte offset "
-                f"{e.start}); convert it to UTF-8 or leave it out of data.paths"
-            ) from None
-        docs.append(Document(os.path.relpath(path, root), text))
-    return docs
+    return [(os.path.relpath(path, root), given[path]) for path in real]
+
+
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of ``path``; an empty or non-UTF-8 file is refused in one line."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise UserError(f"{path} is empty; give it text or leave it out of the globs")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path} is not UTF-8 (byte 0x{raw[e.start]:02x} at byte offset "
+            f"{e.start}); convert it to UTF-8 or leave it out of the globs"
+        ) from None
 
 
 def token_file(key: str, path: str, vocab_size: int) -> tuple[np.ndarray, str]:

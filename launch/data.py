@@ -27,12 +27,14 @@ The loader is a pair of pure functions rather than an input pipeline such as gra
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,7 @@ from launch.corpus import (
     text_sha256,
     token_file,
 )
+from launch.shards import ShardedStream, open_manifest
 from scaling.errors import UserError
 
 CORPORA = ("shakespeare", "kjv", "text", "tokens")
@@ -77,6 +80,10 @@ def default_data_config() -> ConfigDict:
     # "byte" (UTF-8 bytes, 256 ids) or "bpe" (byte-level BPE trained on the training documents,
     # as many ids as the model's vocab_size). Not used by corpus=tokens.
     c.tokenizer = "byte"
+    # A corpus `scaling prepare --out` tokenised into shards: its folder or gs:// path (or its
+    # manifest.json). When set it replaces corpus, paths and tokenizer; every host reads only
+    # its own rows of each batch from it (see launch/shards.py).
+    c.manifest = ""
     # Folder for downloads, documents, tokenizers and token streams;
     # "" means $SCALING_CACHE, else ~/.cache/scaling-suite.
     c.cache_dir = ""
@@ -87,8 +94,10 @@ def default_data_config() -> ConfigDict:
 class Corpus:
     """Prepared token streams, ready for ``train_batch`` and ``eval_batches``."""
 
-    train: np.ndarray  # 1-D token ids (uint16, or int32 past 65536 ids), train docs + EOD each
-    val: np.ndarray  # 1-D token ids of the held-out docs, likewise
+    # 1-D token ids (uint16, or int32 past 65536 ids), train docs + EOD each; or, from a
+    # manifest, a ShardedStream that reads only the windows asked for.
+    train: np.ndarray | ShardedStream
+    val: np.ndarray | ShardedStream  # the held-out docs, likewise
     vocab_size: int  # every id is < vocab_size; at most the model's vocab_size
     train_docs: tuple[str, ...]  # document names (for corpus=tokens: the file)
     val_docs: tuple[str, ...]
@@ -96,6 +105,7 @@ class Corpus:
     source: str = ""  # data.corpus it came from
     tokenizer: str = "byte"  # "byte", "bpe" or "none" (corpus=tokens)
     tokenizer_file: str = ""  # the BPE tokenizer's JSON file, for encode_text/decode_tokens
+    documents: tuple[int, int] | None = None  # (train, val) counts where names are not kept
 
 
 def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True) -> Corpus:
@@ -104,6 +114,8 @@ def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True)
     Downloads (registry corpora), extracts, splits, trains the BPE tokenizer and tokenises only
     what is not already in the cache; prints progress lines on stderr if ``progress``.
     """
+    if data_cfg.get("manifest"):
+        return _manifest_corpus(data_cfg, vocab_size, progress)
     corpus, tokenizer = data_cfg.corpus, data_cfg.tokenizer
     if corpus not in CORPORA:
         raise UserError(f"data.corpus={corpus!r} is not one of {', '.join(CORPORA)}")
@@ -176,9 +188,10 @@ def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True)
 
 def describe(corpus: Corpus) -> str:
     """One line: source, documents and tokens per side, tokenizer, vocabulary, fingerprint."""
+    n_train, n_val = corpus.documents or (len(corpus.train_docs), len(corpus.val_docs))
     return (
-        f"{corpus.source}: {len(corpus.train_docs)} train docs / {len(corpus.train):,} tokens, "
-        f"{len(corpus.val_docs)} val docs / {len(corpus.val):,} tokens, "
+        f"{corpus.source}: {n_train} train docs / {len(corpus.train):,} tokens, "
+        f"{n_val} val docs / {len(corpus.val):,} tokens, "
         f"tokenizer {corpus.tokenizer}, vocab {corpus.vocab_size}, "
         f"fingerprint {corpus.fingerprint}"
     )
@@ -260,7 +273,31 @@ def train_batch(
         shift, order = _epoch_order(seed, int(e), n_windows, n_ctx)
         rows = epoch == e
         starts[rows] = shift + order[index[rows]] * n_ctx
-    return np.asarray(tokens[starts[:, None] + np.arange(n_ctx + 1)], np.int32)
+    return _windows(tokens, starts, n_ctx + 1)
+
+
+def train_batches(
+    tokens, batch_size: int, n_ctx: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> Callable[[int], np.ndarray]:
+    """step -> ``train_batch(tokens, step, ...)``. For a stream read from a bucket, the rows of
+    step k + 1 are read in a thread while step k trains, so the reads' latency hides behind the
+    step; the batches are the same either way (each is still a function of (seed, step))."""
+
+    def batch(step: int) -> np.ndarray:
+        return train_batch(tokens, step, batch_size, n_ctx, seed, process_index, process_count)
+
+    if not (isinstance(tokens, ShardedStream) and tokens.remote):
+        return batch
+    ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-ahead")
+    pending: dict[int, concurrent.futures.Future] = {}
+
+    def batch_ahead(step: int) -> np.ndarray:
+        future = pending.pop(step, None) or ahead.submit(batch, step)
+        pending.clear()  # a step other than the one read ahead (a resume) drops that one
+        pending[step + 1] = ahead.submit(batch, step + 1)
+        return future.result()
+
+    return batch_ahead
 
 
 def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, n_ctx: int) -> np.ndarray:
@@ -288,7 +325,15 @@ def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, n_ctx: int
     starts = np.arange(n_windows, dtype=np.int64) * (len(tokens) - length)
     starts //= max(n_windows - 1, 1)
     starts = starts.reshape(batch_size, n_batches).T
-    return np.asarray(tokens[starts[..., None] + np.arange(length)], np.int32)
+    return _windows(tokens, starts.ravel(), length).reshape(n_batches, batch_size, length)
+
+
+def _windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
+    """int32 ``[len(starts), length]`` windows of a stream held in memory (or memory-mapped),
+    or read by ranges from a manifest's shards."""
+    if isinstance(tokens, ShardedStream):
+        return tokens.windows(starts, length)
+    return np.asarray(tokens[starts[:, None] + np.arange(length)], np.int32)
 
 
 def _check_positive(**values: int) -> None:
@@ -420,4 +465,27 @@ def _token_files_corpus(data_cfg: ConfigDict, vocab_size: int) -> Corpus:
         fingerprint=fingerprint,
         source="tokens",
         tokenizer="none",
+    )
+
+
+def _manifest_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool) -> Corpus:
+    """data.manifest: a corpus `scaling prepare --out` wrote, checked against its manifest and
+    read by ranges. Its tokenizer is copied into the cache, for encode_text and decode_tokens."""
+    manifest = open_manifest(data_cfg.manifest, vocab_size, progress)
+    tokenizer = manifest.data["tokenizer"]
+    local = resolve_cache_dir(data_cfg.cache_dir) / "tokenizers" / f"{tokenizer['sha256']}.json"
+    if not local.exists():
+        atomic_write(local, manifest.tokenizer_json.encode("utf-8"))
+    splits = manifest.data["splits"]
+    return Corpus(
+        train=manifest.stream("train"),
+        val=manifest.stream("val"),
+        vocab_size=int(tokenizer["vocab_size"]),
+        train_docs=(),
+        val_docs=(),
+        fingerprint=manifest.fingerprint,
+        source=f"manifest {data_cfg.manifest}",
+        tokenizer="bpe",
+        tokenizer_file=str(local),
+        documents=(splits["train"]["documents"], splits["val"]["documents"]),
     )

@@ -186,6 +186,7 @@ class _Run:
     mesh: object
     rules: object
     put: Callable  # a process's rows of a global batch -> a sharded device array
+    batch: Callable  # step -> this process's rows of that step's global training batch
     train_step: Callable
     noise_step: Callable | None  # the same update, also measuring the noise scale
     evaluate: Callable  # (params, n_batches) -> (per-token mean, stderr, n_sequences)
@@ -274,12 +275,21 @@ def _build(
         n_sequences = n_batches * eval_set.shape[1]
         return (*steps.per_token_mean_and_stderr(sums_2xL, n_sequences), n_sequences)
 
+    batch = data.train_batches(
+        corpus.train,
+        config.train.batch_size,
+        shape.n_ctx,
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
     return _Run(
         config,
         shape,
         mesh,
         rules,
         put,
+        batch,
         train_step,
         noise_step,
         evaluate,
@@ -416,7 +426,7 @@ def _train(
         preemption.Notice(preemption.signal_of(config.train.preemption_signal)) as notice,
     ):
         for step in range(run.start_step, total):
-            state, metrics = _do_step(run, state, step, corpus)
+            state, metrics = _do_step(run, state, step)
             done = step + 1
             window.add(metrics)
             nan_watch.add(done, metrics["train_loss"])
@@ -438,18 +448,10 @@ def _train(
                 raise Preempted(done)  # closing the checkpointer waits for the save
 
 
-def _do_step(run: _Run, state, step: int, corpus: data.Corpus):
+def _do_step(run: _Run, state, step: int):
     """Step `step`'s batch (this process's rows of it) through the train step."""
     config = run.config
-    local = data.train_batch(
-        corpus.train,
-        step,
-        config.train.batch_size,
-        run.shape.n_ctx,
-        config.seed,
-        jax.process_index(),
-        jax.process_count(),
-    )
+    local = run.batch(step)
     measure = run.noise_step is not None and step % config.train.noise_scale_every == 0
     state, metrics = (run.noise_step if measure else run.train_step)(state, run.put(local))
     faults.point("train_step")  # tests: a kill while the step runs

@@ -1,0 +1,529 @@
+"""A corpus tokenised once into shards plus a manifest, read by every host straight from a folder
+or a bucket.
+
+``scaling prepare --text GLOBS --tokenizer TOKENIZER --out DEST`` writes::
+
+    DEST/train-00000.npy ...   1-D token ids, whole documents each followed by the EOD id
+    DEST/val-00000.npy ...     the held-out documents (whole files, chosen by name as always)
+    DEST/tokenizer.json        the tokenizer the ids came from
+    DEST/manifest.json         written last: its presence means every shard is complete
+
+and a run reads it with ``--config.data.manifest=DEST`` (a folder or ``gs://`` bucket path).
+
+Why ``.npy`` shards rather than grain + ArrayRecord: the trainer samples windows of n_ctx + 1
+tokens at any token offset of a concatenated stream (a fresh shift each epoch), not whole
+records, so what it needs is a byte range of a flat array. An ``.npy`` shard is exactly that:
+a short header, then the ids, so window ``[a, b)`` of a shard is one ranged read of bytes
+``offset + 2a .. offset + 2b`` from a local file or a GCS object, with no index, no extra
+dependency and nothing to decode. ArrayRecord would store sequences cut at prepare time (fixing
+the window boundaries for good) and grain would add worker processes the 2-core machines this
+also runs on cannot spare. The loader stays the pure function of (seed, step) it was.
+
+Each shard's MD5 is the manifest's checksum because GCS keeps the MD5 of every object it
+stores: a host checks a whole bucket corpus against the manifest from object metadata alone,
+before training, without reading a byte of it (a local shard is hashed).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from etils import epath
+
+from launch.corpus import read_text_file, say, split_documents, text_files
+from scaling.errors import UserError
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+FORMAT = "scaling-shards/1"
+SPLITS = ("train", "val")
+# End-of-document tokens of common tokenizers (GPT-2, the suite's BPE, Llama 3, SentencePiece).
+EOD_CANDIDATES = ("<|endoftext|>", "<|eod|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+# Documents encoded per call: bounds the memory the tokenizer's encodings hold at once.
+ENCODE_GROUP = 64
+# Concurrent ranged reads per process from a bucket.
+READ_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A tokenizer as the manifest records it, and its JSON (what workers rebuild it from)."""
+
+    json_text: str
+    vocab_size: int
+    eod_id: int
+    eod: str
+    source: str  # what --tokenizer named
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.json_text.encode("utf-8")).hexdigest()
+
+    @property
+    def dtype(self) -> str:
+        return "uint16" if self.vocab_size <= 1 << 16 else "uint32"
+
+
+def load_tokenizer(
+    spec: str, eod: str = "", train_texts=None, progress: bool = False, sample_mb: float = 0
+) -> Tokenizer:
+    """The tokenizer ``spec`` names: a ``tokenizer.json`` of the tokenizers library, ``bpe:V``
+    (the suite's byte-level BPE with V ids, trained on ``train_texts()``), or a Hugging Face
+    name (needs the network). Its end-of-document token is ``eod``, else the first of
+    ``EOD_CANDIDATES`` it has."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if spec.startswith("bpe:"):
+        from launch.corpus import Document
+        from launch.data import EOD_TEXT, _train_bpe
+
+        try:
+            vocab = int(spec[4:])
+        except ValueError:
+            vocab = 0
+        if vocab < 257:
+            raise UserError(
+                f"--tokenizer {spec!r}: give the BPE's vocabulary size after 'bpe:', at least "
+                "257 (256 bytes and <|eod|>), e.g. bpe:32768"
+            )
+        _say(progress, f"training a {vocab}-id BPE on up to {sample_mb:g} MB of the train text")
+        docs = [Document(str(i), text) for i, text in enumerate(train_texts())]
+        hf = _train_bpe(docs, vocab)
+        eod = eod or EOD_TEXT
+    elif os.path.isfile(os.path.expanduser(spec)):
+        try:
+            hf = HFTokenizer.from_file(os.path.expanduser(spec))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise UserError(
+                f"--tokenizer {spec} is not a tokenizer.json the tokenizers library reads "
+                f"({str(e).splitlines()[0][:120]}); give the tokenizer.json of a tokenizers "
+                "tokenizer"
+            ) from None
+    else:
+        try:
+            hf = HFTokenizer.from_pretrained(spec)
+        except Exception as e:
+            raise UserError(
+                f"--tokenizer {spec!r} is not a file, and fetching it from the Hugging Face Hub "
+                f"failed ({str(e).splitlines()[0][:120]}); give a path to a tokenizer.json, "
+                "bpe:VOCAB to train one, or a Hub name while online"
+            ) from None
+    if not eod:
+        eod = next((t for t in EOD_CANDIDATES if hf.token_to_id(t) is not None), "")
+        if not eod:
+            raise UserError(
+                f"--tokenizer {spec} has none of the usual end-of-document tokens "
+                f"({', '.join(EOD_CANDIDATES)}); name its token with --eod"
+            )
+    eod_id = hf.token_to_id(eod)
+    if eod_id is None:
+        raise UserError(f"--eod {eod!r} is not a token of --tokenizer {spec}; name one it has")
+    return Tokenizer(hf.to_str(), hf.get_vocab_size(), eod_id, eod, spec)
+
+
+def prepare(
+    text: str,
+    tokenizer: str,
+    out: str,
+    val_fraction: float = 0.01,
+    workers: int = 0,
+    shard_mb: float = 256.0,
+    eod: str = "",
+    tokenizer_sample_mb: float = 200.0,
+    progress: bool = True,
+) -> dict:
+    """Tokenise the files matched by ``text`` into shards plus a manifest at ``out`` (a folder
+    or gs:// path) and return the manifest. ``workers`` processes (0: one per core) tokenise one
+    shard of about ``shard_mb`` MB of text each; the manifest is written last."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction} must be strictly between 0 and 1")
+    if not shard_mb > 0:
+        raise UserError(f"--shard-mb {shard_mb} must be positive, e.g. 256")
+    dest = epath.Path(out)
+    if (dest / MANIFEST).exists():
+        raise UserError(
+            f"{out} already holds a prepared corpus ({MANIFEST}); give a new --out, or delete "
+            "that folder first to prepare it again"
+        )
+    files = text_files(text, key="--text")
+    names = [name for name, _ in files]
+    path_of = dict(files)
+    train_names, val_names = split_documents(names, val_fraction)
+    sizes = {name: os.path.getsize(path) for name, path in files}
+    started = time.perf_counter()
+
+    def sample_texts():  # the BPE's training text: train documents only, up to the sample size
+        budget = tokenizer_sample_mb * 1e6
+        for name in train_names:
+            if budget <= 0:
+                return
+            budget -= sizes[name]
+            yield read_text_file(path_of[name])
+
+    tok = load_tokenizer(tokenizer, eod, sample_texts, progress, tokenizer_sample_mb)
+    dest.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for split, split_names in (("train", train_names), ("val", val_names)):
+        for i, group in enumerate(_groups(split_names, sizes, shard_mb * 1e6)):
+            paths = [path_of[n] for n in group]
+            tasks.append((split, f"{split}-{i:05d}.npy", paths, sum(sizes[n] for n in group)))
+    workers = workers or os.cpu_count() or 1
+    total_bytes = sum(sizes.values())
+    _say(
+        progress,
+        f"tokenising {len(train_names)} train and {len(val_names)} val files "
+        f"({total_bytes / 1e6:,.1f} MB) into {len(tasks)} shards with {workers} process(es)",
+    )
+    shards = _run_tasks(tasks, tok, str(dest), workers, total_bytes, progress)
+    seconds = time.perf_counter() - started
+    splits = {}
+    for split in SPLITS:
+        mine = [{k: v for k, v in s.items() if k != "split"} for s in shards if s["split"] == split]
+        splits[split] = {
+            "tokens": sum(s["tokens"] for s in mine),
+            "documents": sum(s["documents"] for s in mine),
+            "text_bytes": sum(s.pop("text_bytes") for s in mine),
+            "shards": mine,
+        }
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": {
+            "file": TOKENIZER,
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id,
+            "eod": tok.eod,
+            "source": tok.source,
+        },
+        "dtype": tok.dtype,
+        "val_fraction": val_fraction,
+        "text": text,
+        "splits": splits,
+        "prepare": {
+            "seconds": round(seconds, 2),
+            "workers": workers,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    }
+    manifest["fingerprint"] = fingerprint(manifest)
+    (dest / TOKENIZER).write_text(tok.json_text)
+    _write_whole(dest / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+    tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
+    _say(
+        progress,
+        f"{tokens:,} tokens (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,})"
+        f" in {seconds:.1f} s: {tokens / seconds:,.0f} tokens/s, "
+        f"{tokens / seconds / workers:,.0f} per process; manifest {dest / MANIFEST}, "
+        f"fingerprint {manifest['fingerprint']}",
+    )
+    return manifest
+
+
+def fingerprint(manifest: dict) -> str:
+    """16 hex digits over what the ids are: tokenizer, EOD, dtype and every shard's checksum."""
+    what = {
+        "format": manifest["format"],
+        "tokenizer": manifest["tokenizer"]["sha256"],
+        "eod_id": manifest["tokenizer"]["eod_id"],
+        "dtype": manifest["dtype"],
+        "splits": {
+            split: [[s["file"], s["tokens"], s["md5"]] for s in manifest["splits"][split]["shards"]]
+            for split in SPLITS
+        },
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _groups(names, sizes: dict, target: float) -> list[list[str]]:
+    """Consecutive names in groups of about ``target`` bytes of text (at least one each)."""
+    groups, current, size = [], [], 0
+    for name in names:
+        current.append(name)
+        size += sizes[name]
+        if size >= target:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _run_tasks(tasks, tok: Tokenizer, dest: str, workers: int, total_bytes: int, progress: bool):
+    """Every shard tokenised and written, in the tasks' order; a progress bar over text bytes."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="tokenising",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    results = [None] * len(tasks)
+    try:
+        if workers == 1:
+            for i, task in enumerate(tasks):
+                results[i] = _tokenise_shard(tok, dest, *task)
+                bar.update(task[3])
+        else:
+            context = multiprocessing.get_context("spawn")  # gcsfs and threads do not fork well
+            with concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_one_thread_each
+            ) as pool:
+                futures = {
+                    pool.submit(_tokenise_shard, tok, dest, *t): i for i, t in enumerate(tasks)
+                }
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    bar.update(tasks[i][3])
+    finally:
+        bar.close()
+    return results
+
+
+def _one_thread_each():
+    # One tokenizer thread per worker process: the processes already use every core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+_WORKER_TOKENIZER: dict[str, object] = {}
+
+
+def _tokenise_shard(tok: Tokenizer, dest: str, split: str, file: str, paths, text_bytes: int):
+    """Tokenise ``paths`` (each followed by EOD) into the shard ``dest/file``; its entry."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = _WORKER_TOKENIZER.get(tok.sha256)
+    if hf is None:
+        hf = _WORKER_TOKENIZER[tok.sha256] = HFTokenizer.from_str(tok.json_text)
+    dtype, eod = np.dtype(tok.dtype), np.array([tok.eod_id], tok.dtype)
+    parts = []
+    for first in range(0, len(paths), ENCODE_GROUP):
+        texts = [read_text_file(p) for p in paths[first : first + ENCODE_GROUP]]
+        for encoding in hf.encode_batch(texts, add_special_tokens=False):
+            parts += [np.asarray(encoding.ids, dtype), eod]
+    ids = np.concatenate(parts)
+    buffer = io.BytesIO()
+    np.save(buffer, ids, allow_pickle=False)
+    raw = buffer.getvalue()
+    _write_whole(epath.Path(dest) / file, raw)
+    return {
+        "split": split,
+        "file": file,
+        "tokens": len(ids),
+        "documents": len(paths),
+        "text_bytes": text_bytes,
+        "data_offset": len(raw) - ids.nbytes,
+        "size": len(raw),
+        "md5": hashlib.md5(raw).hexdigest(),
+    }
+
+
+def _write_whole(path: epath.Path, raw: bytes) -> None:
+    """``raw`` at ``path``, seen whole or not at all: one upload on GCS, a rename locally."""
+    if str(path).startswith("gs://"):
+        path.write_bytes(raw)
+        return
+    partial = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    partial.write_bytes(raw)
+    partial.replace(path)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """A prepared corpus, checked: its folder, its JSON, and the tokenizer file it holds."""
+
+    root: epath.Path
+    data: dict
+    tokenizer_json: str
+
+    @property
+    def fingerprint(self) -> str:
+        return self.data["fingerprint"]
+
+    def stream(self, split: str) -> ShardedStream:
+        entry = self.data["splits"][split]
+        return ShardedStream(self.root, entry["shards"], np.dtype(self.data["dtype"]))
+
+
+def open_manifest(location: str, model_vocab: int, progress: bool = True) -> Manifest:
+    """The manifest at ``location`` (its folder or the file), refused in one line before any
+    training if it is unreadable, its tokenizer has more ids than the model, or any shard is
+    missing or fails its checksum."""
+    key = "data.manifest"
+    path = epath.Path(location)
+    if path.name != MANIFEST:
+        path = path / MANIFEST
+    root = path.parent
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{key}={location}: there is no {MANIFEST} there; prepare the corpus first "
+            f"with `scaling prepare --text GLOBS --tokenizer TOKENIZER --out {root}`"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{key}={location}: {path} is not JSON ({e}); prepare it again") from None
+    except OSError as e:
+        raise UserError(f"{key}={location}: cannot read {path} ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(
+            f"{key}={location}: {path} is not a manifest of format {FORMAT}; give the "
+            "folder `scaling prepare --out` wrote"
+        )
+    try:
+        if fingerprint(data) != data["fingerprint"]:
+            raise UserError(
+                f"{key}={location}: {path} was edited after it was written (its fingerprint no "
+                "longer matches its shards); prepare the corpus again"
+            )
+        vocab = int(data["tokenizer"]["vocab_size"])
+        tok_sha = data["tokenizer"]["sha256"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{key}={location}: {path} lacks {e}; prepare the corpus again") from None
+    if vocab > model_vocab:
+        raise UserError(
+            f"{key}={location}: its tokenizer has {vocab} ids but the model's vocab_size is "
+            f"{model_vocab}; set --config.model.vocab_size={vocab} (or more)"
+        )
+    try:
+        tokenizer_json = (root / data["tokenizer"]["file"]).read_text()
+    except OSError:
+        raise UserError(
+            f"{key}={location}: its tokenizer file {root / TOKENIZER} is missing; prepare the "
+            "corpus again"
+        ) from None
+    if hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest() != tok_sha:
+        raise UserError(
+            f"{key}={location}: {root / TOKENIZER} is not the tokenizer the shards were made "
+            "with (its SHA-256 differs from the manifest's); prepare the corpus again"
+        )
+    shards = [s for split in SPLITS for s in data["splits"][split]["shards"]]
+    say(progress, f"checking {len(shards)} shards of {root} against {MANIFEST}")
+    for shard in shards:
+        problem = _shard_problem(root / shard["file"], shard)
+        if problem:
+            raise UserError(
+                f"{key}={location}: shard {shard['file']} {problem}; copy it again from where "
+                "the corpus was prepared, or prepare the corpus again"
+            )
+    return Manifest(root, data, tokenizer_json)
+
+
+def _shard_problem(path: epath.Path, shard: dict) -> str:
+    """What is wrong with one shard ("" if nothing): missing, wrong size or wrong MD5. A GCS
+    object's own MD5 is compared without reading it."""
+    if str(path).startswith("gs://"):
+        try:
+            info = _gcs().info(str(path))
+        except FileNotFoundError:
+            return "is missing"
+        size, md5 = int(info["size"]), info.get("md5Hash")
+        if size != shard["size"]:
+            return f"has {size} bytes, not the manifest's {shard['size']}"
+        if md5:
+            found = base64.b64decode(md5).hex()
+        else:  # a composite object has no MD5: read it
+            found = hashlib.md5(path.read_bytes()).hexdigest()
+    else:
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return "is missing"
+        if size != shard["size"]:
+            return f"has {size} bytes, not the manifest's {shard['size']}"
+        with open(path, "rb") as f:
+            found = hashlib.file_digest(f, "md5").hexdigest()
+    if found != shard["md5"]:
+        return f"fails its checksum (MD5 {found}, the manifest says {shard['md5']})"
+    return ""
+
+
+def _gcs():
+    """The gcsfs filesystem etils uses too (one per process; it honours
+    STORAGE_EMULATOR_HOST, and its calls may come from several threads)."""
+    import fsspec
+
+    return fsspec.filesystem("gs")
+
+
+class ShardedStream:
+    """One split of a manifest as one 1-D token stream (its shards end to end), read by ranges:
+    only the windows asked for are read, from memory-mapped files or by ranged GCS reads, so a
+    host's memory is bounded by its batches, not by the corpus."""
+
+    def __init__(self, root: epath.Path, shards: list[dict], dtype: np.dtype):
+        self.root, self.shards, self.dtype = root, shards, dtype
+        self.ends = np.cumsum([s["tokens"] for s in shards])
+        self.starts = self.ends - [s["tokens"] for s in shards]
+        self.remote = str(root).startswith("gs://")
+        self._maps: dict[int, np.ndarray] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """int32 ``[len(starts), length]``: row i is tokens ``[starts[i], starts[i] + length)``."""
+        pieces = [self._pieces(int(a), int(a) + length) for a in starts]
+        if self.remote:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
+            flat = [p for row in pieces for p in row]
+            read = dict(zip(flat, self._pool.map(self._read, flat), strict=True))
+        else:
+            read = {p: self._read(p) for row in pieces for p in row}
+        out = np.empty((len(starts), length), np.int32)
+        for i, row in enumerate(pieces):
+            out[i] = np.concatenate([read[p] for p in row])
+        return out
+
+    def _pieces(self, a: int, b: int) -> list[tuple[int, int, int]]:
+        """(shard, first, end) ranges within shards covering stream tokens [a, b)."""
+        if not 0 <= a < b <= len(self):
+            raise IndexError(f"tokens [{a}, {b}) outside a stream of {len(self)}")
+        pieces = []
+        shard = int(np.searchsorted(self.ends, a, side="right"))
+        while a < b:
+            end = min(b, int(self.ends[shard]))
+            pieces.append((shard, a - int(self.starts[shard]), end - int(self.starts[shard])))
+            a, shard = end, shard + 1
+        return pieces
+
+    def _read(self, piece: tuple[int, int, int]) -> np.ndarray:
+        shard, first, end = piece
+        entry = self.shards[shard]
+        if not self.remote:
+            ids = self._maps.get(shard)
+            if ids is None:
+                ids = self._maps[shard] = np.load(self.root / entry["file"], mmap_mode="r")
+            return ids[first:end]
+        size = self.dtype.itemsize
+        offset = entry["data_offset"]
+        raw = _gcs().cat_file(
+            str(self.root / entry["file"]), start=offset + first * size, end=offset + end * size
+        )
+        return np.frombuffer(raw, self.dtype)
