@@ -100,8 +100,11 @@ def get_config(arg=None):
     config.model.n_ctx, config.model.vocab_size = N_CTX, VOCAB
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "bfloat16"
-    # MassiveText is not public: train on your own pre-tokenised 32k-vocabulary
-    # streams, --config.data.train_tokens=... --config.data.val_tokens=...
+    # MassiveText is not public: tokenise your own text once with a 32k tokenizer,
+    # `scaling prepare --text ... --tokenizer bpe:32000 --out gs://BUCKET/text-32k` (or a
+    # 32k SentencePiece-style tokenizer.json), and train on it with
+    # --config.data.manifest=gs://BUCKET/text-32k (or pre-tokenised .npy streams,
+    # --config.data.train_tokens=... --config.data.val_tokens=...).
     config.data.corpus = "tokens"
     config.train.batch_size = BATCH
     # AdamW, peak 2e-4 for the larger models, cosine to a tenth of the peak over

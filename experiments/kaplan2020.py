@@ -52,8 +52,11 @@ def get_config(arg=None):
     config.model.vocab_size = 50_257  # GPT-2's byte-pair encoding (section 2.3)
     config.model.d_ff = 0  # 4 d_model, as in the paper (section 2.1)
     config.model.compute_dtype = "bfloat16"
-    # WebText2 is not public: train on your own pre-tokenised GPT-2 streams,
-    # --config.data.train_tokens=... --config.data.val_tokens=...
+    # WebText2 is not public: tokenise your own text once with GPT-2's tokenizer.json
+    # (50,257 ids), `scaling prepare --text ... --tokenizer gpt2/tokenizer.json --out
+    # gs://BUCKET/webtext-gpt2`, and train on it with
+    # --config.data.manifest=gs://BUCKET/webtext-gpt2 (or pre-tokenised .npy streams,
+    # --config.data.train_tokens=... --config.data.val_tokens=...).
     config.data.corpus = "tokens"
     config.train.steps = 250_000  # section 2.2: 2.5e5 steps
     config.train.batch_size = 512  # section 2.2: 512 sequences of 1024 tokens

@@ -125,6 +125,11 @@ def _parser():
         type=float,
         help="USD per chip-hour (per GPU for GPU types): adds the cost; needs --accelerator",
     )
+    plan.add_argument(
+        "--storage-price",
+        type=float,
+        help="USD per GB-month of the bucket: adds what storing the corpus costs",
+    )
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(handler=_plan)
 
@@ -148,6 +153,11 @@ def _parser():
         type=float,
         default=200.0,
         help="MB of training text a bpe:VOCAB tokenizer learns from",
+    )
+    prepare.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="leave out empty and non-UTF-8 files (named in the manifest) instead of stopping",
     )
     prepare.set_defaults(handler=_prepare)
 
@@ -544,7 +554,13 @@ def _plan(args, overrides):
     from launch import plan
 
     result = plan.make_plan(
-        args.config, overrides, args.accelerator, args.mfu, args.store, price=args.price
+        args.config,
+        overrides,
+        args.accelerator,
+        args.mfu,
+        args.store,
+        price=args.price,
+        storage_price=args.storage_price,
     )
     print(json.dumps(result) if args.json else plan.plan_table(result))
 
@@ -573,6 +589,7 @@ def _prepare(args, overrides):
             shard_mb=args.shard_mb,
             eod=args.eod,
             tokenizer_sample_mb=args.tokenizer_sample_mb,
+            skip_bad_files=args.skip_bad_files,
         )
         print(f"prepared {args.out}: train with --config.data.manifest={args.out}")
         return

@@ -84,6 +84,9 @@ def default_data_config() -> ConfigDict:
     # manifest.json). When set it replaces corpus, paths and tokenizer; every host reads only
     # its own rows of each batch from it (see launch/shards.py).
     c.manifest = ""
+    # Concurrent ranged reads per process from a bucket manifest (GCS serves each in tens of
+    # milliseconds, so a batch of rows needs many in flight).
+    c.read_threads = 16
     # Folder for downloads, documents, tokenizers and token streams;
     # "" means $SCALING_CACHE, else ~/.cache/scaling-suite.
     c.cache_dir = ""
@@ -471,6 +474,8 @@ def _token_files_corpus(data_cfg: ConfigDict, vocab_size: int) -> Corpus:
 def _manifest_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool) -> Corpus:
     """data.manifest: a corpus `scaling prepare --out` wrote, checked against its manifest and
     read by ranges. Its tokenizer is copied into the cache, for encode_text and decode_tokens."""
+    if not isinstance(data_cfg.read_threads, int) or data_cfg.read_threads < 1:
+        raise UserError(f"data.read_threads={data_cfg.read_threads!r} must be an integer >= 1")
     manifest = open_manifest(data_cfg.manifest, vocab_size, progress)
     tokenizer = manifest.data["tokenizer"]
     local = resolve_cache_dir(data_cfg.cache_dir) / "tokenizers" / f"{tokenizer['sha256']}.json"
@@ -478,8 +483,8 @@ def _manifest_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool) -> C
         atomic_write(local, manifest.tokenizer_json.encode("utf-8"))
     splits = manifest.data["splits"]
     return Corpus(
-        train=manifest.stream("train"),
-        val=manifest.stream("val"),
+        train=manifest.stream("train", data_cfg.read_threads),
+        val=manifest.stream("val", data_cfg.read_threads),
         vocab_size=int(tokenizer["vocab_size"]),
         train_docs=(),
         val_docs=(),

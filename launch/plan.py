@@ -24,6 +24,9 @@ from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling.errors import UserError
 
 DEFAULT_MFU = 0.4  # when the store has no measured MFU
+# Tokens a core tokenises per second (`scaling prepare`, a 32k byte-level BPE over source code)
+# when no prepared manifest gives its own measured rate; the README's kernel-source measurement.
+DEFAULT_TOKENISE_RATE = 430_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +111,11 @@ def make_plan(
     mfu: float | None = None,
     store: str | None = None,
     price: float | None = None,
+    storage_price: float | None = None,
 ) -> dict:
-    """The plan as a JSON-ready dict: {"runs": [...], "total_flops", "chip_hours", ...};
-    with `price` (USD per chip-hour) also each run's "cost" and the total "cost"."""
+    """The plan as a JSON-ready dict: {"runs": [...], "total_flops", "chip_hours", "data", ...};
+    with `price` (USD per chip-hour) also each run's "cost" and the total "cost"; with
+    `storage_price` (USD per GB-month) the corpus's storage cost in "data"."""
     members = config_lib.study_sweep(path, overrides)
     convention = study_convention(path)
     if mfu is None:
@@ -171,6 +176,7 @@ def make_plan(
     if price:
         plan["price_per_chip_hour"] = price
         plan["cost"] = sum(r["cost"] for r in runs)
+    plan["data"] = data_plan(members, storage_price)
     if acc:
         plan["accelerator"] = {
             "type": accelerator,
@@ -179,6 +185,54 @@ def make_plan(
             "source": acc.source,
         }
     return plan
+
+
+def data_plan(members, storage_price: float | None = None) -> dict:
+    """The corpus's one-time cost: tokens, bytes of shards, core-hours to tokenise them, and
+    storage per month. From the manifest where the study names one (its own counts and measured
+    rate), else for one epoch of the largest member's tokens at DEFAULT_TOKENISE_RATE."""
+    if storage_price is not None and not (storage_price > 0 and math.isfinite(storage_price)):
+        raise UserError(f"--storage-price {storage_price} must be a finite USD per GB-month > 0")
+    config = members[0]
+    if config.data.get("manifest"):
+        import json
+
+        from etils import epath
+
+        from launch.shards import MANIFEST, SPLITS
+
+        path = epath.Path(config.data.manifest)
+        path = path if path.name == MANIFEST else path / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+            splits = [manifest["splits"][s] for s in SPLITS]
+            tokens = sum(s["tokens"] for s in splits)
+            size = sum(shard["size"] for s in splits for shard in s["shards"])
+            done = manifest["prepare"]
+            rate = tokens / (done["tokenise_seconds"] * done["workers"])
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+            raise UserError(
+                f"data.manifest={config.data.manifest}: cannot read its counts ({e}); "
+                "give the folder `scaling prepare --out` wrote"
+            ) from None
+        source = f"manifest {config.data.manifest} (prepared: its own rate)"
+    else:
+        vocab = max(config_lib.model_config(c).shape.vocab_size for c in members)
+        tokens = max(c.train.steps * c.train.batch_size * c.model.n_ctx for c in members)
+        size = tokens * (2 if vocab <= 1 << 16 else 4)
+        rate = DEFAULT_TOKENISE_RATE
+        source = "one epoch of the largest member's tokens (no data.manifest yet)"
+    data = {
+        "tokens": tokens,
+        "gigabytes": size / 1e9,
+        "tokenise_core_hours": tokens / rate / 3600,
+        "tokens_per_core_s": rate,
+        "source": source,
+    }
+    if storage_price:
+        data["storage_price_per_gb_month"] = storage_price
+        data["storage_cost_per_month"] = size / 1e9 * storage_price
+    return data
 
 
 def plan_table(plan: dict) -> str:
@@ -214,6 +268,15 @@ def plan_table(plan: dict) -> str:
             f"{acc['chips']} chips x {acc['peak_flops_per_chip']:.3g} FLOP/s "
             f"({acc['source']})"
         )
+    data = plan["data"]
+    line = (
+        f"data, once: {data['tokens']:.3g} tokens = {data['gigabytes']:,.1f} GB of shards, "
+        f"{data['tokenise_core_hours']:,.2f} core-hours to tokenise at "
+        f"{data['tokens_per_core_s']:,.0f} tokens/s per core"
+    )
+    if "storage_cost_per_month" in data:
+        line += f", USD {data['storage_cost_per_month']:,.2f} per month stored"
+    lines.append(line + f" ({data['source']})")
     return "\n".join(lines)
 
 

@@ -50,10 +50,9 @@ FORMAT = "scaling-shards/1"
 SPLITS = ("train", "val")
 # End-of-document tokens of common tokenizers (GPT-2, the suite's BPE, Llama 3, SentencePiece).
 EOD_CANDIDATES = ("<|endoftext|>", "<|eod|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
-# Documents encoded per call: bounds the memory the tokenizer's encodings hold at once.
-ENCODE_GROUP = 64
-# Concurrent ranged reads per process from a bucket.
-READ_THREADS = 16
+# Documents, and characters of text, encoded per call: bound the memory the tokenizer's
+# encodings hold at once (~350 bytes a token: a 24 MB header file alone takes 3.3 GB).
+ENCODE_GROUP, ENCODE_CHARS = 64, 4_000_000
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,7 @@ def prepare(
     shard_mb: float = 256.0,
     eod: str = "",
     tokenizer_sample_mb: float = 200.0,
+    skip_bad_files: bool = False,
     progress: bool = True,
 ) -> dict:
     """Tokenise the files matched by ``text`` into shards plus a manifest at ``out`` (a folder
@@ -172,6 +172,7 @@ def prepare(
             yield read_text_file(path_of[name])
 
     tok = load_tokenizer(tokenizer, eod, sample_texts, progress, tokenizer_sample_mb)
+    tokenise_started = time.perf_counter()
     dest.mkdir(parents=True, exist_ok=True)
     tasks = []
     for split, split_names in (("train", train_names), ("val", val_names)):
@@ -185,8 +186,9 @@ def prepare(
         f"tokenising {len(train_names)} train and {len(val_names)} val files "
         f"({total_bytes / 1e6:,.1f} MB) into {len(tasks)} shards with {workers} process(es)",
     )
-    shards = _run_tasks(tasks, tok, str(dest), workers, total_bytes, progress)
-    seconds = time.perf_counter() - started
+    shards = _run_tasks(tasks, tok, str(dest), skip_bad_files, workers, total_bytes, progress)
+    skipped = sorted(reason for s in shards for reason in s.pop("skipped"))
+    seconds = time.perf_counter() - tokenise_started  # the tokenizer's training not counted
     splits = {}
     for split in SPLITS:
         mine = [{k: v for k, v in s.items() if k != "split"} for s in shards if s["split"] == split]
@@ -209,9 +211,11 @@ def prepare(
         "dtype": tok.dtype,
         "val_fraction": val_fraction,
         "text": text,
+        "skipped": skipped,  # files left out (--skip-bad-files), each with its reason
         "splits": splits,
         "prepare": {
-            "seconds": round(seconds, 2),
+            "tokenise_seconds": round(seconds, 2),
+            "tokenizer_seconds": round(tokenise_started - started, 2),
             "workers": workers,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
@@ -224,7 +228,9 @@ def prepare(
         progress,
         f"{tokens:,} tokens (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,})"
         f" in {seconds:.1f} s: {tokens / seconds:,.0f} tokens/s, "
-        f"{tokens / seconds / workers:,.0f} per process; manifest {dest / MANIFEST}, "
+        f"{tokens / seconds / workers:,.0f} per process; "
+        + (f"{len(skipped)} bad files left out (listed in it); " if skipped else "")
+        + f"manifest {dest / MANIFEST}, "
         f"fingerprint {manifest['fingerprint']}",
     )
     return manifest
@@ -259,7 +265,7 @@ def _groups(names, sizes: dict, target: float) -> list[list[str]]:
     return groups
 
 
-def _run_tasks(tasks, tok: Tokenizer, dest: str, workers: int, total_bytes: int, progress: bool):
+def _run_tasks(tasks, tok: Tokenizer, dest: str, skip_bad: bool, workers, total_bytes, progress):
     """Every shard tokenised and written, in the tasks' order; a progress bar over text bytes."""
     from tqdm import tqdm
 
@@ -275,7 +281,7 @@ def _run_tasks(tasks, tok: Tokenizer, dest: str, workers: int, total_bytes: int,
     try:
         if workers == 1:
             for i, task in enumerate(tasks):
-                results[i] = _tokenise_shard(tok, dest, *task)
+                results[i] = _tokenise_shard(tok, dest, skip_bad, *task)
                 bar.update(task[3])
         else:
             context = multiprocessing.get_context("spawn")  # gcsfs and threads do not fork well
@@ -283,7 +289,8 @@ def _run_tasks(tasks, tok: Tokenizer, dest: str, workers: int, total_bytes: int,
                 workers, mp_context=context, initializer=_one_thread_each
             ) as pool:
                 futures = {
-                    pool.submit(_tokenise_shard, tok, dest, *t): i for i, t in enumerate(tasks)
+                    pool.submit(_tokenise_shard, tok, dest, skip_bad, *t): i
+                    for i, t in enumerate(tasks)
                 }
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]
@@ -303,20 +310,36 @@ def _one_thread_each():
 _WORKER_TOKENIZER: dict[str, object] = {}
 
 
-def _tokenise_shard(tok: Tokenizer, dest: str, split: str, file: str, paths, text_bytes: int):
-    """Tokenise ``paths`` (each followed by EOD) into the shard ``dest/file``; its entry."""
+def _tokenise_shard(
+    tok: Tokenizer, dest: str, skip_bad: bool, split: str, file: str, paths, text_bytes: int
+):
+    """Tokenise ``paths`` (each followed by EOD) into the shard ``dest/file``; its entry. A file
+    that is empty or not UTF-8 stops the prepare, or with ``skip_bad`` is left out and named."""
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = _WORKER_TOKENIZER.get(tok.sha256)
     if hf is None:
         hf = _WORKER_TOKENIZER[tok.sha256] = HFTokenizer.from_str(tok.json_text)
     dtype, eod = np.dtype(tok.dtype), np.array([tok.eod_id], tok.dtype)
-    parts = []
-    for first in range(0, len(paths), ENCODE_GROUP):
-        texts = [read_text_file(p) for p in paths[first : first + ENCODE_GROUP]]
-        for encoding in hf.encode_batch(texts, add_special_tokens=False):
-            parts += [np.asarray(encoding.ids, dtype), eod]
-    ids = np.concatenate(parts)
+    parts, skipped, texts = [], [], []
+
+    def encode():
+        for encoding in hf.encode_batch_fast(texts, add_special_tokens=False):
+            parts.extend([np.asarray(encoding.ids, dtype), eod])
+        texts.clear()
+
+    for path in paths:
+        try:
+            texts.append(read_text_file(path))
+        except UserError as e:
+            if not skip_bad:
+                raise UserError(f"{e} (or pass --skip-bad-files)") from None
+            skipped.append(str(e).split(";")[0])
+            continue
+        if len(texts) == ENCODE_GROUP or sum(map(len, texts)) >= ENCODE_CHARS:
+            encode()
+    encode()
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype)
     buffer = io.BytesIO()
     np.save(buffer, ids, allow_pickle=False)
     raw = buffer.getvalue()
@@ -325,7 +348,8 @@ def _tokenise_shard(tok: Tokenizer, dest: str, split: str, file: str, paths, tex
         "split": split,
         "file": file,
         "tokens": len(ids),
-        "documents": len(paths),
+        "documents": len(paths) - len(skipped),
+        "skipped": skipped,
         "text_bytes": text_bytes,
         "data_offset": len(raw) - ids.nbytes,
         "size": len(raw),
@@ -364,9 +388,9 @@ class Manifest:
     def fingerprint(self) -> str:
         return self.data["fingerprint"]
 
-    def stream(self, split: str) -> ShardedStream:
+    def stream(self, split: str, read_threads: int = 16) -> ShardedStream:
         entry = self.data["splits"][split]
-        return ShardedStream(self.root, entry["shards"], np.dtype(self.data["dtype"]))
+        return ShardedStream(self.root, entry["shards"], np.dtype(self.data["dtype"]), read_threads)
 
 
 def open_manifest(location: str, model_vocab: int, progress: bool = True) -> Manifest:
@@ -475,8 +499,11 @@ class ShardedStream:
     only the windows asked for are read, from memory-mapped files or by ranged GCS reads, so a
     host's memory is bounded by its batches, not by the corpus."""
 
-    def __init__(self, root: epath.Path, shards: list[dict], dtype: np.dtype):
+    def __init__(
+        self, root: epath.Path, shards: list[dict], dtype: np.dtype, read_threads: int = 16
+    ):
         self.root, self.shards, self.dtype = root, shards, dtype
+        self.read_threads = read_threads  # concurrent ranged reads from a bucket
         self.ends = np.cumsum([s["tokens"] for s in shards])
         self.starts = self.ends - [s["tokens"] for s in shards]
         self.remote = str(root).startswith("gs://")
@@ -491,7 +518,7 @@ class ShardedStream:
         pieces = [self._pieces(int(a), int(a) + length) for a in starts]
         if self.remote:
             if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS)
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads)
             flat = [p for row in pieces for p in row]
             read = dict(zip(flat, self._pool.map(self._read, flat), strict=True))
         else:

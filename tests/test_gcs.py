@@ -11,12 +11,15 @@ import os
 import socket
 import sqlite3
 
+import numpy as np
 import pytest
 from test_remote_records import bucket_config
+from test_shards import write_texts
 
-from launch import remote_records
+from launch import data, remote_records, shards
 from launch.cli import main
 from launch.train import train_and_evaluate
+from scaling.errors import UserError
 from scaling.store import Store
 
 emulator = pytest.importorskip("gcp_storage_emulator.server", reason="pip install -e '.[test]'")
@@ -195,3 +198,57 @@ def test_gcs_gone_mid_sync_skips_what_it_could_not_read_and_a_retry_brings_it_on
         assert sorted(r.run_id for r in mine.runs()) == sorted([run_id, twin])
     for run in (run_id, twin):
         assert _evals(laptop, run) == _evals(config.store, run_id)  # each once, none lost
+
+
+def test_a_corpus_prepared_into_the_bucket_is_checked_and_trained_on_by_ranges(
+    gcs, tmp_path, tiny_config
+):
+    """Shards written to the bucket by two worker processes, checked from GCS's own MD5s,
+    read by ranged requests; the batches are those of the same corpus prepared locally."""
+    texts = write_texts(tmp_path / "text")
+    options = {"val_fraction": 0.25, "shard_mb": 0.008, "progress": False}
+    bucket = f"gs://{BUCKET}/{tmp_path.name}/corpus"
+    manifest = shards.prepare(texts, "bpe:300", bucket, workers=2, **options)
+    local = shards.prepare(texts, "bpe:300", str(tmp_path / "local"), workers=1, **options)
+    assert manifest["fingerprint"] == local["fingerprint"]
+    fs = gcs.fs()
+    names = {p.split("/")[-1] for p in fs.ls(bucket.removeprefix("gs://"))}
+    expected = {s["file"] for split in shards.SPLITS for s in manifest["splits"][split]["shards"]}
+    assert names == expected | {shards.MANIFEST, shards.TOKENIZER}
+
+    cfg = data.default_data_config()
+    cfg.manifest, cfg.cache_dir = bucket, str(tmp_path / "cache")
+    # The emulator serves one request at a time from a listen queue of 5; a sixth in flight
+    # waits a second for TCP to try again (GCS itself serves many at once).
+    cfg.read_threads = tiny_config.data.read_threads = 4
+    remote = data.prepare_corpus(cfg, 300, progress=False)
+    assert remote.train.remote
+    cfg_local = cfg.copy_and_resolve_references()
+    cfg_local.manifest = str(tmp_path / "local")
+    mine = data.prepare_corpus(cfg_local, 300, progress=False)
+    for step in (0, 5, 500):
+        np.testing.assert_array_equal(
+            data.train_batch(remote.train, step, 8, 32, 0, 1, 2),
+            data.train_batch(mine.train, step, 8, 32, 0, 1, 2),
+        )
+    read_ahead = data.train_batches(remote.train, 8, 32, 0)
+    for step in (0, 1, 2, 7):  # read ahead, then a jump (a resume) past what was read ahead
+        np.testing.assert_array_equal(
+            read_ahead(step), data.train_batch(mine.train, step, 8, 32, 0)
+        )
+
+    tiny_config.data.manifest = bucket
+    tiny_config.model.vocab_size = 300
+    run_id = train_and_evaluate(tiny_config)
+    with Store(tiny_config.store) as store:
+        assert store.run(run_id).status == "finished"
+
+    shard = f"{bucket.removeprefix('gs://')}/{manifest['splits']['train']['shards'][0]['file']}"
+    raw = bytearray(fs.cat(shard))
+    raw[-1] ^= 1
+    fs.pipe(shard, bytes(raw))  # same size, another MD5 in the object's metadata
+    with pytest.raises(UserError, match="fails its checksum"):
+        data.prepare_corpus(cfg, 300, progress=False)
+    fs.rm(shard)
+    with pytest.raises(UserError, match="is missing"):
+        data.prepare_corpus(cfg, 300, progress=False)

@@ -92,6 +92,8 @@ def test_default_mfu_is_the_median_measured_in_the_store(tmp_path):
         (["--accelerator", "tpu9-8"], "unknown accelerator"),
         (["--accelerator", "v4"], "TYPE-COUNT"),
         (["--mfu", "1.5"], "--mfu"),
+        (["--storage-price", "-1"], "--storage-price"),
+        (["--config.data.manifest=/nonexistent/corpus"], "cannot read its counts"),
     ],
 )
 def test_bad_plan_input_is_one_line(args, message, capsys):
@@ -138,3 +140,23 @@ def test_a_remote_sweep_states_its_cost_before_it_starts(tmp_path, capsys):
     assert "chip-hours, USD " in err and "at 1.5 per chip-hour" in err
     assert main(["sweep", "experiments/local_cpu.py:tiny", *flags[:-3], "--price", "-2"]) == 2
     assert "config.launch.price=-2.0" in capsys.readouterr().err
+
+
+def test_the_plan_counts_the_corpus_once_from_its_manifest_or_the_largest_member(tmp_path):
+    from test_shards import prepare
+
+    none = {"store": str(tmp_path / "none.sqlite")}
+    result = plan.make_plan(KAPLAN, none, storage_price=0.02)["data"]
+    tokens = 250_000 * 512 * 1024  # one epoch of what each member trains on
+    assert result["tokens"] == tokens and result["gigabytes"] == 2 * tokens / 1e9  # uint16 ids
+    assert result["storage_cost_per_month"] == pytest.approx(2 * tokens / 1e9 * 0.02)
+    assert result["tokenise_core_hours"] == tokens / plan.DEFAULT_TOKENISE_RATE / 3600
+
+    out, manifest = prepare(tmp_path)
+    result = plan.make_plan(KAPLAN, none | {"data.manifest": str(out)})["data"]
+    splits = manifest["splits"].values()
+    assert result["tokens"] == sum(s["tokens"] for s in splits)
+    assert result["gigabytes"] * 1e9 == sum(x["size"] for s in splits for x in s["shards"])
+    seconds = manifest["prepare"]["tokenise_seconds"] * manifest["prepare"]["workers"]
+    assert result["tokens_per_core_s"] == pytest.approx(result["tokens"] / seconds)
+    assert "storage_cost_per_month" not in result

@@ -199,3 +199,16 @@ def test_a_run_trains_from_a_manifest_and_refuses_another_corpus_at_its_path(
     with Store(tiny_config.store) as store:
         steps, losses = store.scalars(run_id, "eval_loss")
     assert steps[-1] == 20 and losses[-1] < losses[0]
+
+
+def test_a_bad_file_stops_the_prepare_or_with_skip_bad_files_is_left_out_and_named(tmp_path):
+    texts = write_texts(tmp_path / "text")
+    (tmp_path / "text" / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.txt is not UTF-8.*--skip-bad-files") as caught:
+        prepare(tmp_path, texts=texts)
+    assert "\n" not in str(caught.value) and not (tmp_path / "corpus" / shards.MANIFEST).exists()
+    _, manifest = prepare(tmp_path, texts=texts, skip_bad_files=True)
+    [reason] = manifest["skipped"]
+    assert "latin1.txt is not UTF-8" in reason
+    documents = sum(manifest["splits"][split]["documents"] for split in shards.SPLITS)
+    assert documents == 12  # of 13 files
