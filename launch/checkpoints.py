@@ -80,15 +80,18 @@ class Checkpointer:
     def save(self, step: int, state, corpus_fingerprint: str, loop: dict | None = None):
         """Save (asynchronously) the state after `step` updates and the next data position;
         `loop` (JSON) is what the training loop needs to log on resume as it would have."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_savable(state)),
-                data=ocp.args.JsonSave(
-                    {"next_step": step, "corpus": corpus_fingerprint, "loop": loop or {}}
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_savable(state)),
+                    data=ocp.args.JsonSave(
+                        {"next_step": step, "corpus": corpus_fingerprint, "loop": loop or {}}
+                    ),
                 ),
-            ),
-        )
+            )
+        except Exception as e:  # this save, or the previous one still in flight
+            raise self._save_failed(e) from e
         faults.point("checkpoint_save")  # tests: a kill here leaves an uncommitted save
 
     def steps(self) -> list[int]:
@@ -165,8 +168,21 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self):
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # the last save failed in the background
+            raise self._save_failed(e) from e
         self._manager.close()
+
+    def _save_failed(self, error: Exception) -> UserError:
+        """One line for a save that could not be written (storage unreachable after its
+        client's retries, a full disk): the steps saved before it are whole, and an unfinished
+        save is never restored (it has no commit marker), so a relaunch resumes from those."""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        return UserError(
+            f"saving a checkpoint to {self._manager.directory} failed ({first}); the run "
+            "resumes from its last complete checkpoint: relaunch once that storage is reachable"
+        )
 
 
 def _move_tree(source: epath.Path, target: epath.Path):

@@ -26,7 +26,7 @@ from scaling.errors import UserError
 DEFAULT_MFU = 0.4  # when the store has no measured MFU
 # Tokens a core tokenises per second (`scaling prepare`, a 32k byte-level BPE over source code)
 # when no prepared manifest gives its own measured rate; the README's kernel-source measurement.
-DEFAULT_TOKENISE_RATE = 430_000
+DEFAULT_TOKENISE_RATE = 730_000
 
 
 @dataclasses.dataclass(frozen=True)

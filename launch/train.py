@@ -91,8 +91,16 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
 
     def mark(status, step=None, reason=None):
         store.set_status(run_id, status, step=step, reason=reason)
-        if records:
+        if not records:
+            return
+        try:
             records.status(status, step, reason)
+        except OSError as e:
+            if status == "finished":
+                raise
+            # Already failing (often because the bucket is unreachable): the store has the
+            # status, and the bucket's last record ("running") still reads as resumable.
+            print(f"could not record status {status} in the bucket ({e})", file=sys.stderr)
 
     try:
         if is_writer:

@@ -10,13 +10,14 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 
 import numpy as np
 import pytest
 from test_remote_records import bucket_config
 from test_shards import write_texts
 
-from launch import data, remote_records, shards
+from launch import checkpoints, data, remote_records, shards
 from launch.cli import main
 from launch.train import train_and_evaluate
 from scaling.errors import UserError
@@ -252,3 +253,42 @@ def test_a_corpus_prepared_into_the_bucket_is_checked_and_trained_on_by_ranges(
     fs.rm(shard)
     with pytest.raises(UserError, match="is missing"):
         data.prepare_corpus(cfg, 300, progress=False)
+
+
+@pytest.mark.slow  # trains twice, with a few seconds of outage
+def test_gcs_gone_for_seconds_mid_save_the_run_goes_on_and_loses_nothing(
+    gcs, tmp_path, data_cache, monkeypatch
+):
+    """GCS stops just as the step-10 checkpoint starts saving and comes back 3 s later: the
+    clients' retries carry the save and the records through, and the run ends exactly as an
+    uninterrupted one, each eval stored once."""
+    config = _config(tmp_path / "a", data_cache, f"gs://{BUCKET}/{tmp_path.name}-a")
+    real_save = checkpoints.Checkpointer.save
+    outages = []
+
+    def save_through_an_outage(self, step, *args, **kwargs):
+        if step == 10 and not outages:
+            gcs.stop()
+            outages.append(threading.Timer(3.0, gcs.start))
+            outages[0].start()
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_through_an_outage)
+    run_id = train_and_evaluate(config.copy_and_resolve_references())
+    outages[0].join()
+    fs = gcs.fs()
+    run = f"{BUCKET}/{tmp_path.name}-a/runs/{run_id}"
+    assert {p.split("/")[-1] for p in fs.ls(f"{run}/checkpoints")} >= {"10", "20"}
+    monkeypatch.undo()
+    clean = _config(tmp_path / "b", data_cache, f"gs://{BUCKET}/{tmp_path.name}-b")
+    train_and_evaluate(clean)
+
+    def losses(evals):  # what the run learned (timings such as mfu differ run to run)
+        return [(step, value) for step, name, value in evals if name == "eval_loss"]
+
+    assert losses(_evals(config.store, run_id)) == losses(_evals(clean.store, run_id))
+    assert len(losses(_evals(config.store, run_id))) == 4  # each eval once
+    recorded = remote_records.read_run(config.launch.bucket, run_id)
+    steps = [step for step, _ in losses(_evals(clean.store, run_id))]
+    assert [e["step"] for e in recorded["evals"]] == steps
+    assert recorded["status"]["status"] == "finished"
