@@ -113,7 +113,9 @@ def get_config(arg=None):
     config.train.final_lr_fraction = 0.1
     config.train.weight_decay = 0.1
     config.eval.batches = 16
-    config.eval.points = 16
+    # 24 log-spaced evals: with 16, rounding to whole steps merged the early ones and left
+    # the longest runs under 3 evals per decade, too few for their learning-curve fits.
+    config.eval.points = 24
     config.checkpoint.every = 1000
     return config
 

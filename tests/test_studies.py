@@ -110,3 +110,12 @@ def test_cpu_hour_follows_porians_recipe():
     by_size = sorted((_budget(m)[0].n_params, m.train.learning_rate) for m in members)
     rates = [lr for _, lr in by_size]
     assert rates == sorted(rates, reverse=True)  # a smaller peak for a larger model
+
+
+@pytest.mark.parametrize("path", [ISOFLOP, "experiments/kaplan2020.py"])
+def test_the_pod_studies_pass_their_own_design_checks(path, capsys):
+    from launch.cli import main
+
+    assert main(["check", path]) == 0
+    out, err = capsys.readouterr()
+    assert "design checks passed" in out and "warning" not in err, err
