@@ -34,13 +34,15 @@ from scaling.store import DEFAULT_STORE, check_sweep_name
 # make a finished run look new. (train.noise_scale only measures: its two
 # half-batch gradients average to the same update; train.nan_check_every
 # only changes how soon a diverging run stops; train.preemption_signal only
-# when it stops to be resumed.)
+# when it stops to be resumed; data.read_threads only how many of the same reads are in
+# flight.)
 NON_IDENTITY_KEYS = (
     "store",
     "workdir",
     "sweep_name",
     "progress",
     "data.cache_dir",
+    "data.read_threads",
     "mesh",
     "launch",
     "train.nan_check_every",

@@ -201,32 +201,43 @@ def test_gcs_gone_mid_sync_skips_what_it_could_not_read_and_a_retry_brings_it_on
         assert _evals(laptop, run) == _evals(config.store, run_id)  # each once, none lost
 
 
-def test_a_corpus_prepared_into_the_bucket_is_checked_and_trained_on_by_ranges(
-    gcs, tmp_path, tiny_config
-):
-    """Shards written to the bucket by two worker processes, checked from GCS's own MD5s,
-    read by ranged requests; the batches are those of the same corpus prepared locally."""
-    texts = write_texts(tmp_path / "text")
+@pytest.fixture(scope="module")
+def bucket_corpus(gcs, tmp_path_factory):
+    """A corpus prepared into the bucket by two worker processes, and the same prepared into a
+    local folder: (bucket path, local path, manifest)."""
+    tmp = tmp_path_factory.mktemp("bucket-corpus")
+    texts = write_texts(tmp / "text")
     options = {"val_fraction": 0.25, "shard_mb": 0.008, "progress": False}
-    bucket = f"gs://{BUCKET}/{tmp_path.name}/corpus"
+    bucket = f"gs://{BUCKET}/{tmp.name}/corpus"
     manifest = shards.prepare(texts, "bpe:300", bucket, workers=2, **options)
-    local = shards.prepare(texts, "bpe:300", str(tmp_path / "local"), workers=1, **options)
+    local = shards.prepare(texts, "bpe:300", str(tmp / "local"), workers=1, **options)
     assert manifest["fingerprint"] == local["fingerprint"]
+    return bucket, str(tmp / "local"), manifest
+
+
+def _manifest_config(manifest: str, cache):
+    cfg = data.default_data_config()
+    cfg.manifest, cfg.cache_dir = manifest, str(cache)
+    # The emulator serves one request at a time from a listen queue of 5; a sixth in flight
+    # waits a second for TCP to try again (GCS itself serves many at once).
+    cfg.read_threads = 4
+    return cfg
+
+
+def test_a_corpus_prepared_into_the_bucket_is_checked_from_gcs_and_read_by_ranges(
+    gcs, bucket_corpus, tmp_path
+):
+    """Shards checked from GCS's own MD5s and read by ranged requests: the batches are those of
+    the same corpus prepared locally, read ahead or not; a changed or missing object is
+    refused in one line."""
+    bucket, local, manifest = bucket_corpus
     fs = gcs.fs()
     names = {p.split("/")[-1] for p in fs.ls(bucket.removeprefix("gs://"))}
     expected = {s["file"] for split in shards.SPLITS for s in manifest["splits"][split]["shards"]}
     assert names == expected | {shards.MANIFEST, shards.TOKENIZER}
-
-    cfg = data.default_data_config()
-    cfg.manifest, cfg.cache_dir = bucket, str(tmp_path / "cache")
-    # The emulator serves one request at a time from a listen queue of 5; a sixth in flight
-    # waits a second for TCP to try again (GCS itself serves many at once).
-    cfg.read_threads = tiny_config.data.read_threads = 4
-    remote = data.prepare_corpus(cfg, 300, progress=False)
-    assert remote.train.remote
-    cfg_local = cfg.copy_and_resolve_references()
-    cfg_local.manifest = str(tmp_path / "local")
-    mine = data.prepare_corpus(cfg_local, 300, progress=False)
+    remote = data.prepare_corpus(_manifest_config(bucket, tmp_path), 300, progress=False)
+    mine = data.prepare_corpus(_manifest_config(local, tmp_path), 300, progress=False)
+    assert remote.train.remote and not mine.train.remote
     for step in (0, 5, 500):
         np.testing.assert_array_equal(
             data.train_batch(remote.train, step, 8, 32, 0, 1, 2),
@@ -238,21 +249,30 @@ def test_a_corpus_prepared_into_the_bucket_is_checked_and_trained_on_by_ranges(
             read_ahead(step), data.train_batch(mine.train, step, 8, 32, 0)
         )
 
-    tiny_config.data.manifest = bucket
-    tiny_config.model.vocab_size = 300
-    run_id = train_and_evaluate(tiny_config)
-    with Store(tiny_config.store) as store:
-        assert store.run(run_id).status == "finished"
-
-    shard = f"{bucket.removeprefix('gs://')}/{manifest['splits']['train']['shards'][0]['file']}"
+    # A copy of the corpus whose shards are then changed or removed.
+    copy = f"{bucket}-copy"
+    fs.copy(bucket.removeprefix("gs://"), copy.removeprefix("gs://"), recursive=True)
+    shard = f"{copy.removeprefix('gs://')}/{manifest['splits']['train']['shards'][0]['file']}"
     raw = bytearray(fs.cat(shard))
     raw[-1] ^= 1
     fs.pipe(shard, bytes(raw))  # same size, another MD5 in the object's metadata
     with pytest.raises(UserError, match="fails its checksum"):
-        data.prepare_corpus(cfg, 300, progress=False)
+        data.prepare_corpus(_manifest_config(copy, tmp_path), 300, progress=False)
     fs.rm(shard)
     with pytest.raises(UserError, match="is missing"):
-        data.prepare_corpus(cfg, 300, progress=False)
+        data.prepare_corpus(_manifest_config(copy, tmp_path), 300, progress=False)
+
+
+@pytest.mark.slow  # trains a run
+def test_a_run_trains_from_a_corpus_in_the_bucket(bucket_corpus, tiny_config):
+    tiny_config.data.manifest = bucket_corpus[0]
+    tiny_config.data.read_threads = 4  # see _manifest_config
+    tiny_config.model.vocab_size = 300
+    run_id = train_and_evaluate(tiny_config)
+    with Store(tiny_config.store) as store:
+        assert store.run(run_id).status == "finished"
+        steps, losses = store.scalars(run_id, "eval_loss")
+    assert steps[-1] == 20 and losses[-1] < losses[0]
 
 
 @pytest.mark.slow  # trains twice, with a few seconds of outage

@@ -307,6 +307,43 @@ def test_two_processes_train_one_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_read_their_own_rows_of_a_manifest_and_train_as_one_does(tmp_path):
+    """A corpus prepared into shards, trained by two processes whose data axis spans both
+    (each reading only its rows of every batch), ends at one process's losses."""
+    from launch import shards
+
+    manifest = tmp_path / "shards"
+    shards.prepare(
+        _corpus(tmp_path / "corpus"),
+        "bpe:300",
+        str(manifest),
+        val_fraction=0.2,
+        workers=1,
+        shard_mb=0.01,
+        progress=False,
+    )
+    more = {"data.manifest": str(manifest), "model.vocab_size": 300}
+    store = tmp_path / "store.sqlite"
+    args = _run_args(tmp_path, store, tmp_path / "runs", "", mesh=(2, 1, 2), **more)
+    _two_processes(args)
+    single = tmp_path / "single.sqlite"
+    one = subprocess.run(
+        _run_args(tmp_path, single, tmp_path / "single_runs", "", mesh=(2, 1, 2), **more),
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        env=_env(4),
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    (runs, rows), (single_runs, single_rows) = _eval_rows(store), _eval_rows(single)
+    assert runs == single_runs and runs[0][1:] == ("finished", 4)
+    assert rows.keys() == single_rows.keys()
+    for key, value in rows.items():
+        assert value == pytest.approx(single_rows[key], rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.slow
 def test_a_notice_to_one_process_stops_both_at_one_step_and_loses_none(tmp_path):
     """SIGTERM to process 1 only: JAX's preemption sync lets both reach the same step, both
     save there together, both exit 143; relaunched, the run ends as an uninterrupted one."""
