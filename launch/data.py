@@ -403,11 +403,11 @@ def _bpe_tokenizer_file(
     path = cache / "tokenizers" / f"bpe-{key}.json"
     if not path.exists():
         say(progress, f"training a {vocab_size}-id BPE tokenizer on {len(train_docs)} documents")
-        atomic_write(path, _train_bpe(train_docs, vocab_size).to_str().encode("utf-8"))
+        atomic_write(path, train_bpe(train_docs, vocab_size).to_str().encode("utf-8"))
     return path
 
 
-def _train_bpe(train_docs: list[Document], vocab_size: int):
+def train_bpe(train_docs: list[Document], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())

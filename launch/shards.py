@@ -85,7 +85,7 @@ def load_tokenizer(
 
     if spec.startswith("bpe:"):
         from launch.corpus import Document
-        from launch.data import EOD_TEXT, _train_bpe
+        from launch.data import EOD_TEXT, train_bpe
 
         try:
             vocab = int(spec[4:])
@@ -98,7 +98,7 @@ def load_tokenizer(
             )
         _say(progress, f"training a {vocab}-id BPE on up to {sample_mb:g} MB of the train text")
         docs = [Document(str(i), text) for i, text in enumerate(train_texts())]
-        hf = _train_bpe(docs, vocab)
+        hf = train_bpe(docs, vocab)
         eod = eod or EOD_TEXT
     elif os.path.isfile(os.path.expanduser(spec)):
         try:
@@ -106,7 +106,7 @@ def load_tokenizer(
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(
                 f"--tokenizer {spec} is not a tokenizer.json the tokenizers library reads "
-                f"({str(e).splitlines()[0][:120]}); give the tokenizer.json of a tokenizers "
+                f"({_first_line(e)}); give the tokenizer.json of a tokenizers "
                 "tokenizer"
             ) from None
     else:
@@ -115,7 +115,7 @@ def load_tokenizer(
         except Exception as e:
             raise UserError(
                 f"--tokenizer {spec!r} is not a file, and fetching it from the Hugging Face Hub "
-                f"failed ({str(e).splitlines()[0][:120]}); give a path to a tokenizer.json, "
+                f"failed ({_first_line(e)}); give a path to a tokenizer.json, "
                 "bpe:VOCAB to train one, or a Hub name while online"
             ) from None
     if not eod:
@@ -129,6 +129,10 @@ def load_tokenizer(
     if eod_id is None:
         raise UserError(f"--eod {eod!r} is not a token of --tokenizer {spec}; name one it has")
     return Tokenizer(hf.to_str(), hf.get_vocab_size(), eod_id, eod, spec)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
 
 
 def prepare(

@@ -226,8 +226,8 @@ def test_bpe_trains_on_train_documents_only_and_is_cached(tmp_path, monkeypatch)
         val_fraction=0.2,
     )
     trainings = []
-    train_bpe = data._train_bpe
-    monkeypatch.setattr(data, "_train_bpe", lambda *a: trainings.append(a) or train_bpe(*a))
+    train_bpe = data.train_bpe
+    monkeypatch.setattr(data, "train_bpe", lambda *a: trainings.append(a) or train_bpe(*a))
 
     corpus = prepare_corpus(cfg, vocab_size=400, progress=False)
     assert trainings and [d.name for d in trainings[0][0]] == list(train_names)
