@@ -155,6 +155,12 @@ def _parser():
         help="MB of training text a bpe:VOCAB tokenizer learns from",
     )
     prepare.add_argument(
+        "--hf-dataset",
+        help="instead of --text: a Hugging Face dataset, NAME or NAME:CONFIG (needs datasets)",
+    )
+    prepare.add_argument("--hf-split", default="train", help="its split (default train)")
+    prepare.add_argument("--hf-field", default="text", help="its text column (default text)")
+    prepare.add_argument(
         "--skip-bad-files",
         action="store_true",
         help="leave out empty and non-UTF-8 files (named in the manifest) instead of stopping",
@@ -569,19 +575,19 @@ def _prepare(args, overrides):
     from launch import config as config_lib
     from launch import data
 
-    shard_args = (args.text, args.tokenizer, args.out)
+    shard_args = (args.text or args.hf_dataset, args.tokenizer, args.out)
     if any(shard_args) or not args.config:
         if args.config or not all(shard_args):
             raise UserError(
-                "scaling prepare needs either a study file (its corpus, cached) or all of --text, "
-                "--tokenizer and --out (shards plus a manifest), not both"
+                "scaling prepare needs either a study file (its corpus, cached) or all of --text "
+                "(or --hf-dataset), --tokenizer and --out (shards plus a manifest), not both"
             )
         from launch import shards
 
         if args.workers < 0:
             raise UserError(f"--workers {args.workers} must be 0 (one per core) or more")
         shards.prepare(
-            args.text,
+            args.text or "",
             args.tokenizer,
             args.out,
             val_fraction=args.val_fraction,
@@ -590,6 +596,9 @@ def _prepare(args, overrides):
             eod=args.eod,
             tokenizer_sample_mb=args.tokenizer_sample_mb,
             skip_bad_files=args.skip_bad_files,
+            hf_dataset=args.hf_dataset or "",
+            hf_split=args.hf_split,
+            hf_field=args.hf_field,
         )
         print(f"prepared {args.out}: train with --config.data.manifest={args.out}")
         return

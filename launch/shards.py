@@ -135,6 +135,86 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
 
 
+class TextFiles:
+    """Documents from files: one per file matched by the globs ``text``, named by path."""
+
+    kind = "files"
+
+    def __init__(self, text: str):
+        self.described = text
+        self._paths = dict(text_files(text, key="--text"))
+
+    def names(self) -> list[str]:
+        return list(self._paths)
+
+    def size(self, name: str) -> int:
+        return os.path.getsize(self._paths[name])
+
+    def ref(self, name: str):
+        return self._paths[name]
+
+    def read(self, ref) -> str:
+        return read_text_file(ref)
+
+
+class HubDataset:
+    """Documents from a Hugging Face dataset (``datasets.load_dataset(name, config, split)``,
+    which downloads it once into its cache, or reads a local dataset folder): one per row,
+    its text in ``field``, named by row number. Sizes are the mean of the first rows'."""
+
+    kind = "dataset"
+
+    def __init__(self, name: str, split: str = "train", field: str = "text"):
+        self.spec, self.split, self.field = name, split, field
+        self.described = f"{name} (split {split}, field {field})"
+        self._rows = self._load()
+        if field not in self._rows.column_names:
+            raise UserError(
+                f"--hf-dataset {name}: split {split!r} has no column {field!r} (it has "
+                f"{', '.join(self._rows.column_names)}); name the text column with --hf-field"
+            )
+        first = self._rows[: min(1000, len(self._rows))][field]
+        self._mean = max(1, sum(len(t or "") for t in first) // max(1, len(first)))
+
+    def _load(self):
+        try:
+            import datasets
+        except ImportError:
+            raise UserError(
+                "--hf-dataset needs the datasets library: pip install datasets"
+            ) from None
+        name, _, config = self.spec.partition(":")
+        try:
+            return datasets.load_dataset(name, config or None, split=self.split)
+        except Exception as e:  # the Hub, the network, a wrong name: all end up here
+            raise UserError(
+                f"--hf-dataset {self.spec}: loading split {self.split!r} failed "
+                f"({_first_line(e)}); check the name (NAME or NAME:CONFIG) and the network"
+            ) from None
+
+    def __getstate__(self):  # worker processes load the rows again, from the cache
+        return {k: v for k, v in self.__dict__.items() if k != "_rows"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._rows = self._load()
+
+    def names(self) -> list[str]:
+        return [f"{i:010d}" for i in range(len(self._rows))]
+
+    def size(self, name: str) -> int:
+        return self._mean
+
+    def ref(self, name: str):
+        return int(name)
+
+    def read(self, ref) -> str:
+        text = self._rows[ref][self.field]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"row {ref} of {self.spec} has no text in {self.field!r}")
+        return text
+
+
 def prepare(
     text: str,
     tokenizer: str,
@@ -146,10 +226,14 @@ def prepare(
     tokenizer_sample_mb: float = 200.0,
     skip_bad_files: bool = False,
     progress: bool = True,
+    hf_dataset: str = "",
+    hf_split: str = "train",
+    hf_field: str = "text",
 ) -> dict:
-    """Tokenise the files matched by ``text`` into shards plus a manifest at ``out`` (a folder
-    or gs:// path) and return the manifest. ``workers`` processes (0: one per core) tokenise one
-    shard of about ``shard_mb`` MB of text each; the manifest is written last."""
+    """Tokenise the files matched by ``text`` (or the rows of ``hf_dataset``) into shards plus a
+    manifest at ``out`` (a folder or gs:// path) and return the manifest. ``workers`` processes
+    (0: one per core) tokenise one shard of about ``shard_mb`` MB of text each; the manifest
+    is written last."""
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction} must be strictly between 0 and 1")
     if not shard_mb > 0:
@@ -160,11 +244,11 @@ def prepare(
             f"{out} already holds a prepared corpus ({MANIFEST}); give a new --out, or delete "
             "that folder first to prepare it again"
         )
-    files = text_files(text, key="--text")
-    names = [name for name, _ in files]
-    path_of = dict(files)
-    train_names, val_names = split_documents(names, val_fraction)
-    sizes = {name: os.path.getsize(path) for name, path in files}
+    if bool(text) == bool(hf_dataset):
+        raise UserError("give either --text GLOBS or --hf-dataset NAME, one of the two")
+    source = TextFiles(text) if text else HubDataset(hf_dataset, hf_split, hf_field)
+    train_names, val_names = split_documents(source.names(), val_fraction)
+    sizes = {name: source.size(name) for name in (*train_names, *val_names)}
     started = time.perf_counter()
 
     def sample_texts():  # the BPE's training text: train documents only, up to the sample size
@@ -173,7 +257,10 @@ def prepare(
             if budget <= 0:
                 return
             budget -= sizes[name]
-            yield read_text_file(path_of[name])
+            try:
+                yield source.read(source.ref(name))
+            except UserError:
+                continue  # a bad document is refused (or left out) when it is tokenised
 
     tok = load_tokenizer(tokenizer, eod, sample_texts, progress, tokenizer_sample_mb)
     tokenise_started = time.perf_counter()
@@ -181,16 +268,18 @@ def prepare(
     tasks = []
     for split, split_names in (("train", train_names), ("val", val_names)):
         for i, group in enumerate(_groups(split_names, sizes, shard_mb * 1e6)):
-            paths = [path_of[n] for n in group]
-            tasks.append((split, f"{split}-{i:05d}.npy", paths, sum(sizes[n] for n in group)))
+            refs = [source.ref(n) for n in group]
+            tasks.append((split, f"{split}-{i:05d}.npy", refs, sum(sizes[n] for n in group)))
     workers = workers or os.cpu_count() or 1
     total_bytes = sum(sizes.values())
     _say(
         progress,
-        f"tokenising {len(train_names)} train and {len(val_names)} val files "
+        f"tokenising {len(train_names)} train and {len(val_names)} val documents "
         f"({total_bytes / 1e6:,.1f} MB) into {len(tasks)} shards with {workers} process(es)",
     )
-    shards = _run_tasks(tasks, tok, str(dest), skip_bad_files, workers, total_bytes, progress)
+    shards = _run_tasks(
+        tasks, tok, source, str(dest), skip_bad_files, workers, total_bytes, progress
+    )
     skipped = sorted(reason for s in shards for reason in s.pop("skipped"))
     seconds = time.perf_counter() - tokenise_started  # the tokenizer's training not counted
     splits = {}
@@ -214,7 +303,7 @@ def prepare(
         },
         "dtype": tok.dtype,
         "val_fraction": val_fraction,
-        "text": text,
+        "source": {"kind": source.kind, "what": source.described},
         "skipped": skipped,  # files left out (--skip-bad-files), each with its reason
         "splits": splits,
         "prepare": {
@@ -269,12 +358,12 @@ def _groups(names, sizes: dict, target: float) -> list[list[str]]:
     return groups
 
 
-def _run_tasks(tasks, tok: Tokenizer, dest: str, skip_bad: bool, workers, total_bytes, progress):
+def _run_tasks(tasks, tok: Tokenizer, source, dest: str, skip_bad: bool, workers, total, progress):
     """Every shard tokenised and written, in the tasks' order; a progress bar over text bytes."""
     from tqdm import tqdm
 
     bar = tqdm(
-        total=total_bytes,
+        total=total,
         unit="B",
         unit_scale=True,
         desc="tokenising",
@@ -285,7 +374,7 @@ def _run_tasks(tasks, tok: Tokenizer, dest: str, skip_bad: bool, workers, total_
     try:
         if workers == 1:
             for i, task in enumerate(tasks):
-                results[i] = _tokenise_shard(tok, dest, skip_bad, *task)
+                results[i] = _tokenise_shard(tok, source, dest, skip_bad, *task)
                 bar.update(task[3])
         else:
             context = multiprocessing.get_context("spawn")  # gcsfs and threads do not fork well
@@ -293,7 +382,7 @@ def _run_tasks(tasks, tok: Tokenizer, dest: str, skip_bad: bool, workers, total_
                 workers, mp_context=context, initializer=_one_thread_each
             ) as pool:
                 futures = {
-                    pool.submit(_tokenise_shard, tok, dest, skip_bad, *t): i
+                    pool.submit(_tokenise_shard, tok, source, dest, skip_bad, *t): i
                     for i, t in enumerate(tasks)
                 }
                 for future in concurrent.futures.as_completed(futures):
@@ -315,10 +404,11 @@ _WORKER_TOKENIZER: dict[str, object] = {}
 
 
 def _tokenise_shard(
-    tok: Tokenizer, dest: str, skip_bad: bool, split: str, file: str, paths, text_bytes: int
+    tok: Tokenizer, source, dest: str, skip_bad: bool, split: str, file: str, refs, text_bytes
 ):
-    """Tokenise ``paths`` (each followed by EOD) into the shard ``dest/file``; its entry. A file
-    that is empty or not UTF-8 stops the prepare, or with ``skip_bad`` is left out and named."""
+    """Tokenise the documents ``refs`` of ``source`` (each followed by EOD) into the shard
+    ``dest/file``; its entry. A document that is empty or not UTF-8 stops the prepare, or with
+    ``skip_bad`` is left out and named."""
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = _WORKER_TOKENIZER.get(tok.sha256)
@@ -332,9 +422,9 @@ def _tokenise_shard(
             parts.extend([np.asarray(encoding.ids, dtype), eod])
         texts.clear()
 
-    for path in paths:
+    for ref in refs:
         try:
-            texts.append(read_text_file(path))
+            texts.append(source.read(ref))
         except UserError as e:
             if not skip_bad:
                 raise UserError(f"{e} (or pass --skip-bad-files)") from None
@@ -352,7 +442,7 @@ def _tokenise_shard(
         "split": split,
         "file": file,
         "tokens": len(ids),
-        "documents": len(paths) - len(skipped),
+        "documents": len(refs) - len(skipped),
         "skipped": skipped,
         "text_bytes": text_bytes,
         "data_offset": len(raw) - ids.nbytes,

@@ -32,7 +32,9 @@ def write_texts(folder, n_files=12, seed=0, words=WORDS):
 def prepare(tmp_path, name="corpus", **kwargs):
     kwargs = {"val_fraction": 0.25, "workers": 1, "shard_mb": 0.008, "progress": False} | kwargs
     out = tmp_path / name
-    texts = kwargs.pop("texts", None) or write_texts(tmp_path / f"{name}-text")
+    texts = kwargs.pop("texts", None)
+    if texts is None:
+        texts = write_texts(tmp_path / f"{name}-text")
     return out, shards.prepare(texts, kwargs.pop("tokenizer", "bpe:300"), str(out), **kwargs)
 
 
@@ -212,3 +214,33 @@ def test_a_bad_file_stops_the_prepare_or_with_skip_bad_files_is_left_out_and_nam
     assert "latin1.txt is not UTF-8" in reason
     documents = sum(manifest["splits"][split]["documents"] for split in shards.SPLITS)
     assert documents == 12  # of 13 files
+
+
+def test_a_hugging_face_dataset_is_prepared_row_by_row(tmp_path, monkeypatch):
+    """A dataset folder of JSON lines through datasets.load_dataset, as a Hub name is once
+    downloaded; its rows are the documents, tokenised in two worker processes."""
+    datasets = pytest.importorskip("datasets", reason="pip install -e '.[test]'")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # worker processes
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    rng = np.random.default_rng(0)
+    rows = [" ".join(rng.choice(WORDS, int(rng.integers(300, 600)))) for _ in range(10)]
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    lines = [{"content": t, "id": i} for i, t in enumerate(rows)] + [{"content": "", "id": 10}]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    options = {"hf_dataset": str(folder), "texts": "", "workers": 2}
+    with pytest.raises(UserError, match=r"has no column 'text' \(it has content, id\)"):
+        prepare(tmp_path, **options)
+    with pytest.raises(UserError, match="row 10 .* has no text in 'content'"):
+        prepare(tmp_path, hf_field="content", **options)
+    out, manifest = prepare(tmp_path, hf_field="content", skip_bad_files=True, **options)
+    assert manifest["source"]["kind"] == "dataset" and len(manifest["skipped"]) == 1
+    tok = Tokenizer.from_file(str(out / shards.TOKENIZER))
+    eod = manifest["tokenizer"]["eod_id"]
+    train, val = data.split_documents([f"{i:010d}" for i in range(11)], 0.25)
+    for split, names in (("train", train), ("val", val)):
+        expected = []
+        for name in names:
+            if int(name) < 10:
+                expected += tok.encode(rows[int(name)]).ids + [eod]
+        np.testing.assert_array_equal(whole_split(out, manifest, split), expected)
