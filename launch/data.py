@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
+from launch.bpe import EOD_TEXT, load_bpe, train_bpe
 from launch.corpus import (
     Document,
     atomic_write,
@@ -57,8 +58,7 @@ from scaling.errors import UserError
 
 CORPORA = ("shakespeare", "kjv", "text", "tokens")
 TOKENIZERS = ("byte", "bpe")
-EOD_ID = 0  # end-of-document token after every document, for both tokenizers
-EOD_TEXT = "<|eod|>"  # how EOD_ID reads in decoded text (and the BPE special token)
+EOD_ID = 0  # end-of-document token after every document, for both tokenizers (BPE: EOD_TEXT)
 # Bump when the meaning of cached files changes, so old cache entries are no longer used.
 CACHE_FORMAT = 1
 
@@ -175,7 +175,7 @@ def prepare_corpus(data_cfg: ConfigDict, vocab_size: int, progress: bool = True)
         meta = {"fingerprint": fingerprint, **recipe}
         _write_entry(entry, streams, meta)
         say(progress, f"cached token streams in {entry}")
-    vocab = 256 if tokenizer == "byte" else _load_bpe(tokenizer_file).get_vocab_size()
+    vocab = 256 if tokenizer == "byte" else load_bpe(tokenizer_file).get_vocab_size()
     return Corpus(
         train=np.load(entry / "train.npy", mmap_mode="r"),
         val=np.load(entry / "val.npy", mmap_mode="r"),
@@ -205,7 +205,7 @@ def encode_text(text: str, corpus: Corpus) -> np.ndarray:
     if corpus.tokenizer == "byte":
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
     if corpus.tokenizer == "bpe":
-        ids = _load_bpe(corpus.tokenizer_file).encode(text, add_special_tokens=False).ids
+        ids = load_bpe(corpus.tokenizer_file).encode(text, add_special_tokens=False).ids
         return np.asarray(ids, np.int32)
     raise UserError(
         "data.corpus=tokens has no tokenizer, so text cannot be encoded; "
@@ -221,7 +221,7 @@ def decode_tokens(ids, corpus: Corpus) -> str:
         texts = [bytes(p[p != EOD_ID].astype(np.uint8)).decode("utf-8", "replace") for p in pieces]
         return EOD_TEXT.join(texts)
     if corpus.tokenizer == "bpe":
-        return _load_bpe(corpus.tokenizer_file).decode(ids.tolist(), skip_special_tokens=False)
+        return load_bpe(corpus.tokenizer_file).decode(ids.tolist(), skip_special_tokens=False)
     raise UserError("data.corpus=tokens has no tokenizer, so ids cannot be decoded to text")
 
 
@@ -377,7 +377,7 @@ def _tokenise(docs: list[Document], tokenizer: str, tokenizer_file: str) -> np.n
                 )
             parts += [np.frombuffer(raw, np.uint8), np.array([EOD_ID], np.uint8)]
         return np.concatenate(parts).astype(np.uint16)
-    bpe = _load_bpe(tokenizer_file)
+    bpe = load_bpe(tokenizer_file)
     dtype = _token_dtype(bpe.get_vocab_size())
     parts = []
     for first in range(0, len(docs), 64):  # batches bound the memory held by Encodings
@@ -403,33 +403,9 @@ def _bpe_tokenizer_file(
     path = cache / "tokenizers" / f"bpe-{key}.json"
     if not path.exists():
         say(progress, f"training a {vocab_size}-id BPE tokenizer on {len(train_docs)} documents")
-        atomic_write(path, train_bpe(train_docs, vocab_size).to_str().encode("utf-8"))
+        bpe = train_bpe((d.text for d in train_docs), vocab_size)
+        atomic_write(path, bpe.to_str().encode("utf-8"))
     return path
-
-
-def train_bpe(train_docs: list[Document], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOD_TEXT],  # listed first, so it gets id 0 = EOD_ID
-        # All 256 byte symbols, so any text encodes, even characters the corpus lacks.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator((d.text for d in train_docs), trainer=trainer)
-    assert bpe.token_to_id(EOD_TEXT) == EOD_ID
-    return bpe
-
-
-@functools.lru_cache(maxsize=4)
-def _load_bpe(path: str):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(path)
 
 
 def _write_entry(entry: Path, streams: dict[str, np.ndarray], meta: dict) -> None:

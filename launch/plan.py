@@ -14,12 +14,16 @@ may name it as FLOP_CONVENTION; Chinchilla's budgets are 6 N_total D).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import statistics
 from pathlib import Path
 
+from etils import epath
+
 from launch import config as config_lib
+from launch.shards import MANIFEST, SPLITS
 from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling.errors import UserError
 
@@ -195,12 +199,6 @@ def data_plan(members, storage_price: float | None = None) -> dict:
         raise UserError(f"--storage-price {storage_price} must be a finite USD per GB-month > 0")
     config = members[0]
     if config.data.get("manifest"):
-        import json
-
-        from etils import epath
-
-        from launch.shards import MANIFEST, SPLITS
-
         path = epath.Path(config.data.manifest)
         path = path if path.name == MANIFEST else path / MANIFEST
         try:

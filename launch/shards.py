@@ -38,9 +38,13 @@ import sys
 import time
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 from etils import epath
+from tokenizers import Tokenizer as HFTokenizer
+from tqdm import tqdm
 
+from launch.bpe import EOD_TEXT, train_bpe
 from launch.corpus import read_text_file, say, split_documents, text_files
 from scaling.errors import UserError
 
@@ -81,12 +85,7 @@ def load_tokenizer(
     (the suite's byte-level BPE with V ids, trained on ``train_texts()``), or a Hugging Face
     name (needs the network). Its end-of-document token is ``eod``, else the first of
     ``EOD_CANDIDATES`` it has."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     if spec.startswith("bpe:"):
-        from launch.corpus import Document
-        from launch.data import EOD_TEXT, train_bpe
-
         try:
             vocab = int(spec[4:])
         except ValueError:
@@ -97,8 +96,7 @@ def load_tokenizer(
                 "257 (256 bytes and <|eod|>), e.g. bpe:32768"
             )
         _say(progress, f"training a {vocab}-id BPE on up to {sample_mb:g} MB of the train text")
-        docs = [Document(str(i), text) for i, text in enumerate(train_texts())]
-        hf = train_bpe(docs, vocab)
+        hf = train_bpe(train_texts(), vocab)
         eod = eod or EOD_TEXT
     elif os.path.isfile(os.path.expanduser(spec)):
         try:
@@ -178,7 +176,7 @@ class HubDataset:
 
     def _load(self):
         try:
-            import datasets
+            import datasets  # an optional extra ([hf]): imported only when asked for
         except ImportError:
             raise UserError(
                 "--hf-dataset needs the datasets library: pip install datasets"
@@ -360,8 +358,6 @@ def _groups(names, sizes: dict, target: float) -> list[list[str]]:
 
 def _run_tasks(tasks, tok: Tokenizer, source, dest: str, skip_bad: bool, workers, total, progress):
     """Every shard tokenised and written, in the tasks' order; a progress bar over text bytes."""
-    from tqdm import tqdm
-
     bar = tqdm(
         total=total,
         unit="B",
@@ -409,8 +405,6 @@ def _tokenise_shard(
     """Tokenise the documents ``refs`` of ``source`` (each followed by EOD) into the shard
     ``dest/file``; its entry. A document that is empty or not UTF-8 stops the prepare, or with
     ``skip_bad`` is left out and named."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     hf = _WORKER_TOKENIZER.get(tok.sha256)
     if hf is None:
         hf = _WORKER_TOKENIZER[tok.sha256] = HFTokenizer.from_str(tok.json_text)
@@ -583,8 +577,6 @@ def _shard_problem(path: epath.Path, shard: dict) -> str:
 def _gcs():
     """The gcsfs filesystem etils uses too (one per process; it honours
     STORAGE_EMULATOR_HOST, and its calls may come from several threads)."""
-    import fsspec
-
     return fsspec.filesystem("gs")
 
 

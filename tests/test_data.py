@@ -227,10 +227,14 @@ def test_bpe_trains_on_train_documents_only_and_is_cached(tmp_path, monkeypatch)
     )
     trainings = []
     train_bpe = data.train_bpe
-    monkeypatch.setattr(data, "train_bpe", lambda *a: trainings.append(a) or train_bpe(*a))
 
+    def recorded(texts, vocab_size):
+        trainings.append(list(texts))
+        return train_bpe(trainings[-1], vocab_size)
+
+    monkeypatch.setattr(data, "train_bpe", recorded)
     corpus = prepare_corpus(cfg, vocab_size=400, progress=False)
-    assert trainings and [d.name for d in trainings[0][0]] == list(train_names)
+    assert trainings and trainings[0] == [texts[n] for n in train_names]
     vocab = json.loads(open(corpus.tokenizer_file).read())["model"]["vocab"]
     assert not [token for token in vocab if "zy" in token]
     assert corpus.vocab_size <= 400 and corpus.train.dtype == np.uint16
