@@ -313,6 +313,7 @@ def test_fit_csv_bad_input_is_a_user_error(small_csv, args, message):
         fit_csv(path, *args[1:])
 
 
+@pytest.mark.slow  # 200 bootstrap refits of 24 curves: ~20 s on two cores
 def test_residual_bootstrap_keeps_the_design_and_covers_the_truth():
     # Per-token curves: T = 1..128 is a fixed design whose first few points set alpha.
     rng = np.random.default_rng(7)

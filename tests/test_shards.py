@@ -4,6 +4,7 @@ reading its batches from them by ranges (tests/test_gcs.py does the same through
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -218,7 +219,8 @@ def test_a_bad_file_stops_the_prepare_or_with_skip_bad_files_is_left_out_and_nam
 
 def test_a_hugging_face_dataset_is_prepared_row_by_row(tmp_path, monkeypatch):
     """A dataset folder of JSON lines through datasets.load_dataset, as a Hub name is once
-    downloaded; its rows are the documents, tokenised in two worker processes."""
+    downloaded; its rows are the documents. (A worker process gets the source pickled and
+    loads the rows again from the cache: that round trip is checked here too.)"""
     datasets = pytest.importorskip("datasets", reason="pip install -e '.[test]'")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))  # worker processes
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
@@ -228,13 +230,15 @@ def test_a_hugging_face_dataset_is_prepared_row_by_row(tmp_path, monkeypatch):
     folder.mkdir()
     lines = [{"content": t, "id": i} for i, t in enumerate(rows)] + [{"content": "", "id": 10}]
     (folder / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    options = {"hf_dataset": str(folder), "texts": "", "workers": 2}
+    options = {"hf_dataset": str(folder), "texts": ""}
     with pytest.raises(UserError, match=r"has no column 'text' \(it has content, id\)"):
         prepare(tmp_path, **options)
     with pytest.raises(UserError, match="row 10 .* has no text in 'content'"):
         prepare(tmp_path, hf_field="content", **options)
     out, manifest = prepare(tmp_path, hf_field="content", skip_bad_files=True, **options)
     assert manifest["source"]["kind"] == "dataset" and len(manifest["skipped"]) == 1
+    source = shards.HubDataset(str(folder), field="content")
+    assert pickle.loads(pickle.dumps(source)).read(3) == rows[3]
     tok = Tokenizer.from_file(str(out / shards.TOKENIZER))
     eod = manifest["tokenizer"]["eod_id"]
     train, val = data.split_documents([f"{i:010d}" for i in range(11)], 0.25)
