@@ -582,11 +582,11 @@ def _prepare(args, overrides):
                 "scaling prepare needs either a study file (its corpus, cached) or all of --text "
                 "(or --hf-dataset), --tokenizer and --out (shards plus a manifest), not both"
             )
-        from launch import shards
+        from launch import make_shards
 
         if args.workers < 0:
             raise UserError(f"--workers {args.workers} must be 0 (one per core) or more")
-        shards.prepare(
+        make_shards.prepare(
             args.text or "",
             args.tokenizer,
             args.out,

@@ -17,7 +17,7 @@ import pytest
 from test_remote_records import bucket_config
 from test_shards import write_texts
 
-from launch import checkpoints, data, remote_records, shards
+from launch import checkpoints, data, make_shards, remote_records, shards
 from launch.cli import main
 from launch.train import train_and_evaluate
 from scaling.errors import UserError
@@ -209,8 +209,8 @@ def bucket_corpus(gcs, tmp_path_factory):
     texts = write_texts(tmp / "text")
     options = {"val_fraction": 0.25, "shard_mb": 0.008, "progress": False}
     bucket = f"gs://{BUCKET}/{tmp.name}/corpus"
-    manifest = shards.prepare(texts, "bpe:300", bucket, workers=2, **options)
-    local = shards.prepare(texts, "bpe:300", str(tmp / "local"), workers=1, **options)
+    manifest = make_shards.prepare(texts, "bpe:300", bucket, workers=2, **options)
+    local = make_shards.prepare(texts, "bpe:300", str(tmp / "local"), workers=1, **options)
     assert manifest["fingerprint"] == local["fingerprint"]
     return bucket, str(tmp / "local"), manifest
 

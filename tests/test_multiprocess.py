@@ -310,10 +310,10 @@ def test_two_processes_train_one_run(tmp_path):
 def test_two_processes_read_their_own_rows_of_a_manifest_and_train_as_one_does(tmp_path):
     """A corpus prepared into shards, trained by two processes whose data axis spans both
     (each reading only its rows of every batch), ends at one process's losses."""
-    from launch import shards
+    from launch import make_shards
 
     manifest = tmp_path / "shards"
-    shards.prepare(
+    make_shards.prepare(
         _corpus(tmp_path / "corpus"),
         "bpe:300",
         str(manifest),

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from launch import config as config_lib
-from launch import data, shards, train
+from launch import data, make_shards, shards, train
 from launch.cli import main
 from scaling.errors import UserError
 from scaling.store import Store
@@ -36,7 +36,7 @@ def prepare(tmp_path, name="corpus", **kwargs):
     texts = kwargs.pop("texts", None)
     if texts is None:
         texts = write_texts(tmp_path / f"{name}-text")
-    return out, shards.prepare(texts, kwargs.pop("tokenizer", "bpe:300"), str(out), **kwargs)
+    return out, make_shards.prepare(texts, kwargs.pop("tokenizer", "bpe:300"), str(out), **kwargs)
 
 
 def whole_split(out, manifest, split) -> np.ndarray:
@@ -237,7 +237,7 @@ def test_a_hugging_face_dataset_is_prepared_row_by_row(tmp_path, monkeypatch):
         prepare(tmp_path, hf_field="content", **options)
     out, manifest = prepare(tmp_path, hf_field="content", skip_bad_files=True, **options)
     assert manifest["source"]["kind"] == "dataset" and len(manifest["skipped"]) == 1
-    source = shards.HubDataset(str(folder), field="content")
+    source = make_shards.HubDataset(str(folder), field="content")
     assert pickle.loads(pickle.dumps(source)).read(3) == rows[3]
     tok = Tokenizer.from_file(str(out / shards.TOKENIZER))
     eod = manifest["tokenizer"]["eod_id"]
