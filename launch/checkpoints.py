@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from scaling import faults
-from scaling.errors import UserError
+from scaling.errors import UserError, first_line
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step folder when the save is done
 # Bytes per parameter of one checkpoint: float32 params and AdamW's two
@@ -178,10 +178,10 @@ class Checkpointer:
         """One line for a save that could not be written (storage unreachable after its
         client's retries, a full disk): the steps saved before it are whole, and an unfinished
         save is never restored (it has no commit marker), so a relaunch resumes from those."""
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         return UserError(
-            f"saving a checkpoint to {self._manager.directory} failed ({first}); the run "
-            "resumes from its last complete checkpoint: relaunch once that storage is reachable"
+            f"saving a checkpoint to {self._manager.directory} failed ({first_line(error, 200)}); "
+            "the run resumes from its last complete checkpoint: relaunch once that storage is "
+            "reachable"
         )
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,10 +73,19 @@ def resolve_cache_dir(cache_dir: str) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+def atomic_write(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a local path, or a gs:// etils path) so that readers see
+    either nothing or the whole file."""
+    if str(path).startswith("gs://"):
+        # A GCS object appears whole or not at all, and a rename there is a copy and a
+        # delete: one upload is the atomic write.
+        path.write_bytes(data)
+        return
+    path = Path(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per writer (also per thread): a rename onto an existing name replaces it, and a
+    # rewrite is the same content.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

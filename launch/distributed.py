@@ -50,7 +50,7 @@ import sys
 
 import jax
 
-from scaling.errors import UserError
+from scaling.errors import UserError, first_line
 
 ENV_COORDINATOR = "SCALING_COORDINATOR"
 ENV_NUM_PROCESSES = "SCALING_NUM_PROCESSES"
@@ -204,6 +204,5 @@ def _initialize(how: str, **kwargs):
         jax.distributed.initialize(**kwargs)
     except RuntimeError as e:  # e.g. called after a JAX backend had started
         raise UserError(
-            f"could not join the multi-process run {how}: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"could not join the multi-process run {how}: {first_line(e, None)}"
         ) from None

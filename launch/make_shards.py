@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from etils import epath
@@ -26,9 +27,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from launch.bpe import EOD_TEXT, train_bpe
-from launch.corpus import read_text_file, split_documents, text_files
+from launch.corpus import atomic_write, read_text_file, split_documents, text_files
 from launch.shards import FORMAT, MANIFEST, SPLITS, TOKENIZER, fingerprint
-from scaling.errors import UserError
+from scaling.errors import UserError, first_line
 
 # End-of-document tokens of common tokenizers (GPT-2, the suite's BPE, Llama 3, SentencePiece).
 EOD_CANDIDATES = ("<|endoftext|>", "<|eod|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
@@ -82,7 +83,7 @@ def load_tokenizer(
         except Exception as e:  # the tokenizers library raises a bare Exception
             raise UserError(
                 f"--tokenizer {spec} is not a tokenizer.json the tokenizers library reads "
-                f"({_first_line(e)}); give the tokenizer.json of a tokenizers "
+                f"({first_line(e, 120)}); give the tokenizer.json of a tokenizers "
                 "tokenizer"
             ) from None
     else:
@@ -91,7 +92,7 @@ def load_tokenizer(
         except Exception as e:
             raise UserError(
                 f"--tokenizer {spec!r} is not a file, and fetching it from the Hugging Face Hub "
-                f"failed ({_first_line(e)}); give a path to a tokenizer.json, "
+                f"failed ({first_line(e, 120)}); give a path to a tokenizer.json, "
                 "bpe:VOCAB to train one, or a Hub name while online"
             ) from None
     if not eod:
@@ -105,10 +106,6 @@ def load_tokenizer(
     if eod_id is None:
         raise UserError(f"--eod {eod!r} is not a token of --tokenizer {spec}; name one it has")
     return Tokenizer(hf.to_str(), hf.get_vocab_size(), eod_id, eod, spec)
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
 
 
 class TextFiles:
@@ -165,7 +162,7 @@ class HubDataset:
         except Exception as e:  # the Hub, the network, a wrong name: all end up here
             raise UserError(
                 f"--hf-dataset {self.spec}: loading split {self.split!r} failed "
-                f"({_first_line(e)}); check the name (NAME or NAME:CONFIG) and the network"
+                f"({first_line(e, 120)}); check the name (NAME or NAME:CONFIG) and the network"
             ) from None
 
     def __getstate__(self):  # worker processes load the rows again, from the cache
@@ -245,7 +242,7 @@ def prepare(
     for split, split_names in (("train", train_names), ("val", val_names)):
         for i, group in enumerate(_groups(split_names, sizes, shard_mb * 1e6)):
             refs = [source.ref(n) for n in group]
-            tasks.append((split, f"{split}-{i:05d}.npy", refs, sum(sizes[n] for n in group)))
+            tasks.append(_Task(split, f"{split}-{i:05d}.npy", refs, sum(sizes[n] for n in group)))
     workers = workers or os.cpu_count() or 1
     total_bytes = sum(sizes.values())
     _say(
@@ -260,12 +257,12 @@ def prepare(
     seconds = time.perf_counter() - tokenise_started  # the tokenizer's training not counted
     splits = {}
     for split in SPLITS:
-        mine = [{k: v for k, v in s.items() if k != "split"} for s in shards if s["split"] == split]
+        mine = [(task, s) for task, s in zip(tasks, shards, strict=True) if task.split == split]
         splits[split] = {
-            "tokens": sum(s["tokens"] for s in mine),
-            "documents": sum(s["documents"] for s in mine),
-            "text_bytes": sum(s.pop("text_bytes") for s in mine),
-            "shards": mine,
+            "tokens": sum(s["tokens"] for _, s in mine),
+            "documents": sum(s["documents"] for _, s in mine),
+            "text_bytes": sum(task.text_bytes for task, _ in mine),
+            "shards": [s for _, s in mine],
         }
     manifest = {
         "format": FORMAT,
@@ -291,7 +288,7 @@ def prepare(
     }
     manifest["fingerprint"] = fingerprint(manifest)
     (dest / TOKENIZER).write_text(tok.json_text)
-    _write_whole(dest / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
+    atomic_write(dest / MANIFEST, json.dumps(manifest, indent=1).encode("utf-8"))
     tokens = splits["train"]["tokens"] + splits["val"]["tokens"]
     _say(
         progress,
@@ -303,6 +300,15 @@ def prepare(
         f"fingerprint {manifest['fingerprint']}",
     )
     return manifest
+
+
+class _Task(NamedTuple):
+    """One shard to make: its split, file name, documents (refs of the source), text size."""
+
+    split: str
+    file: str
+    refs: list
+    text_bytes: int
 
 
 def _groups(names, sizes: dict, target: float) -> list[list[str]]:
@@ -333,21 +339,21 @@ def _run_tasks(tasks, tok: Tokenizer, source, dest: str, skip_bad: bool, workers
     try:
         if workers == 1:
             for i, task in enumerate(tasks):
-                results[i] = _tokenise_shard(tok, source, dest, skip_bad, *task)
-                bar.update(task[3])
+                results[i] = _tokenise_shard(tok, source, dest, skip_bad, task.file, task.refs)
+                bar.update(task.text_bytes)
         else:
             context = multiprocessing.get_context("spawn")  # gcsfs and threads do not fork well
             with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_one_thread_each
             ) as pool:
                 futures = {
-                    pool.submit(_tokenise_shard, tok, source, dest, skip_bad, *t): i
+                    pool.submit(_tokenise_shard, tok, source, dest, skip_bad, t.file, t.refs): i
                     for i, t in enumerate(tasks)
                 }
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]
                     results[i] = future.result()
-                    bar.update(tasks[i][3])
+                    bar.update(tasks[i].text_bytes)
     finally:
         bar.close()
     return results
@@ -362,9 +368,7 @@ def _one_thread_each():
 _WORKER_TOKENIZER: dict[str, object] = {}
 
 
-def _tokenise_shard(
-    tok: Tokenizer, source, dest: str, skip_bad: bool, split: str, file: str, refs, text_bytes
-):
+def _tokenise_shard(tok: Tokenizer, source, dest: str, skip_bad: bool, file: str, refs):
     """Tokenise the documents ``refs`` of ``source`` (each followed by EOD) into the shard
     ``dest/file``; its entry. A document that is empty or not UTF-8 stops the prepare, or with
     ``skip_bad`` is left out and named."""
@@ -394,28 +398,16 @@ def _tokenise_shard(
     buffer = io.BytesIO()
     np.save(buffer, ids, allow_pickle=False)
     raw = buffer.getvalue()
-    _write_whole(epath.Path(dest) / file, raw)
+    atomic_write(epath.Path(dest) / file, raw)
     return {
-        "split": split,
         "file": file,
         "tokens": len(ids),
         "documents": len(refs) - len(skipped),
         "skipped": skipped,
-        "text_bytes": text_bytes,
         "data_offset": len(raw) - ids.nbytes,
         "size": len(raw),
         "md5": hashlib.md5(raw).hexdigest(),
     }
-
-
-def _write_whole(path: epath.Path, raw: bytes) -> None:
-    """``raw`` at ``path``, seen whole or not at all: one upload on GCS, a rename locally."""
-    if str(path).startswith("gs://"):
-        path.write_bytes(raw)
-        return
-    partial = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    partial.write_bytes(raw)
-    partial.replace(path)
 
 
 def _say(progress: bool, message: str) -> None:

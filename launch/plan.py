@@ -20,10 +20,8 @@ import re
 import statistics
 from pathlib import Path
 
-from etils import epath
-
 from launch import config as config_lib
-from launch.shards import MANIFEST, SPLITS
+from launch.shards import SPLITS, manifest_path
 from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling.errors import UserError
 
@@ -199,10 +197,8 @@ def data_plan(members, storage_price: float | None = None) -> dict:
         raise UserError(f"--storage-price {storage_price} must be a finite USD per GB-month > 0")
     config = members[0]
     if config.data.get("manifest"):
-        path = epath.Path(config.data.manifest)
-        path = path if path.name == MANIFEST else path / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(manifest_path(config.data.manifest).read_text())
             splits = [manifest["splits"][s] for s in SPLITS]
             tokens = sum(s["tokens"] for s in splits)
             size = sum(shard["size"] for s in splits for shard in s["shards"])

@@ -8,11 +8,11 @@ through `etils.epath` (a local folder or gs://):
     <bucket>/runs/<run_id>/records/status/<time_ns>.json     each status change
 
 Files are only added, never edited or deleted (a status change is a new
-file; the newest is the run's status), and each is written whole to a
-temporary name and then moved into place, so a reader sees a file complete or not
-at all. Writing the same eval step again (a resume past the last
-checkpoint) replaces it with the same content, so everything is idempotent,
-and the store's keyed writes make ingesting it twice a no-op.
+file; the newest is the run's status), and each is written whole
+(`launch.corpus.atomic_write`: one upload on GCS, a temporary name moved into place in a
+folder), so a reader sees a file complete or not at all. Writing the same eval step
+again (a resume past the last checkpoint) replaces it with the same content, so
+everything is idempotent, and the store's keyed writes make ingesting it twice a no-op.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 
 from etils import epath
+
+from launch.corpus import atomic_write
 
 RUN, EVAL, STATUS, ENVIRONMENT = "run.json", "eval", "status", "environment"
 
@@ -37,16 +38,7 @@ def records_dir(bucket: str, run_id: str) -> epath.Path:
 
 
 def _write(path: epath.Path, payload: dict):
-    text = json.dumps(payload, sort_keys=True)
-    if str(path).startswith("gs://"):
-        # A GCS object appears whole or not at all, and a rename there is a copy and a
-        # delete: one upload is the atomic write.
-        path.write_text(text)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    partial.write_text(text)
-    partial.replace(path)  # rename refuses an existing name; a rewrite is the same content
+    atomic_write(path, json.dumps(payload, sort_keys=True).encode("utf-8"))
 
 
 class RunRecords:

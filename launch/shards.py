@@ -59,6 +59,12 @@ def fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+def manifest_path(location: str) -> epath.Path:
+    """The manifest.json that ``data.manifest`` names: its folder, or the file itself."""
+    path = epath.Path(location)
+    return path if path.name == MANIFEST else path / MANIFEST
+
+
 @dataclass(frozen=True, eq=False)
 class Manifest:
     """A prepared corpus, checked: its folder, its JSON, and the tokenizer file it holds."""
@@ -81,9 +87,7 @@ def open_manifest(location: str, model_vocab: int, progress: bool = True) -> Man
     training if it is unreadable, its tokenizer has more ids than the model, or any shard is
     missing or fails its checksum."""
     key = "data.manifest"
-    path = epath.Path(location)
-    if path.name != MANIFEST:
-        path = path / MANIFEST
+    path = manifest_path(location)
     root = path.parent
     try:
         data = json.loads(path.read_text())

@@ -42,7 +42,7 @@ from launch.peak import matmul_peak_flops
 from models import sharding
 from models.sizes import DEFAULT_FLOP_CONVENTION, FLOP_CONVENTIONS
 from scaling import faults
-from scaling.errors import Preempted, UserError
+from scaling.errors import Preempted, UserError, first_line
 from scaling.store import RunRecord, Store, check_writable
 
 
@@ -143,7 +143,7 @@ def train_and_evaluate(config, store: Store | None = None) -> str:
                 # Out of device or host memory: the run cannot go on at this size, so it is
                 # failed (not left running) and the reason says what to change.
                 reason = (
-                    f"out of memory at this size ({str(e).splitlines()[0][:160]}); "
+                    f"out of memory at this size ({first_line(e)}); "
                     "lower train.batch_size, use model.remat=full, or add devices"
                 )
                 if is_writer:

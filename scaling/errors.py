@@ -7,6 +7,13 @@ its traceback.
 """
 
 
+def first_line(error: BaseException, limit: int | None = 160) -> str:
+    """The first line of ``error``'s message (at most ``limit`` characters), or its type's
+    name when the message is empty: how a library's long error is quoted in one line."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line[:limit]
+
+
 class UserError(Exception):
     """A bad input: the message names the problem and the fix."""
 
