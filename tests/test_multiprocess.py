@@ -223,6 +223,12 @@ def _two_processes(
     return outputs
 
 
+def _one_process(args: list[str]) -> None:
+    """Run `args` as one process over 4 devices, the single-process reference of a run."""
+    one = subprocess.run(args, cwd=REPO, text=True, capture_output=True, env=_env(4), timeout=300)
+    assert one.returncode == 0, one.stderr[-4000:]
+
+
 def _env(devices: int, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     env.update(
@@ -275,15 +281,7 @@ def test_two_processes_train_one_run(tmp_path):
     # The same run by one process over 4 devices: the same losses (float32
     # reductions in another order: a few ulps).
     single_store = tmp_path / "single.sqlite"
-    one = subprocess.run(
-        _run_args(tmp_path, single_store, tmp_path / "single_runs", paths),
-        cwd=REPO,
-        text=True,
-        capture_output=True,
-        env=_env(4),
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process(_run_args(tmp_path, single_store, tmp_path / "single_runs", paths))
     single_runs, single_rows = _eval_rows(single_store)
     assert single_runs[0][0] == run_id  # the mesh is not part of the run's identity
     assert single_rows.keys() == rows.keys()
@@ -327,15 +325,7 @@ def test_two_processes_read_their_own_rows_of_a_manifest_and_train_as_one_does(t
     args = _run_args(tmp_path, store, tmp_path / "runs", "", mesh=(2, 1, 2), **more)
     _two_processes(args)
     single = tmp_path / "single.sqlite"
-    one = subprocess.run(
-        _run_args(tmp_path, single, tmp_path / "single_runs", "", mesh=(2, 1, 2), **more),
-        cwd=REPO,
-        text=True,
-        capture_output=True,
-        env=_env(4),
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-4000:]
+    _one_process(_run_args(tmp_path, single, tmp_path / "single_runs", "", mesh=(2, 1, 2), **more))
     (runs, rows), (single_runs, single_rows) = _eval_rows(store), _eval_rows(single)
     assert runs == single_runs and runs[0][1:] == ("finished", 4)
     assert rows.keys() == single_rows.keys()
