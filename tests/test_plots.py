@@ -246,25 +246,30 @@ def test_all_draws_every_kind_that_applies_and_says_why_not_the_rest(single, tmp
         assert svg.read_text().lstrip().startswith("<?xml")
 
 
-def test_missing_fits_are_fitted_saved_and_said(tmp_path, monkeypatch):
+def test_missing_fits_are_fitted_for_the_figure_and_said_but_not_saved(tmp_path, monkeypatch):
     """The plumbing, with a stand-in fitter; the real one is in the slow test below."""
     from scaling.studies import analysis
 
-    def fake_fit_sweep(store, sweep, law, what):
-        record = _fit(sweep, law, what, "run0", {"E": 3.0, "A": 1.5, "alpha": 0.6})
-        store.save_fit(record)
-        return [record]
+    asked = []
+
+    def fake_fit_sweep(store, sweep, law, what, save=True):
+        asked.append(save)
+        return [_fit(sweep, law, what, "run0", {"E": 3.0, "A": 1.5, "alpha": 0.6})]
 
     monkeypatch.setattr(analysis, "fit_sweep", fake_fit_sweep)
     with make_single_budget_store(tmp_path / "s.sqlite", with_fits=False) as store:
         plot = plots.make_plot(store, "one", "per-token")
         assert plot.legend == ["run0 (10k): $L = 3 + 1.5\\,T^{-0.6}$"]
-        assert "the saturating law was fitted now to 1 curve(s) and saved" in plot.notes[0]
-        assert "no fit stored for run1, run2, run3, run4" in plot.notes[1]
         assert (
-            "drawing the stored per-token fits"
-            in plots.make_plot(store, "one", "per-token").notes[0]
+            "the saturating law was fitted now to 1 curve(s) for this figure only"
+            in (plot.notes[0])
         )
+        assert "`scaling fit --sweep one --what per-token --law saturating`" in plot.notes[0]
+        assert "no fit stored for run1, run2, run3, run4" in plot.notes[1]
+        assert asked == [False]
+        # Nothing was stored, so the next figure fits again rather than reading a fit.
+        assert "fitted now" in plots.make_plot(store, "one", "per-token").notes[0]
+        assert store.fits("one") == []
 
 
 @pytest.mark.slow
@@ -278,6 +283,7 @@ def test_plot_fits_with_the_real_fitter_recover_the_laws(tmp_path):
         ]
         E, A, alpha, *_ = _numbers(text.split(":", 1)[1])
         assert (E, A, -alpha) == pytest.approx((1.5, 40, 0.3), rel=0.02)
+        assert store.fits("one") == []  # the figures' own fits are not stored
 
 
 @pytest.mark.parametrize(

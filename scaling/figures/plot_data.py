@@ -75,7 +75,7 @@ def by_curve(records) -> dict:
 
 def stored_or_new_fits(store, sweep, law, what, plot, keep=None) -> list:
     """The stored fits of `what` that `keep` accepts (default: of `law`); if there are none,
-    `law` is fitted now (and saved, as `scaling fit` would)."""
+    `law` is fitted now for the figure alone: drawing never writes to the store."""
     keep = keep or (lambda r: r.law == law)
     fits = [r for r in stored_fits(store, sweep, what) if keep(r)]
     if fits:
@@ -85,13 +85,14 @@ def stored_or_new_fits(store, sweep, law, what, plot, keep=None) -> list:
         )
         return fits
     try:
-        records = analysis.fit_sweep(store, sweep, law, what)
+        records = analysis.fit_sweep(store, sweep, law, what, save=False)
     except UserError as e:
         plot.notes.append(f"{plot.kind}: no {what} fit stored and none could be made ({e})")
         return []
     plot.notes.append(
-        f"{plot.kind}: no {what} fit was stored, so the {law} law was fitted now "
-        f"to {len(records)} curve(s) and saved to the store"
+        f"{plot.kind}: no {what} fit is stored, so the {law} law was fitted now to "
+        f"{len(records)} curve(s) for this figure only (`scaling fit --sweep {sweep} "
+        f"--what {what} --law {law}` stores it)"
     )
     return records
 

@@ -12,6 +12,7 @@ Failed runs are left out, and the fit's selection says which and why.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -20,7 +21,12 @@ from scaling.fitting.fit import OPTIMIZER_DEFAULTS, fit
 from scaling.fitting.laws import LAWS, get_law
 from scaling.store import FitRecord, Store, sweep_runs
 from scaling.studies.fit_warnings import record_warnings
-from scaling.studies.provenance import environment_text, run_convention, save_fit_result
+from scaling.studies.provenance import (
+    environment_text,
+    fit_record,
+    run_convention,
+    save_fit_result,
+)
 
 
 def fit_sweep(
@@ -37,8 +43,11 @@ def fit_sweep(
     varpro: bool = False,
     keep_starts: int | None = None,
     resample: str | None = None,
+    save: bool = True,
 ) -> list[FitRecord]:
-    """Fit `law_name` to the selection `what` of `sweep`, save and return one record per curve.
+    """Fit `law_name` to the selection `what` of `sweep`; return one record per curve,
+    saved to the store unless `save` is False (a figure's own fit, which leaves the store
+    as it was).
 
     fixed: name -> value pinned (not fitted); convention: the FLOP convention
     the runs' compute is read under (default: the one they were recorded in);
@@ -94,9 +103,9 @@ def fit_sweep(
         "keep_starts": keep_starts,
         "varpro": bool(result.varpro),
     }
+    record = partial(save_fit_result, store) if save else fit_record
     return [
-        save_fit_result(
-            store,
+        record(
             result,
             i,
             sweep=sweep,

@@ -121,8 +121,7 @@ def run_flops(run, convention: str) -> float:
     return float(run.flops_by_convention[convention])
 
 
-def save_fit_result(
-    store: Store,
+def fit_record(
     result,
     curve: int,
     *,
@@ -139,9 +138,9 @@ def save_fit_result(
     convention: str | None,
     extra: dict | None = None,
 ) -> FitRecord:
-    """Curve `curve` of a `FitResult` saved as one FitRecord with its provenance (and
-    `extra` provenance keys); returns the record with its fit id. Every caller that
-    stores a fit goes through here, so no stored fit lacks where it came from."""
+    """Curve `curve` of a `FitResult` as one FitRecord with its provenance (and `extra`
+    provenance keys), not yet stored. Every curve fit is recorded through here, so no
+    stored fit lacks where it came from."""
     provenance = fit_provenance(
         result,
         curve,
@@ -152,7 +151,7 @@ def save_fit_result(
         fit_settings=fit_settings,
         convention=convention,
     )
-    record = FitRecord(
+    return FitRecord(
         sweep=sweep,
         law=result.law.name,
         what=what,
@@ -168,7 +167,11 @@ def save_fit_result(
         settings=settings,
         provenance=provenance | (extra or {}),
     )
-    return store_fit(store, record, run_ids)
+
+
+def save_fit_result(store: Store, result, curve: int, *, run_ids, **record) -> FitRecord:
+    """`fit_record` of curve `curve`, stored; returns the record with its fit id."""
+    return store_fit(store, fit_record(result, curve, run_ids=run_ids, **record), run_ids)
 
 
 def store_fit(store: Store, record: FitRecord, run_ids) -> FitRecord:
