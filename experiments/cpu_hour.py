@@ -27,6 +27,13 @@ warmup is short (N_total tokens, at most 5% of the run), AdamW's beta2 is
     scaling fit --sweep cpu_hour --what per-token --law saturating
     scaling fit --sweep cpu_hour --what isoflop --law compute_optimal
     scaling fit --sweep cpu_hour --what final --law chinchilla
+
+The `:lr` variant measures the two corrections the main sweep only prescribes:
+every IsoFLOP member again at half and at twice its learning rate, and the
+middle budget with beta2 = 0.95 (36 more runs; the members at 1x are the main
+sweep's own runs, so a store that holds them trains only the rest):
+
+    scaling sweep experiments/cpu_hour.py:lr
 """
 
 from experiments.chinchilla_isoflop import sizes_at, steps_for_budget
@@ -66,12 +73,17 @@ BUDGETS = (3e11, 1e12, 3e12)
 SIZES_PER_BUDGET = 6
 TOKENS_PER_PARAM = 100
 
+# The :lr variant: Porian et al. tuned the learning rate and beta2 per size where the main
+# sweep applies a rule; these factors of the rule bracket its choice.
+LR_FACTORS = (0.5, 1.0, 2.0)
+BETA2_ABLATION = 0.95  # at the middle budget, every size
+
 
 def get_config(arg=None):
-    if arg not in (None, ""):
-        raise ValueError(f"unknown variant {arg!r} of cpu_hour; it has none")
+    if arg not in (None, "", "lr"):
+        raise ValueError(f"unknown variant {arg!r} of cpu_hour; use it bare or :lr")
     config = base_config()
-    config.sweep_name = "cpu_hour"
+    config.sweep_name = "cpu_hour_lr" if arg == "lr" else "cpu_hour"
     config.data.corpus = "text"
     config.data.paths = CORPUS
     config.data.val_fraction = 0.02  # whole files; ~600k held-out bytes
@@ -92,25 +104,32 @@ def _shape(n_layer, d_model, n_heads) -> ModelShape:
     )
 
 
-def _member(shape: ModelShape, steps: int, batch: int) -> dict:
+def _member(shape: ModelShape, steps: int, batch: int, lr_factor: float = 1.0) -> dict:
     return {
         "model.n_layer": shape.n_layer,
         "model.d_model": shape.d_model,
         "model.n_heads": shape.n_heads,
         "train.steps": steps,
         "train.batch_size": batch,
-        "train.learning_rate": learning_rate(shape.n_params_kaplan),
+        "train.learning_rate": lr_factor * learning_rate(shape.n_params_kaplan),
         # Porian et al.: warm up over N_total tokens, not a fixed share of the run.
         "train.warmup_steps": max(5, min(steps // 20, round(shape.n_params / (batch * N_CTX)))),
     }
 
 
-def get_sweep(arg=None):
-    ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
+def _isoflop_grid(budget: float, lr_factor: float = 1.0) -> list[dict]:
     shapes = [_shape(*s) for s in LADDER]
-    grid = []
-    for budget in BUDGETS:
-        for shape in sizes_at(budget, shapes, SIZES_PER_BUDGET, TOKENS_PER_PARAM):
-            steps, batch = steps_for_budget(budget, shape.n_params, BATCH, N_CTX)
-            grid.append(_member(shape, steps, batch))
-    return ladder + grid
+    members = []
+    for shape in sizes_at(budget, shapes, SIZES_PER_BUDGET, TOKENS_PER_PARAM):
+        steps, batch = steps_for_budget(budget, shape.n_params, BATCH, N_CTX)
+        members.append(_member(shape, steps, batch, lr_factor))
+    return members
+
+
+def get_sweep(arg=None):
+    if arg == "lr":
+        grid = [m for b in BUDGETS for f in LR_FACTORS for m in _isoflop_grid(b, f)]
+        beta2 = [{**m, "train.b2": BETA2_ABLATION} for m in _isoflop_grid(BUDGETS[1])]
+        return grid + beta2
+    ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
+    return ladder + [m for budget in BUDGETS for m in _isoflop_grid(budget)]

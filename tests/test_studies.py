@@ -112,6 +112,35 @@ def test_cpu_hour_follows_porians_recipe():
     assert rates == sorted(rates, reverse=True)  # a smaller peak for a larger model
 
 
+def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs():
+    module, _, _ = config_lib.load_study(HOUR)
+    main = config_lib.study_sweep(HOUR)[len(module.PER_TOKEN_SIZES) :]
+    ablation = config_lib.study_sweep(HOUR + ":lr")
+    assert {m.sweep_name for m in ablation} == {"cpu_hour_lr"}
+    ids = [config_lib.run_id(m) for m in ablation]
+    assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + module.SIZES_PER_BUDGET
+    # the members at 1x are the main sweep's, so a store that holds them trains only the rest
+    assert {config_lib.run_id(m) for m in main} <= set(ids)
+    rates = {}
+    for member in ablation:
+        if member.train.b2 == 0.99:
+            rates.setdefault(config_lib.run_id(_without_lr(member)), []).append(
+                member.train.learning_rate
+            )
+    for trio in rates.values():
+        low, mid, high = sorted(trio)
+        assert low == pytest.approx(mid / 2) and high == pytest.approx(2 * mid)
+    beta2 = [m for m in ablation if m.train.b2 == module.BETA2_ABLATION]
+    assert len(beta2) == module.SIZES_PER_BUDGET
+    assert {abs(_budget(m)[2] / module.BUDGETS[1] - 1) < 0.01 for m in beta2} == {True}
+
+
+def _without_lr(member):
+    member = member.copy_and_resolve_references()
+    member.train.learning_rate = 0.0
+    return member
+
+
 @pytest.mark.parametrize("path", [ISOFLOP, "experiments/kaplan2020.py"])
 def test_the_pod_studies_pass_their_own_design_checks(path, capsys):
     from launch.cli import main
