@@ -1,6 +1,8 @@
 """The Slurm backend against a real Slurm: a one-node cluster started here (slurmctld and
 slurmd in the foreground, no cgroups), the tiny sweep submitted with --backend slurm, and a
-job cancelled mid-run (scancel) whose relaunch ends where an uninterrupted sweep ends.
+job cancelled mid-run (scancel) whose relaunch ends where an uninterrupted sweep ends; and a
+two-node cluster on the same machine (two slurmd, two names), where each run is one JAX
+program over both nodes and ends at the one-node run's losses.
 
 Needs Debian's slurm-wlm and munge and root (slurmd runs jobs as their user); the tests skip
 with one line where either is missing. `.ci/run` installs the packages where it can.
@@ -41,9 +43,9 @@ def _munge_running() -> bool:
     return subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """SLURM_CONF of a running one-node cluster with partition `debug`."""
+def _cluster(folder: Path, nodes: list[tuple[str, str, int, int]]):
+    """Start slurmctld and one slurmd per (name, address, port, cpus) of `nodes`; yield
+    the environment (SLURM_CONF) once every node is idle, and stop the daemons after."""
     missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(t)]
     if missing:
         pytest.skip(f"Slurm not installed ({', '.join(missing)}): apt-get install slurm-wlm munge")
@@ -51,9 +53,8 @@ def slurm(tmp_path_factory):
         pytest.skip("a Slurm cluster here needs root (slurmd starts jobs as their user)")
     if not _munge_running():
         pytest.skip("munged does not start (no /etc/munge/munge.key?)")
-    folder = tmp_path_factory.mktemp("slurm")
     host = socket.gethostname().split(".")[0]
-    cpus = os.cpu_count() or 1
+    names = ",".join(name for name, *_ in nodes)
     conf = folder / "slurm.conf"
     conf.write_text(
         "\n".join(
@@ -63,9 +64,10 @@ def slurm(tmp_path_factory):
                 "SlurmUser=root",
                 "AuthType=auth/munge",
                 f"StateSaveLocation={folder}/state",
-                f"SlurmdSpoolDir={folder}/spool",
+                # %n: each slurmd of a several-node cluster on one machine keeps its own files
+                f"SlurmdSpoolDir={folder}/spool-%n",
                 f"SlurmctldPidFile={folder}/slurmctld.pid",
-                f"SlurmdPidFile={folder}/slurmd.pid",
+                f"SlurmdPidFile={folder}/slurmd-%n.pid",
                 "ProctrackType=proctrack/linuxproc",
                 "TaskPlugin=task/none",
                 "JobAcctGatherType=jobacct_gather/none",
@@ -73,17 +75,18 @@ def slurm(tmp_path_factory):
                 "SelectTypeParameters=CR_Core",
                 "ReturnToService=2",
                 f"SlurmctldPort={_free_port()}",
-                f"SlurmdPort={_free_port()}",
                 "MpiDefault=none",
                 "KillWait=30",
-                f"NodeName={host} CPUs={cpus} State=UNKNOWN",
-                f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+                *(
+                    f"NodeName={name} NodeAddr={address} Port={port} CPUs={cpus} State=UNKNOWN"
+                    for name, address, port, cpus in nodes
+                ),
+                f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP",
                 "",
             ]
         )
     )
     (folder / "state").mkdir()
-    (folder / "spool").mkdir()
     env = {**os.environ, "SLURM_CONF": str(conf)}
     log = open(folder / "daemons.log", "w")  # noqa: SIM115 - open while the daemons run
     daemons = [
@@ -92,16 +95,19 @@ def slurm(tmp_path_factory):
         )
     ]
     time.sleep(1)
-    daemons.append(
-        subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env, stdout=log, stderr=log)
-    )
+    for name, *_ in nodes:
+        daemons.append(
+            subprocess.Popen(
+                ["slurmd", "-D", "-N", name, "-f", str(conf)], env=env, stdout=log, stderr=log
+            )
+        )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             state = subprocess.run(
-                ["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True
+                ["sinfo", "-h", "-N", "-o", "%t"], env=env, capture_output=True, text=True
             )
-            if state.stdout.strip() == "idle":
+            if state.stdout.split() == ["idle"] * len(nodes):
                 break
             time.sleep(0.5)
         else:
@@ -113,6 +119,24 @@ def slurm(tmp_path_factory):
         for daemon in daemons:
             daemon.wait(timeout=60)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """SLURM_CONF of a running one-node cluster (this host) with partition `debug`."""
+    host = socket.gethostname().split(".")[0]
+    node = (host, host, _free_port(), os.cpu_count() or 1)
+    yield from _cluster(tmp_path_factory.mktemp("slurm"), [node])
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory):
+    """A two-node cluster on this machine: this host, and a second slurmd at 127.0.0.2 (all
+    of 127/8 is loopback) under its own name and port. Node names need not resolve for
+    Slurm; the first must for JAX, whose coordinator runs on the job's first node."""
+    host = socket.gethostname().split(".")[0]
+    nodes = [(host, host, _free_port(), 1), (f"{host}-two", "127.0.0.2", _free_port(), 1)]
+    yield from _cluster(tmp_path_factory.mktemp("slurm2"), nodes)
 
 
 def _sweep_argv(out: Path, data_cache, *extra) -> list[str]:
@@ -219,3 +243,25 @@ def test_a_job_cancelled_mid_run_resumes_on_relaunch_and_matches(slurm, tmp_path
     assert a.keys() == b.keys()
     for key, value in b.items():
         np.testing.assert_allclose(a[key], value, rtol=1e-6, atol=1e-6, err_msg=str(key))
+
+
+def test_a_two_node_job_is_one_jax_program_and_ends_at_the_one_node_losses(
+    slurm_two_nodes, tmp_path, data_cache
+):
+    one, two = tmp_path / "one", tmp_path / "two"
+    joined = _sweep(slurm_two_nodes, two, data_cache, "--nodes", "2")
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert "done on slurm: 3 finished or skipped, 0 failed" in joined.stdout
+    with Store(two / "store.sqlite") as store:
+        runs = store.runs("local_cpu_tiny")
+        assert [(r.status, r.step) for r in runs] == [("finished", 60)] * 3
+        for run in runs:
+            (environment,) = store.environments(run.run_id)
+            # one process per node, each with its CPU device, joined by jax.distributed
+            assert (environment["process_count"], environment["device_count"]) == (2, 2)
+    alone = _sweep(slurm_two_nodes, one, data_cache, "--nodes", "1")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    a, b = _losses(two / "store.sqlite"), _losses(one / "store.sqlite")
+    assert a.keys() == b.keys()
+    for key, value in b.items():
+        np.testing.assert_allclose(a[key], value, rtol=1e-5, atol=1e-5, err_msg=str(key))
