@@ -750,7 +750,8 @@ def _plot(args, overrides):
     check_sweep_name(args.sweep)  # it becomes a file name
     from scaling.figures import plots
 
-    with _open_store(_store_path(args, overrides)) as store:
+    # Read-only: a figure fits what is not stored for itself and never writes.
+    with _open_store(_store_path(args, overrides), readonly=True) as store:
         drawn = plots.plot_sweep(
             store, args.sweep, args.kind, args.out, run=args.run, vector=args.vector
         )
@@ -767,7 +768,7 @@ def _report(args, overrides):
     check_sweep_name(args.sweep)  # it becomes a file name
     from scaling.figures import html_report
 
-    with _open_store(_store_path(args, overrides)) as store:
+    with _open_store(_store_path(args, overrides), readonly=True) as store:
         path, drawn = html_report.write_report(store, args.sweep, args.out)
     for plot in drawn:
         for note in plot.notes:

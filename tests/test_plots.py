@@ -408,6 +408,29 @@ def test_report_opens_in_headless_chromium_with_every_figure(single, tmp_path):
     _assert_not_blank(tmp_path / "page.png")
 
 
+def test_cli_plot_and_report_leave_the_store_as_it_was(tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    from launch.cli import main
+    from scaling.studies import analysis
+
+    def fake_fit_sweep(store, sweep, law, what, save=True):
+        assert not save
+        return [_fit(sweep, law, what, "run0", {"E": 3.0, "A": 1.5, "alpha": 0.6})]
+
+    monkeypatch.setattr(analysis, "fit_sweep", fake_fit_sweep)
+    make_single_budget_store(tmp_path / "s.sqlite", with_fits=False).close()
+    path = tmp_path / "s.sqlite"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    store = ["--store", str(path)]
+    assert main(["plot", "one", "--kind", "per-token", "--out", str(tmp_path / "p"), *store]) == 0
+    assert "for this figure only" in capsys.readouterr().out
+    assert main(["report", "one", "--out", str(tmp_path / "one.html"), *store]) == 0
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    with Store(path) as opened:
+        assert opened.fits("one") == []
+
+
 def test_cli_plot(tmp_path, capsys):
     from launch.cli import main
 
