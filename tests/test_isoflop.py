@@ -99,3 +99,42 @@ def test_a_grid_without_profiles_is_refused(one_run_store, capsys):
         == 2
     )
     assert "profiles" in capsys.readouterr().err
+
+
+def test_a_tuned_grid_keeps_each_sizes_best_run(tmp_path):
+    """Each (budget, size) trained at three learning rates, two of them worse by a margin
+    that depends on size (a rule that favours small models): the profiles are the best
+    runs, so the exponent is the grid's own, and the other runs are named as left out."""
+    from scaling.figures import plots
+    from scaling.studies.isoflop import fit_isoflop
+
+    path = tmp_path / "store.sqlite"
+    ids, worse = [], []
+    with Store(path) as store:
+        for budget in (1e18, 1e19, 1e20):
+            n_opt = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
+                BETA / (ALPHA + BETA)
+            )
+            for n in n_opt * np.geomspace(1 / 4, 4, 7):
+                tokens = budget / (6 * n)
+                for penalty in (0.2 * np.log(n), 0.0, 0.02):  # the best one is not first
+                    run_id = f"r{len(ids)}"
+                    ids.append(run_id)
+                    if penalty:
+                        worse.append(run_id)
+                    store.register_run(
+                        RunRecord(
+                            run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0
+                        ),
+                        sweep="tuned",
+                    )
+                    loss = E + A / n**ALPHA + B / tokens**BETA + penalty
+                    store.log_eval(run_id, 10, {"eval_loss": loss})
+                    store.set_status(run_id, "finished")
+        store.add_sweep("tuned", {}, ids)
+        record = fit_isoflop(store, "tuned", bootstrap=0)
+        plot = plots.make_plot(store, "tuned", "isoflop-total")
+    assert "42 other run(s) of the same size and budget reached higher losses" in plot.notes[0]
+    assert record.params["a"] == pytest.approx(BETA / (ALPHA + BETA), abs=0.02)
+    assert sorted(record.selection["left_out"]) == sorted(worse)
+    assert len(record.provenance["runs"]) == len(ids) - len(worse) == 21

@@ -75,6 +75,12 @@ def draw_total(store, sweep, runs, plot, _run):
     if not found:
         raise UserError(f"sweep {sweep!r} has no budget 6 N_total D shared by 3 or more sizes")
     curves = [Curve(p.budget, p.n_total, p.loss, np.ones(len(p.n_total), bool)) for p in found]
+    not_best = sum(len(p.not_best) for p in found)
+    if not_best:
+        plot.notes.append(
+            f"isoflop-total: each size's best run per budget; {not_best} other run(s) of the "
+            "same size and budget reached higher losses"
+        )
     fig, ax = _draw(
         curves,
         law=None,

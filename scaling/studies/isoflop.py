@@ -8,6 +8,10 @@ Per budget, a parabola in log N through the final losses gives N_opt(C)
 against log C give the exponents a and b of N_opt ~ C^a and D_opt ~ C^b.
 Intervals come from resampling each profile's runs (bootstrap).
 
+Where several runs share a size and a budget (a learning-rate or beta2 sweep at each
+point, as Chinchilla and Porian et al. tuned theirs), the profile keeps the one with
+the lowest loss: a profile is the best loss each size reaches at that budget.
+
 `scaling fit --sweep S --what isoflop --law compute_optimal` stores the
 result as a fit; `scaling plot S --kind isoflop-total` draws the profiles
 (scaling/figures/isoflop.py; its `isoflop` kind groups runs by the trainer's
@@ -36,6 +40,7 @@ class Profile:
     n_total: np.ndarray  # total parameters of each run, ascending
     loss: np.ndarray  # final eval loss of each run
     run_ids: tuple = ()  # each run's id, in the same order
+    not_best: tuple = ()  # runs of the same size and budget that reached a higher loss
 
 
 def budget_of(run) -> float:
@@ -43,7 +48,8 @@ def budget_of(run) -> float:
 
 
 def profiles(store: Store, runs) -> list[Profile]:
-    """Finished runs grouped by budget (2%), each profile with 3 or more sizes, by budget."""
+    """Finished runs grouped by budget (2%), each profile with 3 or more sizes, by budget;
+    a size with several runs at one budget is its best run (the others: `not_best`)."""
     points = sorted(
         (budget_of(r), r.n_params_total, store.last_eval(r.run_id)[1], r.run_id)
         for r in runs
@@ -59,16 +65,20 @@ def profiles(store: Store, runs) -> list[Profile]:
         groups.append(current)
     result = []
     for group in groups:
-        c, n, loss = (np.array(v, float) for v in list(zip(*group, strict=True))[:3])
-        ids = [point[3] for point in group]
-        order = np.argsort(n)
-        if len(set(n.tolist())) >= 3:
+        best: dict[float, tuple] = {}  # size -> (loss, run_id, budget) of its best run
+        for c, n, loss, run_id in group:
+            if n not in best or loss < best[n][0]:
+                best[n] = (loss, run_id, c)
+        if len(best) >= 3:
+            sizes = sorted(best)
+            kept = {best[n][1] for n in sizes}
             result.append(
                 Profile(
-                    float(np.exp(np.log(c).mean())),
-                    n[order],
-                    loss[order],
-                    tuple(ids[i] for i in order),
+                    float(np.exp(np.log([best[n][2] for n in sizes]).mean())),
+                    np.array(sizes, float),
+                    np.array([best[n][0] for n in sizes], float),
+                    tuple(best[n][1] for n in sizes),
+                    tuple(point[3] for point in group if point[3] not in kept),
                 )
             )
     return result
@@ -149,7 +159,11 @@ def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0
             "budgets": budgets.tolist(),
             "N_opt": n_opt.tolist(),
             "flops": "6 N_total D",
-            "left_out": {},
+            "left_out": {
+                run_id: "not the best at its size and budget: another run reached a lower loss"
+                for p in found
+                for run_id in p.not_best
+            },
         },
         settings={"bootstrap": bootstrap, "seed": seed, "draws": len(draws)},
         provenance={
