@@ -2,6 +2,7 @@
 
 import pytest
 
+from experiments.kaplan_fig20_gpu import learning_rate
 from launch import config as config_lib
 
 ISOFLOP = "experiments/chinchilla_isoflop.py"
@@ -121,15 +122,15 @@ def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs()
     assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + module.SIZES_PER_BUDGET
     # the members at 1x are the main sweep's, so a store that holds them trains only the rest
     assert {config_lib.run_id(m) for m in main} <= set(ids)
-    rates = {}
+    factors = {}
     for member in ablation:
         if member.train.b2 == 0.99:
-            rates.setdefault(config_lib.run_id(_without_lr(member)), []).append(
-                member.train.learning_rate
+            rule = learning_rate(_budget(member)[0].n_params_kaplan)
+            factors.setdefault(config_lib.run_id(_without_lr(member)), []).append(
+                member.train.learning_rate / rule
             )
-    for trio in rates.values():
-        low, mid, high = sorted(trio)
-        assert low == pytest.approx(mid / 2) and high == pytest.approx(2 * mid)
+    for found in factors.values():
+        assert sorted(found) == pytest.approx(module.LR_FACTORS)
     beta2 = [m for m in ablation if m.train.b2 == module.BETA2_ABLATION]
     assert len(beta2) == module.SIZES_PER_BUDGET
     assert {abs(_budget(m)[2] / module.BUDGETS[1] - 1) < 0.01 for m in beta2} == {True}
