@@ -119,7 +119,8 @@ def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs()
     ablation = config_lib.study_sweep(HOUR + ":lr")
     assert {m.sweep_name for m in ablation} == {"cpu_hour_lr"}
     ids = [config_lib.run_id(m) for m in ablation]
-    assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + module.SIZES_PER_BUDGET
+    extra = len(module.BUDGETS) * module.LARGEST + module.SIZES_PER_BUDGET  # 8x and beta2
+    assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + extra
     # the members at 1x are the main sweep's, so a store that holds them trains only the rest
     assert {config_lib.run_id(m) for m in main} <= set(ids)
     factors = {}
@@ -129,8 +130,19 @@ def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs()
             factors.setdefault(config_lib.run_id(_without_lr(member)), []).append(
                 member.train.learning_rate / rule
             )
-    for found in factors.values():
-        assert sorted(found) == pytest.approx(module.LR_FACTORS)
+    sizes = {}  # budget -> [(n_total, factors of its runs)]
+    for key, found in factors.items():
+        member = next(m for m in ablation if config_lib.run_id(_without_lr(m)) == key)
+        shape, _, flops = _budget(member)
+        budget = min(module.BUDGETS, key=lambda b: abs(flops / b - 1))
+        sizes.setdefault(budget, []).append((shape.n_params, sorted(found)))
+    for points in sizes.values():
+        points.sort()
+        largest = [f for _, f in points[-module.LARGEST :]]
+        rest = [f for _, f in points[: -module.LARGEST]]
+        assert len(largest) == module.LARGEST and len(rest) == module.SIZES_PER_BUDGET - module.LARGEST
+        assert all(f == pytest.approx([*module.LR_FACTORS, module.LR_LARGEST]) for f in largest)
+        assert all(f == pytest.approx(module.LR_FACTORS) for f in rest)
     beta2 = [m for m in ablation if m.train.b2 == module.BETA2_ABLATION]
     assert len(beta2) == module.SIZES_PER_BUDGET
     assert {abs(_budget(m)[2] / module.BUDGETS[1] - 1) < 0.01 for m in beta2} == {True}
