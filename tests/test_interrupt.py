@@ -8,6 +8,8 @@ import time
 from launch import entry
 from scaling.store import RunRecord, Store
 
+READY = "started"  # the child's first line on stderr, once the interpreter is up
+
 
 def _store(path):
     """Six finished runs on a power law: something for `scaling fit` to bootstrap."""
@@ -22,7 +24,14 @@ def _store(path):
 
 
 def _interrupted(argv, after_s):
+    """SIGINT `after_s` after the child says it is past the interpreter's own start-up.
+
+    Counted from that line, not from the fork: on a busy machine start-up alone can outlast
+    the first moments, and an interrupt inside `site` is Python's own fatal error, which no
+    code of ours runs early enough to guard."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stderr.readline()
+    assert first == f"{READY}\n", first
     time.sleep(after_s)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
@@ -35,7 +44,10 @@ def _fit_argv(start: str, store) -> list[str]:
     SIGINT goes back to Python's own handler first: a runner started in the background by a
     script hands its children SIGINT ignored (and a preexec_fn would fork this JAX process).
     """
-    reset = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    reset = (
+        "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        f"print({READY!r}, file=sys.stderr, flush=True); "
+    )
     fit = ["fit", "--store", str(store), "--sweep", "s", "--law", "saturating"]
     return [sys.executable, "-c", reset + start, *fit]
 
@@ -66,8 +78,8 @@ def test_ctrl_c_while_a_backends_trainer_starts_exits_130(tmp_path):
         "import runpy; runpy.run_module('launch.cli', run_name='__main__', alter_sys=True)",
         tmp_path / "s.sqlite",
     )
-    # From 0.15 s: before it, the interpreter is starting and runpy compiling cli.py, which
-    # no code of ours can guard (nor can `scaling`, for its first few milliseconds).
+    # From 0.15 s: before it, runpy is compiling cli.py, which no code of ours can guard
+    # (nor can `scaling`, for its first few milliseconds).
     for after_s in (0.15, 0.2, 0.25, 0.3, 0.4):
         code, out, err = _interrupted(argv, after_s)
         assert code in (0, 130), (after_s, code, err[-2000:])
