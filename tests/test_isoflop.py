@@ -106,6 +106,7 @@ def test_a_tuned_grid_keeps_each_sizes_best_run(tmp_path):
     that depends on size (a rule that favours small models): the profiles are the best
     runs, so the exponent is the grid's own, and the other runs are named as left out."""
     from scaling.figures import plots
+    from scaling.studies.analysis import fits_table
     from scaling.studies.isoflop import fit_isoflop
 
     path = tmp_path / "store.sqlite"
@@ -138,3 +139,5 @@ def test_a_tuned_grid_keeps_each_sizes_best_run(tmp_path):
     assert record.params["a"] == pytest.approx(BETA / (ALPHA + BETA), abs=0.02)
     assert sorted(record.selection["left_out"]) == sorted(worse)
     assert len(record.provenance["runs"]) == len(ids) - len(worse) == 21
+    (line,) = [t for t in fits_table([record]).splitlines() if "left out" in t]
+    assert line.startswith("  left out, 42 runs (not the best at its size and budget")

@@ -304,9 +304,21 @@ def fits_table(records: list[FitRecord], provenance: bool = False) -> str:
             if provenance:
                 lines.append(provenance_line(r))
         left_out = group[0].selection.get("left_out") or {}
-        if left_out:
-            lines.append(f"  left out: {', '.join(f'{k} ({v})' for k, v in left_out.items())}")
+        lines.extend(_left_out_lines(left_out))
     return "\n".join(lines)
+
+
+def _left_out_lines(left_out: dict) -> list[str]:
+    """One line per reason, naming its runs: a tuned grid leaves out dozens for one reason."""
+    by_reason: dict[str, list[str]] = {}
+    for run_id, reason in left_out.items():
+        by_reason.setdefault(reason, []).append(run_id)
+    return [
+        f"  left out: {', '.join(ids)} ({reason})"
+        if len(ids) == 1
+        else f"  left out, {len(ids)} runs ({reason}): {', '.join(ids)}"
+        for reason, ids in by_reason.items()
+    ]
 
 
 def _group(records):
