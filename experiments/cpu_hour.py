@@ -30,9 +30,9 @@ warmup is short (N_total tokens, at most 5% of the run), AdamW's beta2 is
 
 The `:lr` variant measures the two corrections the main sweep only prescribes:
 every IsoFLOP member again at 2 and 4 times its learning rate (and the three
-largest of each budget at 8 times), and the middle budget with beta2 = 0.95
-(51 more runs; the members at 1x are the main sweep's own runs, so a store
-that holds them trains only the rest):
+largest of each budget at 8 and 16 times), and the middle budget with beta2 =
+0.95 (60 more runs; the members at 1x are the main sweep's own runs, so a
+store that holds them trains only the rest):
 
     scaling sweep experiments/cpu_hour.py:lr
 """
@@ -79,8 +79,8 @@ TOKENS_PER_PARAM = 100
 # was worse than the rule at every size, and twice it better at all but the smallest.
 LR_FACTORS = (1.0, 2.0, 4.0)
 # 4x was still the best for the larger sizes (the rule falls too fast with N), so the three
-# largest of each budget also train at 8x; they are the cheap ones (fewest tokens).
-LR_LARGEST, LARGEST = 8.0, 3
+# largest of each budget also train at 8x and 16x; they are the cheap ones (fewest tokens).
+LR_LARGEST, LARGEST = (8.0, 16.0), 3
 BETA2_ABLATION = 0.95  # at the middle budget, every size
 
 
@@ -134,7 +134,7 @@ def _isoflop_grid(budget: float, lr_factor: float = 1.0) -> list[dict]:
 def get_sweep(arg=None):
     if arg == "lr":
         grid = [m for b in BUDGETS for f in LR_FACTORS for m in _isoflop_grid(b, f)]
-        grid += [m for b in BUDGETS for m in _isoflop_grid(b, LR_LARGEST)[-LARGEST:]]
+        grid += [m for b in BUDGETS for f in LR_LARGEST for m in _isoflop_grid(b, f)[-LARGEST:]]
         beta2 = [{**m, "train.b2": BETA2_ABLATION} for m in _isoflop_grid(BUDGETS[1])]
         return grid + beta2
     ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]

@@ -119,7 +119,8 @@ def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs()
     ablation = config_lib.study_sweep(HOUR + ":lr")
     assert {m.sweep_name for m in ablation} == {"cpu_hour_lr"}
     ids = [config_lib.run_id(m) for m in ablation]
-    extra = len(module.BUDGETS) * module.LARGEST + module.SIZES_PER_BUDGET  # 8x and beta2
+    extra = len(module.BUDGETS) * module.LARGEST * len(module.LR_LARGEST)  # 8x and 16x
+    extra += module.SIZES_PER_BUDGET  # beta2
     assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + extra
     # the members at 1x are the main sweep's, so a store that holds them trains only the rest
     assert {config_lib.run_id(m) for m in main} <= set(ids)
@@ -141,7 +142,7 @@ def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs()
         largest = [f for _, f in points[-module.LARGEST :]]
         rest = [f for _, f in points[: -module.LARGEST]]
         assert len(points) == module.SIZES_PER_BUDGET and len(largest) == module.LARGEST
-        assert all(f == pytest.approx([*module.LR_FACTORS, module.LR_LARGEST]) for f in largest)
+        assert all(f == pytest.approx([*module.LR_FACTORS, *module.LR_LARGEST]) for f in largest)
         assert all(f == pytest.approx(module.LR_FACTORS) for f in rest)
     beta2 = [m for m in ablation if m.train.b2 == module.BETA2_ABLATION]
     assert len(beta2) == module.SIZES_PER_BUDGET
