@@ -179,13 +179,30 @@ def _losses(path: Path) -> dict:
     return found
 
 
-def test_the_tiny_sweep_trains_through_sbatch_and_srun(slurm, tmp_path, data_cache):
-    result = _sweep(slurm, tmp_path, data_cache)
+def _tiny_sweep_finishes(slurm, out: Path, data_cache, *extra):
+    """Run the tiny sweep through Slurm; assert it ends with its three runs finished at step
+    60, and return those runs."""
+    result = _sweep(slurm, out, data_cache, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done on slurm: 3 finished or skipped, 0 failed" in result.stdout
-    with Store(tmp_path / "store.sqlite") as store:
+    with Store(out / "store.sqlite") as store:
         runs = store.runs("local_cpu_tiny")
-        assert [(r.status, r.step) for r in runs] == [("finished", 60)] * 3
+    assert [(r.status, r.step) for r in runs] == [("finished", 60)] * 3
+    return runs
+
+
+def _assert_same_losses(a: Path, b: Path, tolerance: float):
+    found, expected = _losses(a), _losses(b)
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_allclose(
+            found[key], value, rtol=tolerance, atol=tolerance, err_msg=str(key)
+        )
+
+
+def test_the_tiny_sweep_trains_through_sbatch_and_srun(slurm, tmp_path, data_cache):
+    runs = _tiny_sweep_finishes(slurm, tmp_path, data_cache)
+    with Store(tmp_path / "store.sqlite") as store:
         for run in runs:
             steps, _ = store.scalars(run.run_id, "eval_loss")
             assert steps[-1] == 60 and len(steps) >= 4
@@ -239,29 +256,18 @@ def test_a_job_cancelled_mid_run_resumes_on_relaunch_and_matches(slurm, tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     reference = _sweep(slurm, clean, data_cache, *longer)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    a, b = _losses(cancelled / "store.sqlite"), _losses(clean / "store.sqlite")
-    assert a.keys() == b.keys()
-    for key, value in b.items():
-        np.testing.assert_allclose(a[key], value, rtol=1e-6, atol=1e-6, err_msg=str(key))
+    _assert_same_losses(cancelled / "store.sqlite", clean / "store.sqlite", 1e-6)
 
 
 def test_a_two_node_job_is_one_jax_program_and_ends_at_the_one_node_losses(
     slurm_two_nodes, tmp_path, data_cache
 ):
     one, two = tmp_path / "one", tmp_path / "two"
-    joined = _sweep(slurm_two_nodes, two, data_cache, "--nodes", "2")
-    assert joined.returncode == 0, joined.stderr[-3000:]
-    assert "done on slurm: 3 finished or skipped, 0 failed" in joined.stdout
+    runs = _tiny_sweep_finishes(slurm_two_nodes, two, data_cache, "--nodes", "2")
     with Store(two / "store.sqlite") as store:
-        runs = store.runs("local_cpu_tiny")
-        assert [(r.status, r.step) for r in runs] == [("finished", 60)] * 3
         for run in runs:
             (environment,) = store.environments(run.run_id)
             # one process per node, each with its CPU device, joined by jax.distributed
             assert (environment["process_count"], environment["device_count"]) == (2, 2)
-    alone = _sweep(slurm_two_nodes, one, data_cache, "--nodes", "1")
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    a, b = _losses(two / "store.sqlite"), _losses(one / "store.sqlite")
-    assert a.keys() == b.keys()
-    for key, value in b.items():
-        np.testing.assert_allclose(a[key], value, rtol=1e-5, atol=1e-5, err_msg=str(key))
+    _tiny_sweep_finishes(slurm_two_nodes, one, data_cache, "--nodes", "1")
+    _assert_same_losses(two / "store.sqlite", one / "store.sqlite", 1e-5)
