@@ -141,3 +141,40 @@ def test_a_tuned_grid_keeps_each_sizes_best_run(tmp_path):
     assert len(record.provenance["runs"]) == len(ids) - len(worse) == 21
     (line,) = [t for t in fits_table([record]).splitlines() if "left out" in t]
     assert line.startswith("  left out, 42 runs (not the best at its size and budget")
+
+
+def test_a_profile_without_a_minimum_is_named_as_left_out(tmp_path):
+    """A budget whose sizes all lie above its optimum gives no N_opt: the fit says which
+    profile it dropped and why, beside the runs it used."""
+    from scaling.figures import plots
+    from scaling.studies.isoflop import fit_isoflop
+
+    ids, dropped = [], []
+    with Store(tmp_path / "store.sqlite") as store:
+        for budget, spread in ((1e18, (1 / 4, 4)), (1e19, (1 / 4, 4)), (1e20, (4, 16))):
+            n_opt = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
+                BETA / (ALPHA + BETA)
+            )
+            for n in n_opt * np.geomspace(*spread, 5):
+                tokens = budget / (6 * n)
+                run_id = f"r{len(ids)}"
+                ids.append(run_id)
+                if budget == 1e20:
+                    dropped.append(run_id)
+                store.register_run(
+                    RunRecord(run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0),
+                    sweep="grid",
+                )
+                store.log_eval(run_id, 10, {"eval_loss": E + A / n**ALPHA + B / tokens**BETA})
+                store.set_status(run_id, "finished")
+        store.add_sweep("grid", {}, ids)
+        record = fit_isoflop(store, "grid", bootstrap=0)
+        plot = plots.make_plot(store, "grid", "isoflop-total")
+    assert record.n_points == 2 and record.selection["budgets"] == pytest.approx([1e18, 1e19])
+    left_out = record.selection["left_out"]
+    assert sorted(left_out) == sorted(dropped)
+    assert {reason.split(":")[0] for reason in left_out.values()} == {
+        "the profile at C = 1e+20 has no minimum"
+    }
+    assert "lies outside its sizes" in left_out[dropped[0]]
+    assert f"isoflop-total: {left_out[dropped[0]]}; the exponents leave it out" in plot.notes

@@ -30,7 +30,7 @@ from scaling.figures.plot_common import (
     short,
 )
 from scaling.figures.plot_data import chinchilla_fit, final_points, flop_levels
-from scaling.studies.isoflop import exponents, optimum, parabola_minimum, profiles
+from scaling.studies.isoflop import exponents, no_minimum, optimum, parabola_minimum, profiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,11 @@ def draw_total(store, sweep, runs, plot, _run):
         budget_label="training compute $C = 6ND$ (FLOPs)",
     )
     budgets, n_opt = optimum(found)
+    plot.notes.extend(
+        f"isoflop-total: {no_minimum(p)}; the exponents leave it out"
+        for p in found
+        if p.budget not in budgets
+    )
     if len(budgets) >= 2:
         e = exponents(budgets, n_opt)
         plot.notes.append(f"isoflop-total: N_opt ~ C^{e['a']:.3f}, D_opt ~ C^{e['b']:.3f}")

@@ -111,6 +111,18 @@ def optimum(profile_list) -> tuple[np.ndarray, np.ndarray]:
     return np.array([c for c, _ in found]), np.array([n for _, n in found])
 
 
+def no_minimum(profile) -> str:
+    """Why a profile gave no N_opt, for the fit's left-out runs."""
+    n = parabola_minimum(profile.n_total, profile.loss)
+    where = (
+        "its parabola opens downward"
+        if n is None
+        else f"its parabola's minimum, N_total = {n:.3g}, lies outside its sizes "
+        f"{profile.n_total[0]:.3g}-{profile.n_total[-1]:.3g}"
+    )
+    return f"the profile at C = {profile.budget:.3g} has no minimum: {where}"
+
+
 def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0) -> FitRecord:
     """Approach 2 on the sweep's final losses; the fit is saved and returned."""
 
@@ -123,6 +135,14 @@ def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0
             "needs two or more: give each budget sizes either side of its optimum"
         )
     params = exponents(budgets, n_opt)
+    left_out = {
+        run_id: "not the best at its size and budget: another run reached a lower loss"
+        for p in found
+        for run_id in p.not_best
+    }
+    for p in found:
+        if p.budget not in budgets:
+            left_out.update(dict.fromkeys(p.run_ids, no_minimum(p)))
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(bootstrap):
@@ -159,11 +179,7 @@ def fit_isoflop(store: Store, sweep: str, *, bootstrap: int = 200, seed: int = 0
             "budgets": budgets.tolist(),
             "N_opt": n_opt.tolist(),
             "flops": "6 N_total D",
-            "left_out": {
-                run_id: "not the best at its size and budget: another run reached a lower loss"
-                for p in found
-                for run_id in p.not_best
-            },
+            "left_out": left_out,
         },
         settings={"bootstrap": bootstrap, "seed": seed, "draws": len(draws)},
         provenance={
