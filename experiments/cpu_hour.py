@@ -29,12 +29,20 @@ warmup is short (N_total tokens, at most 5% of the run), AdamW's beta2 is
     scaling fit --sweep cpu_hour --what final --law chinchilla
 
 The `:lr` variant measures the two corrections the main sweep only prescribes:
-every IsoFLOP member again at 2 and 4 times its learning rate (and the three
-largest of each budget at 8 and 16 times), and the middle budget with beta2 =
-0.95 (60 more runs; the members at 1x are the main sweep's own runs, so a
-store that holds them trains only the rest):
+every IsoFLOP member again at 2, 4, 8 and 16 times its learning rate, and
+the middle budget with beta2 = 0.95 (78 more runs; the members at 1x are the
+main sweep's own runs, so a store that holds them trains only the rest):
 
     scaling sweep experiments/cpu_hour.py:lr
+
+The `:tuned` variant is the main sweep with the IsoFLOP grid at the learning rate
+the `:lr` variant found best, put as one rule (`tuned_learning_rate`): the same
+24 runs' compute, Chinchilla's a without the 78 runs of the search. The ladder
+keeps the main sweep's rate (and so its runs): the search covered the grid's
+sizes and lengths only.
+
+    scaling sweep experiments/cpu_hour.py:tuned
+    scaling fit --sweep cpu_hour_tuned --what isoflop --law compute_optimal
 """
 
 from experiments.chinchilla_isoflop import sizes_at, steps_for_budget
@@ -77,18 +85,29 @@ TOKENS_PER_PARAM = 100
 # The :lr variant: Porian et al. tuned the learning rate and beta2 per size where the main
 # sweep applies a rule. Above the rule only: at the largest budget half the rule's rate
 # was worse than the rule at every size, and twice it better at all but the smallest.
-LR_FACTORS = (1.0, 2.0, 4.0)
-# 4x was still the best for the larger sizes (the rule falls too fast with N), so the three
-# largest of each budget also train at 8x and 16x; they are the cheap ones (fewest tokens).
-LR_LARGEST, LARGEST = (8.0, 16.0), 3
+# 4x was still the best at most sizes, and 8x at the smallest, so every member trains up
+# to 16x.
+LR_FACTORS = (1.0, 2.0, 4.0, 8.0, 16.0)
 BETA2_ABLATION = 0.95  # at the middle budget, every size
+
+# The :tuned variant: the IsoFLOP grid at the rate the :lr variant found best, which hardly
+# depends on N (1.3e-2 to 2.3e-2 from 11.5k to 183k total parameters, against the rule's
+# 2.9e-3 falling to 1.6e-3) but is lower for runs of a few hundred steps (3.4e-3 at 92
+# steps, 7.4e-3 at 150). So one peak, scaled down in proportion for short runs.
+TUNED_LR, TUNED_FULL_STEPS = 1.5e-2, 500
+
+
+def tuned_learning_rate(steps: int) -> float:
+    """The :lr variant's best rates as one rule: TUNED_LR, less for runs under
+    TUNED_FULL_STEPS steps."""
+    return TUNED_LR * min(1.0, steps / TUNED_FULL_STEPS)
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "lr"):
-        raise ValueError(f"unknown variant {arg!r} of cpu_hour; use it bare or :lr")
+    if arg not in (None, "", "lr", "tuned"):
+        raise ValueError(f"unknown variant {arg!r} of cpu_hour; use it bare, :lr or :tuned")
     config = base_config()
-    config.sweep_name = "cpu_hour_lr" if arg == "lr" else "cpu_hour"
+    config.sweep_name = f"cpu_hour_{arg}" if arg else "cpu_hour"
     config.data.corpus = "text"
     config.data.paths = CORPUS
     config.data.val_fraction = 0.02  # whole files; ~600k held-out bytes
@@ -132,9 +151,14 @@ def _isoflop_grid(budget: float, lr_factor: float = 1.0) -> list[dict]:
 
 
 def get_sweep(arg=None):
+    if arg == "tuned":
+        ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
+        grid = [m for budget in BUDGETS for m in _isoflop_grid(budget)]
+        return ladder + [
+            {**m, "train.learning_rate": tuned_learning_rate(m["train.steps"])} for m in grid
+        ]
     if arg == "lr":
         grid = [m for b in BUDGETS for f in LR_FACTORS for m in _isoflop_grid(b, f)]
-        grid += [m for b in BUDGETS for f in LR_LARGEST for m in _isoflop_grid(b, f)[-LARGEST:]]
         beta2 = [{**m, "train.b2": BETA2_ABLATION} for m in _isoflop_grid(BUDGETS[1])]
         return grid + beta2
     ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]

@@ -119,34 +119,40 @@ def test_cpu_hour_lr_brackets_each_grid_member_and_reuses_the_main_sweeps_runs()
     ablation = config_lib.study_sweep(HOUR + ":lr")
     assert {m.sweep_name for m in ablation} == {"cpu_hour_lr"}
     ids = [config_lib.run_id(m) for m in ablation]
-    extra = len(module.BUDGETS) * module.LARGEST * len(module.LR_LARGEST)  # 8x and 16x
-    extra += module.SIZES_PER_BUDGET  # beta2
-    assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + extra
+    assert len(set(ids)) == len(ids) == len(main) * len(module.LR_FACTORS) + module.SIZES_PER_BUDGET
     # the members at 1x are the main sweep's, so a store that holds them trains only the rest
     assert {config_lib.run_id(m) for m in main} <= set(ids)
-    factors = {}
+    factors = {}  # each grid member (its config bar the rate) -> the factors it trains at
     for member in ablation:
         if member.train.b2 == 0.99:
             rule = learning_rate(_budget(member)[0].n_params_kaplan)
             factors.setdefault(config_lib.run_id(_without_lr(member)), []).append(
                 member.train.learning_rate / rule
             )
-    sizes = {}  # budget -> [(n_total, factors of its runs)]
-    for key, found in factors.items():
-        member = next(m for m in ablation if config_lib.run_id(_without_lr(m)) == key)
-        shape, _, flops = _budget(member)
-        budget = min(module.BUDGETS, key=lambda b: abs(flops / b - 1))
-        sizes.setdefault(budget, []).append((shape.n_params, sorted(found)))
-    for points in sizes.values():
-        points.sort()
-        largest = [f for _, f in points[-module.LARGEST :]]
-        rest = [f for _, f in points[: -module.LARGEST]]
-        assert len(points) == module.SIZES_PER_BUDGET and len(largest) == module.LARGEST
-        assert all(f == pytest.approx([*module.LR_FACTORS, *module.LR_LARGEST]) for f in largest)
-        assert all(f == pytest.approx(module.LR_FACTORS) for f in rest)
+    assert len(factors) == len(main)
+    assert all(sorted(f) == pytest.approx(module.LR_FACTORS) for f in factors.values())
     beta2 = [m for m in ablation if m.train.b2 == module.BETA2_ABLATION]
     assert len(beta2) == module.SIZES_PER_BUDGET
     assert {abs(_budget(m)[2] / module.BUDGETS[1] - 1) < 0.01 for m in beta2} == {True}
+
+
+def test_cpu_hour_tuned_is_the_main_sweep_with_the_grid_at_one_tuned_rate():
+    module, _, _ = config_lib.load_study(HOUR)
+    main = config_lib.study_sweep(HOUR)
+    tuned = config_lib.study_sweep(HOUR + ":tuned")
+    assert {m.sweep_name for m in tuned} == {"cpu_hour_tuned"} and len(tuned) == len(main)
+    ladder = len(module.PER_TOKEN_SIZES)
+    # the ladder is the main sweep's own runs; the grid differs in its rate only
+    assert [config_lib.run_id(m) for m in tuned[:ladder]] == [
+        config_lib.run_id(m) for m in main[:ladder]
+    ]
+    for ours, theirs in zip(tuned[ladder:], main[ladder:], strict=True):
+        assert config_lib.run_id(_without_lr(ours)) == config_lib.run_id(_without_lr(theirs))
+        steps = ours.train.steps
+        assert ours.train.learning_rate == pytest.approx(module.tuned_learning_rate(steps))
+        assert ours.train.learning_rate > theirs.train.learning_rate  # the rule was too low
+    rates = {m.train.learning_rate for m in tuned[ladder:] if m.train.steps >= 500}
+    assert rates == {module.TUNED_LR}  # one rate for every size, once a run is long enough
 
 
 def _without_lr(member):
