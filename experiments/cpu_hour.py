@@ -43,6 +43,11 @@ sizes and lengths only.
 
     scaling sweep experiments/cpu_hour.py:tuned
     scaling fit --sweep cpu_hour_tuned --what isoflop --law compute_optimal
+
+The `:warmup` variant measures Porian's short warmup: the middle budget at the
+tuned rate (six of `:tuned`'s runs) and again with a warmup ten times longer.
+
+    scaling sweep experiments/cpu_hour.py:warmup
 """
 
 from experiments.chinchilla_isoflop import sizes_at, steps_for_budget
@@ -96,6 +101,11 @@ BETA2_ABLATION = 0.95  # at the middle budget, every size
 # steps, 7.4e-3 at 150). So one peak, scaled down in proportion for short runs.
 TUNED_LR, TUNED_FULL_STEPS = 1.5e-2, 500
 
+# The :warmup variant: Porian's last correction. The middle budget at the tuned rate, as
+# :tuned trains it, and again with a warmup LONG_WARMUP times longer (10 N_total tokens,
+# at most a quarter of the run), as a fixed warmup long next to small models' runs is.
+LONG_WARMUP = 10
+
 
 def tuned_learning_rate(steps: int) -> float:
     """The :lr variant's best rates as one rule: TUNED_LR, less for runs under
@@ -104,8 +114,10 @@ def tuned_learning_rate(steps: int) -> float:
 
 
 def get_config(arg=None):
-    if arg not in (None, "", "lr", "tuned"):
-        raise ValueError(f"unknown variant {arg!r} of cpu_hour; use it bare, :lr or :tuned")
+    if arg not in (None, "", "lr", "tuned", "warmup"):
+        raise ValueError(
+            f"unknown variant {arg!r} of cpu_hour; use it bare, :lr, :tuned or :warmup"
+        )
     config = base_config()
     config.sweep_name = f"cpu_hour_{arg}" if arg else "cpu_hour"
     config.data.corpus = "text"
@@ -150,13 +162,25 @@ def _isoflop_grid(budget: float, lr_factor: float = 1.0) -> list[dict]:
     return members
 
 
+def _tuned(member: dict) -> dict:
+    return {**member, "train.learning_rate": tuned_learning_rate(member["train.steps"])}
+
+
+def _long_warmup(member: dict) -> dict:
+    steps = member["train.steps"]
+    return {
+        **member,
+        "train.warmup_steps": min(steps // 4, LONG_WARMUP * member["train.warmup_steps"]),
+    }
+
+
 def get_sweep(arg=None):
     if arg == "tuned":
         ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
-        grid = [m for budget in BUDGETS for m in _isoflop_grid(budget)]
-        return ladder + [
-            {**m, "train.learning_rate": tuned_learning_rate(m["train.steps"])} for m in grid
-        ]
+        return ladder + [_tuned(m) for budget in BUDGETS for m in _isoflop_grid(budget)]
+    if arg == "warmup":
+        middle = [_tuned(m) for m in _isoflop_grid(BUDGETS[1])]
+        return middle + [_long_warmup(m) for m in middle]
     if arg == "lr":
         grid = [m for b in BUDGETS for f in LR_FACTORS for m in _isoflop_grid(b, f)]
         beta2 = [{**m, "train.b2": BETA2_ABLATION} for m in _isoflop_grid(BUDGETS[1])]

@@ -155,6 +155,22 @@ def test_cpu_hour_tuned_is_the_main_sweep_with_the_grid_at_one_tuned_rate():
     assert rates == {module.TUNED_LR}  # one rate for every size, once a run is long enough
 
 
+def test_cpu_hour_warmup_pairs_the_tuned_middle_budget_with_a_long_warmup():
+    module, _, _ = config_lib.load_study(HOUR)
+    tuned = {config_lib.run_id(m) for m in config_lib.study_sweep(HOUR + ":tuned")}
+    members = config_lib.study_sweep(HOUR + ":warmup")
+    half = len(members) // 2
+    assert half == module.SIZES_PER_BUDGET
+    recipe, long = members[:half], members[half:]
+    assert {config_lib.run_id(m) for m in recipe} <= tuned  # :tuned's own runs
+    for short, slow in zip(recipe, long, strict=True):
+        assert abs(_budget(short)[2] / module.BUDGETS[1] - 1) < 0.01
+        assert short.train.warmup_steps < slow.train.warmup_steps <= slow.train.steps // 4
+        slow = slow.copy_and_resolve_references()
+        slow.train.warmup_steps = short.train.warmup_steps
+        assert config_lib.run_id(slow) == config_lib.run_id(short)  # nothing else differs
+
+
 def _without_lr(member):
     member = member.copy_and_resolve_references()
     member.train.learning_rate = 0.0
