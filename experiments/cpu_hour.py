@@ -95,10 +95,13 @@ TOKENS_PER_PARAM = 100
 LR_FACTORS = (1.0, 2.0, 4.0, 8.0, 16.0)
 BETA2_ABLATION = 0.95  # at the middle budget, every size
 
-# The :tuned variant: the IsoFLOP grid at the rate the :lr variant found best, which hardly
-# depends on N (1.3e-2 to 2.3e-2 from 11.5k to 183k total parameters, against the rule's
-# 2.9e-3 falling to 1.6e-3) but is lower for runs of a few hundred steps (3.4e-3 at 92
-# steps, 7.4e-3 at 150). So one peak, scaled down in proportion for short runs.
+# The :tuned variant: the IsoFLOP grid at the rate the :lr variant found best. That rate
+# does not fall with N (1.3e-2 to 4.6e-2 at every size from 11.5k to 183k total parameters
+# in runs of 500 steps or more, against the rule's 2.9e-3 falling to 1.6e-3), but it is
+# lower for runs of a few hundred steps (3.4e-3 at 92 steps, 7.4e-3 at 150). So one peak,
+# scaled down in proportion for short runs; at the low end of the best rates, because
+# past the best the loss rises faster than before it (81k at 3e12: 1.93 at 1.5e-2, 2.18
+# at 3e-2, 1.95 at 7.4e-3).
 TUNED_LR, TUNED_FULL_STEPS = 1.5e-2, 500
 
 # The :warmup variant: Porian's last correction. The middle budget at the tuned rate, as
