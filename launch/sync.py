@@ -78,7 +78,8 @@ def _checked(folder: str, remote: dict) -> dict:
     for key in _INT_FIELDS:
         if not _is_int(run.get(key)) or run[key] < 1:
             raise BadRecord(
-                f"run.json: {key} = {str(run.get(key))[:40]!r} is not a positive whole number"
+                f"run.json: {key} = {str(run.get(key))[:40]!r} is not a positive whole number "
+                "below 2**63"
             )
     if not _is_number(run.get("flops")) or run["flops"] <= 0:
         raise BadRecord(
@@ -168,12 +169,18 @@ def _check_optional_fields(run: dict):
         )
 
 
+# SQLite's INTEGER is 64-bit: a larger Python int is refused by the driver, not stored.
+_INT64 = range(-(2**63), 2**63)
+
+
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value in _INT64
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value in _INT64
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def sync(store: Store, bucket: str, sweep: str) -> dict:

@@ -205,6 +205,14 @@ def _poisoned_bucket(config, run_id, tmp_path) -> tuple[Path, dict]:
     (records / "run.json").unlink()
     (records / "run.json").symlink_to(good / "records" / "run.json")
     bad["aaaaaaaaaaa5"] = "is a symbolic link"
+    records, run = clone("aaaaaaaaaaa6")  # past SQLite's 64-bit INTEGER
+    run["d_model"] = 2**63
+    (records / "run.json").write_text(json.dumps(run))
+    bad["aaaaaaaaaaa6"] = "d_model = '9223372036854775808' is not a positive whole number"
+    records, run = clone("aaaaaaaaaaa7")
+    run["flops"] = 10**30  # a whole number too large for INTEGER, as json.loads reads it
+    (records / "run.json").write_text(json.dumps(run))
+    bad["aaaaaaaaaaa7"] = "flops"
     clone("..evil_run")
     bad["..evil_run"] = "not a run id"
     return bucket, bad
