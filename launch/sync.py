@@ -94,7 +94,7 @@ def _checked(folder: str, remote: dict) -> dict:
         scalars = row.get("scalars")
         if (
             not isinstance(scalars, dict)
-            or not all(isinstance(k, str) and _is_number(v) for k, v in scalars.items())
+            or not all(_is_text(k) and _is_number(v) for k, v in scalars.items())
             or "eval_loss" not in scalars
         ):
             raise BadRecord(f"{where}: scalars must be finite numbers, eval_loss among them")
@@ -121,7 +121,7 @@ def _checked(folder: str, remote: dict) -> dict:
         not isinstance(status, dict)
         or status.get("status") not in _STATUSES
         or not (status.get("step") is None or _is_int(status["step"]))
-        or not (status.get("reason") is None or isinstance(status["reason"], str))
+        or not (status.get("reason") is None or _is_text(status["reason"]))
     ):
         raise BadRecord(
             f"the newest status record is not one the trainer writes ({str(status)[:60]})"
@@ -134,9 +134,9 @@ def _check_environment(environment):
     packages = environment.get("packages") if isinstance(environment, dict) else None
     if (
         not isinstance(packages, dict)
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in packages.items())
-        or not isinstance(environment.get("device_kind"), str)
-        or not isinstance(environment.get("platform"), str)
+        or not all(_is_text(k) and _is_text(v) for k, v in packages.items())
+        or not _is_text(environment.get("device_kind"))
+        or not _is_text(environment.get("platform"))
         or not _is_int(environment.get("device_count"))
         or not _is_int(environment.get("process_count"))
         or not _is_int(environment.get("time_ns"))
@@ -152,8 +152,8 @@ def _check_optional_fields(run: dict):
         raise BadRecord(f"run.json: status = {str(run['status'])[:40]!r} is not a run status")
     if "step" in run and (not _is_int(run["step"]) or run["step"] < 0):
         raise BadRecord(f"run.json: step = {str(run['step'])[:40]!r} is not a whole number >= 0")
-    if "reason" in run and not (run["reason"] is None or isinstance(run["reason"], str)):
-        raise BadRecord("run.json: reason is neither text nor null")
+    if "reason" in run and not (run["reason"] is None or _is_text(run["reason"])):
+        raise BadRecord("run.json: reason is neither UTF-8 text nor null")
     counts = run.get("flops_by_convention", {})
     if not isinstance(counts, dict) or not all(
         k in FLOP_CONVENTIONS and _is_number(v) for k, v in counts.items()
@@ -175,6 +175,17 @@ _INT64 = range(-(2**63), 2**63)
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value in _INT64
+
+
+def _is_text(value) -> bool:
+    """A str SQLite can store: JSON may carry lone surrogates ("\\ud800"), which UTF-8 cannot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_number(value) -> bool:

@@ -213,6 +213,10 @@ def _poisoned_bucket(config, run_id, tmp_path) -> tuple[Path, dict]:
     run["flops"] = 10**30  # a whole number too large for INTEGER, as json.loads reads it
     (records / "run.json").write_text(json.dumps(run))
     bad["aaaaaaaaaaa7"] = "flops"
+    records, run = clone("aaaaaaaaaaa8")
+    run["reason"] = "\ud800"  # JSON can carry a lone surrogate; UTF-8, and so SQLite, cannot
+    (records / "run.json").write_text(json.dumps(run))
+    bad["aaaaaaaaaaa8"] = "reason is neither UTF-8 text nor null"
     clone("..evil_run")
     bad["..evil_run"] = "not a run id"
     return bucket, bad
