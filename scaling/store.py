@@ -488,6 +488,10 @@ class Store:
     ):
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
+        if reason is not None:
+            # An error's text can carry a file name's undecodable bytes as lone surrogates,
+            # which SQLite's UTF-8 refuses: keep them as escapes rather than lose the status.
+            reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
         with self._transaction():
             self._conn.execute(
                 "UPDATE runs SET status = ?, step = COALESCE(?, step), reason = ?, updated = ? "

@@ -74,6 +74,17 @@ def test_writes_are_idempotent(tmp_path):
         assert len(store.per_token("r1")[0]) == 1
 
 
+def test_a_failure_reason_with_undecodable_bytes_is_kept_escaped(tmp_path):
+    """os.fsdecode turns a file name's non-UTF-8 bytes into lone surrogates, which SQLite
+    cannot store: the status is written anyway, the bytes as escapes."""
+    reason = "cannot read " + b"/data/\xff.txt".decode("utf-8", "surrogateescape")
+    with Store(tmp_path / "s.sqlite") as store:
+        store.register_run(_run())
+        store.set_status("r1", "failed", reason=reason)
+        run = store.run("r1")
+    assert run.status == "failed" and run.reason == "cannot read /data/\\udcff.txt"
+
+
 def test_not_a_database_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "notes.sqlite"
     path.write_bytes(b"these are my notes, not a database" * 100)
