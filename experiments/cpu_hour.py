@@ -165,6 +165,10 @@ def _isoflop_grid(budget: float, lr_factor: float = 1.0) -> list[dict]:
     return members
 
 
+def _ladder() -> list[dict]:
+    return [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
+
+
 def _tuned(member: dict) -> dict:
     return {**member, "train.learning_rate": tuned_learning_rate(member["train.steps"])}
 
@@ -179,8 +183,7 @@ def _long_warmup(member: dict) -> dict:
 
 def get_sweep(arg=None):
     if arg == "tuned":
-        ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
-        return ladder + [_tuned(m) for budget in BUDGETS for m in _isoflop_grid(budget)]
+        return _ladder() + [_tuned(m) for budget in BUDGETS for m in _isoflop_grid(budget)]
     if arg == "warmup":
         middle = [_tuned(m) for m in _isoflop_grid(BUDGETS[1])]
         return middle + [_long_warmup(m) for m in middle]
@@ -188,5 +191,4 @@ def get_sweep(arg=None):
         grid = [m for b in BUDGETS for f in LR_FACTORS for m in _isoflop_grid(b, f)]
         beta2 = [{**m, "train.b2": BETA2_ABLATION} for m in _isoflop_grid(BUDGETS[1])]
         return grid + beta2
-    ladder = [_member(_shape(*s), PER_TOKEN_STEPS, BATCH) for s in PER_TOKEN_SIZES]
-    return ladder + [m for budget in BUDGETS for m in _isoflop_grid(budget)]
+    return _ladder() + [m for budget in BUDGETS for m in _isoflop_grid(budget)]

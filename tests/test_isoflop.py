@@ -11,24 +11,32 @@ from scaling.store import RunRecord, Store
 E, A, B, ALPHA, BETA = 1.7, 400.0, 410.0, 0.34, 0.28  # Hoffmann et al. 2022, approach 3
 
 
+def _n_opt(budget):
+    """The compute-optimal N of the law above at C = 6 N D."""
+    return (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
+        BETA / (ALPHA + BETA)
+    )
+
+
+def _add_finished_run(store, run_id, n, tokens, sweep, penalty=0.0):
+    """One finished run of N = n on `tokens` tokens at the law's loss (plus a penalty)."""
+    store.register_run(
+        RunRecord(run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0),
+        sweep=sweep,
+    )
+    store.log_eval(run_id, 10, {"eval_loss": E + A / n**ALPHA + B / tokens**BETA + penalty})
+    store.set_status(run_id, "finished")
+
+
 def test_approach_two_recovers_the_compute_optimal_exponents(tmp_path, capsys):
     path = str(tmp_path / "store.sqlite")
     ids = []
     with Store(path) as store:
         for budget in (1e18, 1e19, 1e20, 1e21):
-            n_opt = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
-                BETA / (ALPHA + BETA)
-            )
-            for n in n_opt * np.geomspace(1 / 4, 4, 9):
-                tokens = budget / (6 * n)
+            for n in _n_opt(budget) * np.geomspace(1 / 4, 4, 9):
                 run_id = f"r{len(ids)}"
                 ids.append(run_id)
-                store.register_run(
-                    RunRecord(run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0),
-                    sweep="grid",
-                )
-                store.log_eval(run_id, 10, {"eval_loss": E + A / n**ALPHA + B / tokens**BETA})
-                store.set_status(run_id, "finished")
+                _add_finished_run(store, run_id, n, budget / (6 * n), "grid")
         store.add_sweep("grid", {}, ids)
     assert (
         main(
@@ -113,25 +121,13 @@ def test_a_tuned_grid_keeps_each_sizes_best_run(tmp_path):
     ids, worse = [], []
     with Store(path) as store:
         for budget in (1e18, 1e19, 1e20):
-            n_opt = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
-                BETA / (ALPHA + BETA)
-            )
-            for n in n_opt * np.geomspace(1 / 4, 4, 7):
-                tokens = budget / (6 * n)
+            for n in _n_opt(budget) * np.geomspace(1 / 4, 4, 7):
                 for penalty in (0.2 * np.log(n), 0.0, 0.02):  # the best one is not first
                     run_id = f"r{len(ids)}"
                     ids.append(run_id)
                     if penalty:
                         worse.append(run_id)
-                    store.register_run(
-                        RunRecord(
-                            run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0
-                        ),
-                        sweep="tuned",
-                    )
-                    loss = E + A / n**ALPHA + B / tokens**BETA + penalty
-                    store.log_eval(run_id, 10, {"eval_loss": loss})
-                    store.set_status(run_id, "finished")
+                    _add_finished_run(store, run_id, n, budget / (6 * n), "tuned", penalty)
         store.add_sweep("tuned", {}, ids)
         record = fit_isoflop(store, "tuned", bootstrap=0)
         plot = plots.make_plot(store, "tuned", "isoflop-total")
@@ -152,21 +148,12 @@ def test_a_profile_without_a_minimum_is_named_as_left_out(tmp_path):
     ids, dropped = [], []
     with Store(tmp_path / "store.sqlite") as store:
         for budget, spread in ((1e18, (1 / 4, 4)), (1e19, (1 / 4, 4)), (1e20, (4, 16))):
-            n_opt = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA)) * (budget / 6) ** (
-                BETA / (ALPHA + BETA)
-            )
-            for n in n_opt * np.geomspace(*spread, 5):
-                tokens = budget / (6 * n)
+            for n in _n_opt(budget) * np.geomspace(*spread, 5):
                 run_id = f"r{len(ids)}"
                 ids.append(run_id)
                 if budget == 1e20:
                     dropped.append(run_id)
-                store.register_run(
-                    RunRecord(run_id, {}, int(n * 0.9), int(n), 4, 64, 4, 2048, int(tokens), 0.0),
-                    sweep="grid",
-                )
-                store.log_eval(run_id, 10, {"eval_loss": E + A / n**ALPHA + B / tokens**BETA})
-                store.set_status(run_id, "finished")
+                _add_finished_run(store, run_id, n, budget / (6 * n), "grid")
         store.add_sweep("grid", {}, ids)
         record = fit_isoflop(store, "grid", bootstrap=0)
         plot = plots.make_plot(store, "grid", "isoflop-total")

@@ -151,7 +151,8 @@ def test_cpu_hour_tuned_is_the_main_sweep_with_the_grid_at_one_tuned_rate():
         steps = ours.train.steps
         assert ours.train.learning_rate == pytest.approx(module.tuned_learning_rate(steps))
         assert ours.train.learning_rate > theirs.train.learning_rate  # the rule was too low
-    rates = {m.train.learning_rate for m in tuned[ladder:] if m.train.steps >= 500}
+    long_runs = [m for m in tuned[ladder:] if m.train.steps >= module.TUNED_FULL_STEPS]
+    rates = {m.train.learning_rate for m in long_runs}
     assert rates == {module.TUNED_LR}  # one rate for every size, once a run is long enough
 
 
