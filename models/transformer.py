@@ -26,16 +26,24 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from models.attention import chunked_attention
+from models.attention import ATTENTION_RESIDUALS, chunked_attention
 from models.sizes import ModelShape
 
+# What the chunked attention kernel's backward reads besides q, k and v. The
+# policies that keep matmul outputs keep these too: recomputing them would run
+# the kernel's whole forward pass again in the backward pass.
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS)
 REMAT_POLICIES = {
     # "auto": "dots" while the layer loop stays rolled, else "none" (see `remat_policy`).
     "auto": None,
     "none": None,  # keep every activation: fewest FLOPs, most memory
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs only
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs only
+        jax.checkpoint_policies.checkpoint_dots, _KEEP_ATTENTION
+    ),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION
+    ),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "auto": see `ModelConfig.attention_kernel`; "chunked" is models/attention.py's CPU kernel.
@@ -128,7 +136,8 @@ class ModelConfig:
         recomputing the cheap elementwise rest costs less than that traffic
         and holds less memory. With the chunked attention kernel, which
         recomputes its own scores, only the projections' outputs (products
-        without batch dimensions) are kept. Unrolled, nothing is stacked.
+        without batch dimensions) and the kernel's output and log-sum-exp
+        are kept. Unrolled, nothing is stacked.
         """
         if self.remat != "auto":
             return self.remat

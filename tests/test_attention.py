@@ -6,16 +6,22 @@ import numpy as np
 import pytest
 
 from models import attention
+from models.sizes import ModelShape
+from models.transformer import ModelConfig, Transformer
 
 
 @pytest.mark.parametrize("budget_rows", [1, 3])
+@pytest.mark.parametrize("query_block", [64, 8, 12])
 @pytest.mark.parametrize("b, length, n, h", [(6, 32, 3, 16), (8, 16, 2, 32), (5, 8, 1, 8)])
 def test_chunked_attention_matches_xla_in_value_and_gradient(
-    monkeypatch, budget_rows, b, length, n, h
+    monkeypatch, budget_rows, query_block, b, length, n, h
 ):
     # A score budget of `budget_rows` sequences: chunks of that many rows, or
     # fewer where they do not divide the batch (5 rows in chunks of 2 -> 1).
     monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", budget_rows * 4 * n * length * length)
+    # Query blocks: one for the whole context, several, and several with a
+    # shorter last one (32 = 12 + 12 + 8).
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     rows = attention.chunk_rows(b, n, length)
     assert b % rows == 0 and rows <= budget_rows
     q, k, v, cotangent = (
@@ -40,7 +46,9 @@ def test_chunked_attention_matches_xla_in_value_and_gradient(
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_chunked_attention_is_causal():
+@pytest.mark.parametrize("query_block", [64, 4])
+def test_chunked_attention_is_causal(monkeypatch, query_block):
+    monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 16, 2, 8)) for key in keys)
     changed_v = v.at[:, 9:].add(1.0)
@@ -55,3 +63,23 @@ def test_chunk_rows_fit_the_budget_and_divide_the_batch():
         rows = attention.chunk_rows(batch, n_heads, length)
         assert batch % rows == 0
         assert rows == 1 or rows * 4 * n_heads * length * length <= budget
+
+
+def test_a_rematerialised_block_keeps_the_kernels_forward_results():
+    """Under the rolled loop's policy the backward pass must not run the
+    kernel's forward again: its exps are those of the unrematerialised
+    model (one per query block forward, two per block backward), where
+    recomputing everything adds the forward's again."""
+    shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
+    tokens = jnp.zeros((4, shape.n_ctx), jnp.int32)
+
+    def exps(remat: str) -> int:
+        model = Transformer(
+            ModelConfig(shape, remat=remat, scan_unroll=1, attention_impl="chunked")
+        )
+        params = model.init(jax.random.key(0), tokens)
+        grad = jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum()))
+        return grad.lower(params).as_text().count("stablehlo.exponential")
+
+    assert exps("dots_no_batch") == exps("none") < exps("full")
+    assert exps("dots") == exps("none")
