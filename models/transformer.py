@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from models.attention import ATTENTION_RESIDUALS, chunked_attention
 from models.sizes import ModelShape
+from models.token_matmul import token_matmul
 
 # What the chunked attention kernel's backward reads besides q, k and v. The
 # policies that keep matmul outputs keep these too: recomputing them would run
@@ -108,8 +109,7 @@ class ModelConfig:
         precision, head_dim a multiple of 8 up to 128. It never writes the
         [B, H, L, L] scores to memory, which XLA's attention does on a GPU.
         On a single CPU device, the chunked kernel of models/attention.py,
-        which keeps a few sequences' scores in cache (with the batch split
-        over several devices its chunk loop would cut across them). Elsewhere
+        which keeps a few sequences' scores in cache. Elsewhere
         (TPU, several CPU devices, a GPU in float32) XLA's.
         """
         if self.attention_impl != "auto":
@@ -122,9 +122,19 @@ class ModelConfig:
             and cuda_compute_capability() >= (8, 0)
         ):
             return "cudnn"
-        if jax.default_backend() == "cpu" and jax.device_count() == 1:
+        if self.single_cpu:
             return "chunked"
         return "xla"
+
+    @property
+    def single_cpu(self) -> bool:
+        """Whether the model runs on one CPU device, where the CPU's own kernels apply.
+
+        Those are the chunked attention and `token_matmul` for the MLP's
+        products; with the batch split over several devices, the chunk loop
+        would cut across them and XLA's own forms shard as they are.
+        """
+        return jax.default_backend() == "cpu" and jax.device_count() == 1
 
     @property
     def remat_policy(self) -> str:
@@ -233,9 +243,12 @@ class Block(nn.Module):
         b_in = _param(self, "mlp_in_bias", zeros, ("mlp",), (f,), pdt)
         w_mlp_out = _param(self, "mlp_out_kernel", out_init, ("mlp", "embed"), (f, d), pdt)
         b_mlp_out = _param(self, "mlp_out_bias", zeros, ("embed",), (d,), pdt)
-        h_BxLxF = jax.nn.gelu(y_BxLxD @ w_in.astype(cdt) + b_in.astype(cdt)[None, None])
+        matmul = token_matmul if self.config.single_cpu else jnp.matmul
+        h_BxLxF = jax.nn.gelu(matmul(y_BxLxD, w_in.astype(cdt)) + b_in.astype(cdt)[None, None])
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
-        x_BxLxD = x_BxLxD + h_BxLxF @ w_mlp_out.astype(cdt) + b_mlp_out.astype(cdt)[None, None]
+        x_BxLxD = (
+            x_BxLxD + matmul(h_BxLxF, w_mlp_out.astype(cdt)) + b_mlp_out.astype(cdt)[None, None]
+        )
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
         return x_BxLxD, None
 
