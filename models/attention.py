@@ -14,8 +14,8 @@ probabilities, as flash attention does, and (ii) writes every product with
 the contracted axis minor in its left operand: the two products that contract
 over the query axis (dV and dK) take the transposed probabilities, computed
 directly from K Q^T, instead of a transposed [L, L] matrix. The backward takes
-dQ by query blocks and dK, dV by key blocks, so each block's
-gradient is written once, never summed from pieces.
+dQ by query blocks and dK, dV by key blocks, so each block's gradient is
+written once, never summed from pieces.
 
 Tensor names carry their shape: R rows (sequences) of a chunk, C chunks, H
 heads, L query positions, M key positions, K head_dim. The einsum subscripts
