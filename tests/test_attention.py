@@ -10,8 +10,9 @@ from models.sizes import ModelShape
 from models.transformer import ModelConfig, Transformer
 
 
-@pytest.mark.parametrize("budget_rows", [1, 3])
-@pytest.mark.parametrize("query_block", [64, 8, 12])
+# Query blocks: one for the whole context, several, and several with a
+# shorter last one (32 = 12 + 12 + 8; 16 = 12 + 4).
+@pytest.mark.parametrize("budget_rows, query_block", [(1, 64), (3, 64), (1, 8), (3, 12)])
 @pytest.mark.parametrize("b, length, n, h", [(6, 32, 3, 16), (8, 16, 2, 32), (5, 8, 1, 8)])
 def test_chunked_attention_matches_xla_in_value_and_gradient(
     monkeypatch, budget_rows, query_block, b, length, n, h
@@ -19,8 +20,6 @@ def test_chunked_attention_matches_xla_in_value_and_gradient(
     # A score budget of `budget_rows` sequences: chunks of that many rows, or
     # fewer where they do not divide the batch (5 rows in chunks of 2 -> 1).
     monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", budget_rows * 4 * n * length * length)
-    # Query blocks: one for the whole context, several, and several with a
-    # shorter last one (32 = 12 + 12 + 8).
     monkeypatch.setattr(attention, "QUERY_BLOCK", query_block)
     rows = attention.chunk_rows(b, n, length)
     assert b % rows == 0 and rows <= budget_rows
