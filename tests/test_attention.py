@@ -80,5 +80,5 @@ def test_a_rematerialised_block_keeps_the_kernels_forward_results():
         grad = jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum()))
         return grad.lower(params).as_text().count("stablehlo.exponential")
 
-    assert exps("dots_no_batch") == exps("none") < exps("full")
-    assert exps("dots") == exps("none")
+    kept = exps("none")
+    assert exps("dots_no_batch") == kept < exps("full")

@@ -87,6 +87,7 @@ def test_trainer_logs_noise_scale_without_changing_the_run(tiny_config, tmp_path
     np.testing.assert_allclose(loss_on, loss_off, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_step_that_does_not_measure_leaves_the_averages_and_takes_the_same_update():
     # The loop measures on every train.noise_scale_every-th step only.
     model = ModelConfig(ModelShape(n_layer=1, d_model=32, n_heads=2, n_ctx=16, vocab_size=64))

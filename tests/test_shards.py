@@ -172,6 +172,7 @@ def test_prepare_on_the_command_line_refuses_bad_input_in_one_line(tmp_path, cap
     assert not (tmp_path / "out" / shards.MANIFEST).exists()
 
 
+@pytest.mark.slow
 def test_a_run_trains_from_a_manifest_and_refuses_another_corpus_at_its_path(
     tiny_config, tmp_path, monkeypatch
 ):

@@ -102,6 +102,7 @@ def _study(tmp_path, tiny_config, members=None):
     return str(study)
 
 
+@pytest.mark.slow
 def test_sweep_twice_trains_nothing_the_second_time(tiny_config, tmp_path, monkeypatch, capsys):
     study = _study(tmp_path, tiny_config)
     assert main(["sweep", study]) == 0
