@@ -353,7 +353,7 @@ def test_a_fit_that_cannot_fit_in_memory_is_refused_before_anything_is_allocated
     inputs.check_memory(4, 27, 100_000, 3, T.size * 4 + y.size)
 
 
-@pytest.mark.parametrize("scale", [1e100, 1e-60])
+@pytest.mark.parametrize("scale", [pytest.param(1e100, marks=pytest.mark.slow), 1e-60])
 def test_inputs_far_from_one_fit_as_well_as_inputs_near_it(scale):
     """Inputs past the grid's reach (1e100 FLOPs, say) are rescaled inside the fitter and
     the parameters mapped back: the same E and exponents, A in the inputs' own units."""
