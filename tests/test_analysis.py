@@ -142,7 +142,7 @@ def test_fit_csv_prints_the_documented_json(tmp_path, capsys):
     assert set(out["params"]) == {"E", "A", "alpha"} and abs(out["params"]["alpha"] - 0.4) < 1e-3
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # the same fit twice, with and without screening the starts
 def test_fit_csv_with_screened_starts_finds_the_same_fit(tmp_path, capsys):
     csv = tmp_path / "curve.csv"
     x = np.geomspace(1, 1000, 40)

@@ -134,7 +134,7 @@ def _fit(store, what, *extra):
     )
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # two fits with bootstrap intervals
 def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves, capsys):
     assert _fit(store_with_curves, "per-token") == 0
     text = capsys.readouterr().out

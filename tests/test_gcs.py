@@ -90,7 +90,7 @@ def _evals(path, run_id):
         ).fetchall()
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # its fixture trains a run through the emulator
 def test_records_and_checkpoints_go_through_the_gcs_api(gcs, trained, tmp_path, capsys):
     config, run_id = trained
     prefix = f"{config.launch.bucket.removeprefix('gs://')}/runs/{run_id}"

@@ -131,7 +131,7 @@ def test_fit_fix_and_sensitivity_commands(tmp_path, capsys):
     assert "LOW < HIGH" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # a pinned fit and a three-point sensitivity scan
 def test_csv_fit_with_fix_varpro_and_sensitivity(tmp_path, capsys):
     law = get_law("saturating")
     x = np.logspace(0, 3, 12)

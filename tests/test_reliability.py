@@ -75,7 +75,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
         )
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # trains until the loss diverges
 def test_divergence_stops_within_two_check_intervals_and_names_the_step(tiny_config, monkeypatch):
     tiny_config.train.steps = 400
     tiny_config.train.learning_rate = 1e6
@@ -122,7 +122,7 @@ def _study_of(config):
     return str(path)
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # trains a run with five checkpoints
 def test_checkpoints_beyond_max_to_keep_are_removed(tiny_config):
     tiny_config.train.steps, tiny_config.checkpoint.every = 50, 10
     tiny_config.checkpoint.max_to_keep = 2

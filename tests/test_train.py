@@ -132,7 +132,7 @@ def test_status_json_lists_every_run(tiny_config, tmp_path, capsys):
     assert rows[0]["eval_loss"] > 0 and rows[0]["run_id"] == config_lib.run_id(tiny_config)
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # a whole `scaling run` of the tiny study
 def test_cli_overrides_reach_the_run(tmp_path, data_cache):
     store = tmp_path / "s.sqlite"
     args = [
@@ -249,7 +249,7 @@ def test_a_finished_run_is_not_touched_by_a_relaunch(tiny_config):
         assert store.run(run_id).status == "finished"
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # a sweep that trains a member
 def test_a_run_another_process_trains_is_skipped_not_trained_twice(tiny_config, tmp_path, capsys):
     """Two sweeps over one workdir: the member the other holds is left to it, untouched."""
     from launch import config as config_lib

@@ -23,7 +23,7 @@ def test_nnls_matches_scipy(seed):
     )
 
 
-@pytest.mark.slow  # 13-25 s; the default suite stays under ten minutes
+@pytest.mark.slow  # both fitters on three curves
 def test_varpro_and_full_fit_agree_on_saturating_curves():
     law = get_law("saturating")
     x = np.logspace(0, 4, 30)
