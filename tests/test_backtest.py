@@ -42,6 +42,7 @@ def test_intervals_cover_at_about_their_nominal_rate():
     assert np.isnan(out["predicted"][:, :-2]).all() and not out["inside"][:, :-2].any()
 
 
+@pytest.mark.slow  # a backtest with 50 bootstrap refits
 def test_a_wrong_law_is_caught_outside_its_intervals():
     # The truth saturates at E = 1.7; a pure power law fitted to the small sizes
     # overshoots the descent and misses the held-out largest ones.

@@ -169,6 +169,7 @@ def test_epochs_bootstrap_intervals_from_the_csv():
         ), k
 
 
+@pytest.mark.slow  # a curve fitted alone, then padded in a batch
 def test_padding_changes_nothing():
     rng = np.random.default_rng(3)
     law = get_law("saturating")
@@ -195,6 +196,7 @@ def test_resamples_draw_only_valid_points():
     assert len({tuple(w) for w in weights[:, 1]}) > 45  # resamples differ
 
 
+@pytest.mark.slow  # 200 bootstrap refits of 40 curves
 def test_bootstrap_intervals_cover_the_truth():
     rng = np.random.default_rng(5)
     x = np.logspace(2, 6, 40)
@@ -208,6 +210,7 @@ def test_bootstrap_intervals_cover_the_truth():
     assert result.bootstrap_params["alpha"].shape == (200, 40)
 
 
+@pytest.mark.slow  # a pinned fit with bootstrap intervals
 def test_pinned_parameters_stay_put():
     law = get_law("saturating")
     x, truth, _ = RECOVERY["saturating"]

@@ -151,6 +151,7 @@ def test_query_flags_a_rising_curve_and_an_unidentified_offset(store_with_curves
     assert any("3 points for 3 parameters" in w for w in final["warnings"])
 
 
+@pytest.mark.slow  # two fits with bootstrap intervals, then the report
 def test_the_report_shows_the_warnings(store_with_curves, tmp_path):
     from scaling.figures.html_report import write_report
 

@@ -32,8 +32,9 @@ def _requested_steps(monkeypatch):
 @pytest.mark.parametrize(
     "damage",
     [
-        pytest.param("truncate_array", marks=pytest.mark.slow),  # the other damage runs by default
-        "remove_commit_marker",
+        # Each trains a run and resumes it.
+        pytest.param("truncate_array", marks=pytest.mark.slow),
+        pytest.param("remove_commit_marker", marks=pytest.mark.slow),
     ],
 )
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(

@@ -213,6 +213,7 @@ def test_unwritable_store_is_one_line(tmp_path, capsys):
     assert code == 2 and "not writable" in err and "\n" not in err, err
 
 
+@pytest.mark.slow  # trains until the loss diverges
 def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(tiny_config):
     tiny_config.train.learning_rate = 1e6
     tiny_config.train.grad_clip = 0.0

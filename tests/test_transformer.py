@@ -134,6 +134,7 @@ def test_unknown_dtype_is_refused():
         ModelConfig(SHAPE, compute_dtype="fp8")
 
 
+@pytest.mark.slow  # compiles the model rolled and unrolled
 def test_unrolled_layer_loop_computes_the_same_model():
     shape = ModelShape(n_layer=3, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
