@@ -106,11 +106,22 @@ def latest_status(directory: epath.Path) -> dict | None:
 
 
 def run_ids(bucket: str) -> list[str]:
-    """Every run with records in the bucket."""
+    """Every run with records in the bucket, as it is now."""
     runs = epath.Path(bucket) / "runs"
+    _forget_listings(runs)
     if not runs.exists():
         return []
     return sorted(p.name for p in runs.iterdir() if (p / "records" / RUN).exists())
+
+
+def _forget_listings(path: epath.Path) -> None:
+    """Drop the folder listings gcsfs keeps for the life of the process (etils holds one
+    filesystem per protocol), so that a second `sync` or `status` in one process, a
+    notebook's, sees the runs written since the first."""
+    if os.fspath(path).startswith(("gs://", "s3://", "az://")):
+        from etils.epath import backend
+
+        backend.fsspec_backend.fs(path).invalidate_cache()
 
 
 def read_run(bucket: str, run_id: str) -> dict:

@@ -40,13 +40,21 @@ class Emulator:
         self.folder, self.url, self.server = str(folder), f"http://127.0.0.1:{self.port}", None
 
     def start(self):
+        if self.server is not None:
+            return  # already serving
         self.server = emulator.create_server(
             "127.0.0.1", self.port, default_bucket=BUCKET, data_dir=self.folder
         )
-        self.server.start()
+        # The emulator's own start() waits forever when its thread cannot bind the port.
+        starting = threading.Thread(target=self.server.start, daemon=True)
+        starting.start()
+        starting.join(timeout=30)
+        if starting.is_alive():
+            raise RuntimeError(f"the GCS emulator did not start on port {self.port}")
 
     def stop(self):
         self.server.stop()
+        self.server = None
 
     def fs(self):
         return gcsfs.GCSFileSystem(token="anon", endpoint_url=self.url)
