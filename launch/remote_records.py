@@ -118,7 +118,7 @@ def _forget_listings(path: epath.Path) -> None:
     """Drop the folder listings gcsfs keeps for the life of the process (etils holds one
     filesystem per protocol), so that a second `sync` or `status` in one process, a
     notebook's, sees the runs written since the first."""
-    if os.fspath(path).startswith(("gs://", "s3://", "az://")):
+    if str(path).startswith("gs://"):  # the only remote bucket a config may name
         from etils.epath import backend
 
         backend.fsspec_backend.fs(path).invalidate_cache()

@@ -91,3 +91,4 @@ def test_a_rematerialised_block_keeps_the_kernels_forward_results():
 
     kept = exps("none")
     assert exps("dots_no_batch") == kept < exps("full")
+    assert exps("dots") == kept

@@ -29,14 +29,8 @@ def _requested_steps(monkeypatch):
     return requested
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        # Each trains a run and resumes it.
-        pytest.param("truncate_array", marks=pytest.mark.slow),
-        pytest.param("remove_commit_marker", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow  # each case trains a run and resumes it
+@pytest.mark.parametrize("damage", ["truncate_array", "remove_commit_marker"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     damage, tiny_config, tmp_path, monkeypatch, capsys
 ):
