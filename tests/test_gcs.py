@@ -124,6 +124,18 @@ def test_records_and_checkpoints_go_through_the_gcs_api(gcs, trained, tmp_path, 
         assert mine.run(run_id).status == "finished" and len(mine.environments(run_id)) == 1
 
 
+def test_a_second_listing_in_one_process_sees_the_runs_written_since(gcs, tmp_path):
+    # gcsfs caches folder listings for the life of the process: a notebook's second
+    # `scaling sync` listed runs/ as it was at the first, without the runs that other
+    # machines had written since.
+    bucket = f"gs://{BUCKET}/{tmp_path.name}"
+    remote_records.RunRecords(bucket, "first").start({"run_id": "first"})
+    assert remote_records.run_ids(bucket) == ["first"]
+    another_machine = gcs.fs()
+    another_machine.pipe(f"{BUCKET}/{tmp_path.name}/runs/second/records/run.json", b"{}")
+    assert remote_records.run_ids(bucket) == ["first", "second"]
+
+
 def test_a_fresh_worker_finds_the_run_finished_in_the_gcs_bucket(trained, tmp_path):
     config, run_id = trained
     config = config.copy_and_resolve_references()
