@@ -10,12 +10,14 @@ within a chunk it goes over blocks of QUERY_BLOCK queries, each against the
 keys it may see, so the score blocks above the causal diagonal are never
 computed (a quarter of the work at context 128); and its custom VJP (i)
 saves only the output and the log-sum-exp of each row, recomputing the
-probabilities, as flash attention does, and (ii) writes every product with
-the contracted axis minor in its left operand: the two products that contract
-over the query axis (dV and dK) take the transposed probabilities, computed
-directly from K Q^T, instead of a transposed [L, L] matrix. The backward takes
-dQ by query blocks and dK, dV by key blocks, so each block's gradient is
-written once, never summed from pieces.
+probabilities, as flash attention does, and (ii) goes over the query blocks
+once in the backward: each block's probabilities P and score gradient dS are
+computed once and give its dQ = dS K and its share of dK = dS^T Q and
+dV = P^T dO for the keys it sees. Those two products contract over the
+query axis, the major one of P and dS, a transposed form XLA:CPU leaves to
+Eigen; recomputing P^T and dP^T directly in the keys' orientation instead
+costs two more products over the head dimension, and at head size 16 those
+are the slowest kind (the one pass takes a quarter less time).
 
 Tensor names carry their shape: R rows (sequences) of a chunk, C chunks, H
 heads, L query positions, M key positions, K head_dim. The einsum subscripts
@@ -105,14 +107,15 @@ def _forward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK):
 
 
 def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dout_RxHxLxK):
-    length = q_RxHxLxK.shape[2]
+    blocks = _blocks(q_RxHxLxK.shape[2])
     scale = q_RxHxLxK.shape[-1] ** -0.5
     dtype = q_RxHxLxK.dtype
     # d softmax: dS = P * (dP - rowsum(dO * O)).
     delta_RxHxL = jnp.sum(dout_RxHxLxK.astype(jnp.float32) * out_RxHxLxK, -1)
-    # dQ by query blocks [a, b) over keys [0, b), from P (rows: queries).
-    dqs = []
-    for a, b in _blocks(length):
+    # One pass over the query blocks [a, b), each against keys [0, b): P and dS once, then
+    # dQ = dS K, and each key block's share of dK = dS^T Q and dV = P^T dO.
+    dqs, dks, dvs = [], [[] for _ in blocks], [[] for _ in blocks]
+    for i, (a, b) in enumerate(blocks):
         p_RxHxLxM = jnp.where(
             _causal(b - a, b, a),
             jnp.exp(
@@ -128,25 +131,16 @@ def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dou
         )
         ds_RxHxLxM = (p_RxHxLxM * (dp_RxHxLxM - delta_RxHxL[:, :, a:b, None]) * scale).astype(dtype)
         dqs.append(jnp.einsum("rnlm,rnmh->rnlh", ds_RxHxLxM, k_RxHxLxK[:, :, :b]))
-    # dK and dV by key blocks [a, b) over queries [a, L), from P^T (rows: keys), computed
-    # directly as K Q^T so that no [M, L] matrix is transposed.
-    dks, dvs = [], []
-    for a, b in _blocks(length):
-        p_RxHxMxL = jnp.where(
-            _causal(length - a, b - a).T,
-            jnp.exp(_scores(k_RxHxLxK[:, :, a:b], q_RxHxLxK[:, :, a:]) - lse_RxHxL[:, :, None, a:]),
-            0.0,
-        )
-        dp_RxHxMxL = jnp.einsum(
-            "rnmh,rnlh->rnml",
-            v_RxHxLxK[:, :, a:b],
-            dout_RxHxLxK[:, :, a:],
-            preferred_element_type=jnp.float32,
-        )
-        ds_RxHxMxL = (p_RxHxMxL * (dp_RxHxMxL - delta_RxHxL[:, :, None, a:]) * scale).astype(dtype)
-        dks.append(jnp.einsum("rnml,rnlh->rnmh", ds_RxHxMxL, q_RxHxLxK[:, :, a:]))
-        dvs.append(jnp.einsum("rnml,rnlh->rnmh", p_RxHxMxL.astype(dtype), dout_RxHxLxK[:, :, a:]))
-    return tuple(jnp.concatenate(g, 2) for g in (dqs, dks, dvs))
+        dk_RxHxMxK = jnp.einsum("rnlm,rnlh->rnmh", ds_RxHxLxM, q_RxHxLxK[:, :, a:b])
+        dv_RxHxMxK = jnp.einsum("rnlm,rnlh->rnmh", p_RxHxLxM.astype(dtype), dout_RxHxLxK[:, :, a:b])
+        for j, (c, d) in enumerate(blocks[: i + 1]):  # the key blocks in [0, b)
+            dks[j].append(dk_RxHxMxK[:, :, c:d])
+            dvs[j].append(dv_RxHxMxK[:, :, c:d])
+    return (
+        jnp.concatenate(dqs, 2),
+        jnp.concatenate([sum(parts[1:], parts[0]) for parts in dks], 2),
+        jnp.concatenate([sum(parts[1:], parts[0]) for parts in dvs], 2),
+    )
 
 
 def _chunks(x_Bx, rows: int):
