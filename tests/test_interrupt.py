@@ -38,15 +38,18 @@ def _interrupted(argv, after_s):
     return process.returncode, out, err
 
 
-def _fit_argv(start: str, store) -> list[str]:
+def _fit_argv(start: str, store, preload: str = "") -> list[str]:
     """`scaling fit` of `_store`'s sweep, started by the Python code `start`.
 
     SIGINT goes back to Python's own handler first: a runner started in the background by a
     script hands its children SIGINT ignored (and a preexec_fn would fork this JAX process).
+    `preload` runs before the child says it is ready: the import of the module that holds
+    the guard, which no code of that module can guard.
     """
     reset = (
         "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        f"print({READY!r}, file=sys.stderr, flush=True); "
+        + (f"{preload}; " if preload else "")
+        + f"print({READY!r}, file=sys.stderr, flush=True); "
     )
     fit = ["fit", "--store", str(store), "--sweep", "s", "--law", "saturating"]
     return [sys.executable, "-c", reset + start, *fit]
@@ -58,7 +61,9 @@ def test_ctrl_c_during_fit_exits_130_at_every_moment(tmp_path):
     # or SIGSEGV (an interrupt inside a compiled extension's initialiser) and others in
     # a traceback.
     _store(tmp_path / "s.sqlite")
-    argv = _fit_argv("from launch.entry import run; run()", tmp_path / "s.sqlite")
+    # Counted from launch.entry imported, as `scaling` imports it: an interrupt while Python
+    # reads that module (slow on a busy machine's first run) comes before its guard exists.
+    argv = _fit_argv("run()", tmp_path / "s.sqlite", preload="from launch.entry import run")
     argv += ["--what", "final", "--bootstrap", "3000"]
     codes = []
     for after_s in (0.05, 0.2, 0.35, 0.45, 0.6, 0.8, 1.2):
