@@ -17,7 +17,7 @@ dV = P^T dO for the keys it sees. Those two products contract over the
 query axis, the major one of P and dS, a transposed form XLA:CPU leaves to
 Eigen; recomputing P^T and dP^T directly in the keys' orientation instead
 costs two more products over the head dimension, and at head size 16 those
-are the slowest kind (the one pass takes a quarter less time).
+are the slowest kind (README, Performance: the local sweep's shapes).
 
 Tensor names carry their shape: R rows (sequences) of a chunk, C chunks, H
 heads, L query positions, M key positions, K head_dim. The einsum subscripts
