@@ -64,9 +64,9 @@ NOISE_EMA_DECAY = 0.98
 
 
 # The init program runs once, and on a CPU it is mostly threefry for every
-# parameter: LLVM's first optimisation level compiles it in a third to a half
-# of the default's time, with the same bits (tests/test_steps.py checks).
-# Level 0 gives different bits (no fused multiply-adds), so not that.
+# parameter: LLVM's first optimisation level compiles it much faster than the
+# default (README, Performance) and gives the same bits (tests/test_steps.py
+# checks). Level 0 gives different bits (no fused multiply-adds), so not that.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
