@@ -4,7 +4,9 @@ A minimal pre-LayerNorm decoder as models/transformer.py builds it (learned
 positions, causal SDPA attention, tanh-GELU MLP of 4 d_model, an output head
 tied to the token embedding), AdamW with weight decay on matrices only and
 global-norm clipping at 1.0, on a fixed batch of random tokens. It prints one
-JSON object: the median seconds per step and tokens per second.
+JSON object: the median seconds per step and tokens per second. With --serve
+it builds the model once and times one round for every line it reads
+(train_bench.py's --pair rounds).
 
     python bench/torch_peer.py --n-layer 4 --d-model 96 --n-heads 6 --n-ctx 128 --batch 16
 
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 
@@ -60,16 +63,19 @@ def _model(torch, n_layer: int, d_model: int, n_heads: int, n_ctx: int, vocab: i
     return Decoder()
 
 
-def measure(
+def step_timer(
     n_layer: int,
     d_model: int,
     n_heads: int,
     n_ctx: int,
     batch: int,
     vocab: int = 256,
-    repeats: int = 5,
     threads: int = 0,
-) -> dict:
+):
+    """The model built and warmed up once; returns repeats -> median seconds a step.
+
+    Each call goes on training the same model, as a loop would.
+    """
     import torch
 
     if threads:
@@ -97,19 +103,58 @@ def measure(
 
     for _ in range(3):
         step()
-    per_block, times = 8, []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(per_block):
-            step()
-        times.append((time.perf_counter() - start) / per_block)
-    step_s = statistics.median(times)
+
+    def median_step_seconds(repeats: int) -> float:
+        per_block, times = 8, []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            times.append((time.perf_counter() - start) / per_block)
+        return statistics.median(times)
+
+    return median_step_seconds
+
+
+def measure(
+    n_layer: int,
+    d_model: int,
+    n_heads: int,
+    n_ctx: int,
+    batch: int,
+    vocab: int = 256,
+    repeats: int = 5,
+    threads: int = 0,
+) -> dict:
+    import torch
+
+    timer = step_timer(n_layer, d_model, n_heads, n_ctx, batch, vocab, threads)
+    return _result(timer(repeats), batch, n_ctx) | {"torch": torch.__version__}
+
+
+def _result(step_s: float, batch: int, n_ctx: int) -> dict:
+    import torch
+
     return {
         "step_s": step_s,
         "tokens_per_s": batch * n_ctx / step_s,
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
     }
+
+
+def serve(args) -> None:
+    """--serve: build once, print {"ready": true}, then time one round per line read.
+
+    train_bench.py runs two of these (and two of its own workers) side by
+    side and asks them for rounds in turn, so ours and PyTorch's pairs are
+    measured alternately without recompiling or rebuilding.
+    """
+    timer = step_timer(
+        args.n_layer, args.d_model, args.n_heads, args.n_ctx, args.batch, args.vocab, args.threads
+    )
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(_result(timer(args.repeats), args.batch, args.n_ctx)), flush=True)
 
 
 def main(argv=None):
@@ -120,9 +165,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = its default")
     parser.add_argument("--cpu", type=int, default=-1, help="pin the process to this core")
+    parser.add_argument(
+        "--serve", action="store_true", help="time one round per line of stdin (see `serve`)"
+    )
     args = parser.parse_args(argv)
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
+    if args.serve:
+        return serve(args)
     print(
         json.dumps(
             measure(

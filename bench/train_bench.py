@@ -24,7 +24,10 @@ In one process it measures
       and `vs_torch` (ours / PyTorch's);
   (g) with --pair, both cores busy as a sweep keeps them (launch.parallel):
       two copies of our step at once, each pinned to a core, against two
-      PyTorch steps pinned likewise (`pair_tokens_per_s`, together);
+      PyTorch steps pinned likewise, in --pair-rounds alternated rounds
+      (`pair_tokens_per_s` and `torch_pair_tokens_per_s`, together, the
+      median round; `pair_vs_torch_pair`, the median of the rounds' ratios,
+      and its range; `pair_vs_torch`, our pair against PyTorch's one process);
   (h) the trainer end to end (`scaling run`, --e2e-steps steps on the real
       corpus, its logged tokens/s over the last eval window) beside the bare
       step, so the loop's own cost shows (`e2e_tokens_per_s`, `e2e_vs_step`).
@@ -220,8 +223,9 @@ def study_shapes(study: str) -> tuple[list[ModelShape], int]:
     return shapes, members[0].train.batch_size
 
 
-def loop_step_seconds(shape: ModelShape, batch: int, repeats: int, model_kw: dict) -> float:
-    """Median seconds a step as the loop runs it (measuring the noise scale every k-th step)."""
+def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict):
+    """The train steps compiled once; returns repeats -> median seconds a step as the loop
+    runs it (measuring the noise scale every k-th step). Each call goes on training."""
     model_cfg = ModelConfig(shape, **model_kw)
     mesh = sharding.make_mesh(1, 1, 1)
     rules = sharding.rules_with_overrides({})
@@ -230,16 +234,30 @@ def loop_step_seconds(shape: ModelShape, batch: int, repeats: int, model_kw: dic
         state, shardings = steps.init_state(model_cfg, tx, mesh, rules, seed=0)
         noise = steps.compile_train_step(shardings, mesh, rules, noise_scale=True)
         plain = steps.compile_train_step(shardings, mesh, rules, noise_scale=False)
-        rng = np.random.default_rng(0)
-        batches = [
-            jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)), jnp.int32)
-            for _ in range(4)
-        ]
-        every = base_config().train.noise_scale_every
-        (step_s,), _ = _steady_step_times(
-            [lambda s, b, i: (noise if i % every == 0 else plain)(s, b)], state, batches, repeats
-        )
-    return step_s
+    rng = np.random.default_rng(0)
+    batches = [
+        jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)), jnp.int32)
+        for _ in range(4)
+    ]
+    every = base_config().train.noise_scale_every
+    trained = [state]
+
+    def median_step_seconds(repeats: int) -> float:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            (step_s,), trained[0] = _steady_step_times(
+                [lambda s, b, i: (noise if i % every == 0 else plain)(s, b)],
+                trained[0],
+                batches,
+                repeats,
+            )
+        return step_s
+
+    return median_step_seconds
+
+
+def loop_step_seconds(shape: ModelShape, batch: int, repeats: int, model_kw: dict) -> float:
+    """Median seconds a step as the loop runs it (measuring the noise scale every k-th step)."""
+    return loop_step_timer(shape, batch, model_kw)(repeats)
 
 
 def _shape_flags(shape: ModelShape) -> list[str]:
@@ -272,25 +290,94 @@ def _run_json(args: list[str], cpu: int = -1) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _run_pair(args: list[str]) -> list[dict]:
-    """Two copies at once, on cores 0 and 1."""
-    procs = [
-        subprocess.Popen(
-            args + ["--cpu", str(cpu)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        for cpu in (0, 1)
-    ]
-    outs = [p.communicate() for p in procs]
-    return [
-        json.loads(out.strip().splitlines()[-1])
-        if p.returncode == 0
-        else {"error": (err.strip().splitlines() or ["no output"])[-1]}
-        for p, (out, err) in zip(procs, outs, strict=True)
-    ]
+class _Pair:
+    """Two serving workers (`--serve`), pinned to cores 0 and 1, timed a round at a time.
+
+    Each builds and compiles once and answers every "go" line with one
+    round's {"step_s", "tokens_per_s"}; both are told at once, so the round
+    runs with both cores busy, as a sweep keeps them.
+    """
+
+    def __init__(self, args: list[str]):
+        self.logs = [tempfile.TemporaryFile("w+") for _ in (0, 1)]
+        self.procs = [
+            subprocess.Popen(
+                args + ["--serve", "--cpu", str(cpu)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,  # a file: warnings cannot fill a pipe nobody reads
+                text=True,
+                cwd=ROOT,
+            )
+            for cpu, log in zip((0, 1), self.logs, strict=True)
+        ]
+        self.error = None
+        self._replies()  # {"ready": true} from each: both compiled before any round
+
+    def _replies(self) -> list[dict]:
+        replies = []
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            line = proc.stdout.readline() if self.error is None else ""
+            if line.strip():
+                replies.append(json.loads(line))
+                continue
+            if self.error is None:
+                proc.wait()
+                log.seek(0)
+                self.error = (log.read().strip().splitlines() or ["no output"])[-1]
+        return replies
+
+    def round(self) -> list[dict] | None:
+        """One round on both cores at once; None once a worker has failed (see `error`)."""
+        if self.error is None:
+            for proc in self.procs:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+        replies = self._replies()
+        return replies if self.error is None else None
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.stdin.close()
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            proc.wait()
+            log.close()
+
+
+def pair_rounds(ours_args: list[str], peer_args: list[str] | None, rounds: int) -> dict:
+    """Our pair and PyTorch's (if `peer_args`) measured in alternate rounds.
+
+    Both pairs of workers stay up and only one pair runs at a time: round r
+    of ours, then round r of theirs, so a slowdown of a shared machine falls
+    on neighbouring rounds of both and each round's ratio holds. Returns the
+    median of the rounds' tokens/s for each pair, the median and the range of
+    the per-round ratios, every round's figures, and an `error` if one
+    side's workers failed.
+    """
+    pairs = {"ours": _Pair(ours_args)}
+    if peer_args is not None:
+        pairs["torch"] = _Pair(peer_args)
+    per_round = {name: [] for name in pairs}
+    try:
+        for _ in range(rounds):
+            for name, pair in pairs.items():
+                replies = pair.round()
+                if replies is not None:
+                    per_round[name].append(sum(r["tokens_per_s"] for r in replies))
+    finally:
+        for pair in pairs.values():
+            pair.close()
+    result = {"errors": {name: pair.error for name, pair in pairs.items() if pair.error}}
+    for name, tokens in per_round.items():
+        if tokens and name not in result["errors"]:
+            result[name] = statistics.median(tokens)
+            result[f"{name}_rounds"] = tokens
+    if "ours" in result and "torch" in result:
+        ratios = [o / t for o, t in zip(per_round["ours"], per_round["torch"], strict=True)]
+        result["ratio"] = statistics.median(ratios)
+        result["ratio_range"] = [min(ratios), max(ratios)]
+    return result
 
 
 def torch_args(python: str, shape: ModelShape, batch: int, repeats: int, threads: int = 0):
@@ -353,7 +440,8 @@ def end_to_end(study: str, shape: ModelShape, batch: int, steps_: int) -> float:
 
 
 def _worker(args) -> None:
-    """--worker: one shape's loop step, in a process of its own (pinned by --cpu)."""
+    """--worker --serve: one shape's loop step in a process of its own (pinned by --cpu),
+    compiled once, then one round timed per line of stdin (`_Pair`)."""
     shape = ModelShape(
         n_layer=args.n_layer,
         d_model=args.d_model,
@@ -361,8 +449,12 @@ def _worker(args) -> None:
         n_ctx=args.n_ctx,
         vocab_size=args.vocab,
     )
-    step_s = loop_step_seconds(shape, args.batch, args.repeats, _model_kw(args))
-    print(json.dumps({"step_s": step_s, "tokens_per_s": args.batch * args.n_ctx / step_s}))
+    timer = loop_step_timer(shape, args.batch, _model_kw(args))
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        step_s = timer(args.repeats)
+        print(json.dumps({"step_s": step_s, "tokens_per_s": args.batch * args.n_ctx / step_s}))
+        sys.stdout.flush()
 
 
 def _model_kw(args) -> dict:
@@ -420,6 +512,12 @@ def main(argv=None):
         help="also two copies at once, one per core (ours and PyTorch's)",
     )
     parser.add_argument(
+        "--pair-rounds",
+        type=int,
+        default=3,
+        help="with --pair: rounds of each pair, alternated (ours, PyTorch's, ours, ...)",
+    )
+    parser.add_argument(
         "--e2e-steps",
         type=int,
         default=40,
@@ -432,6 +530,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     for name in ("n-layer", "d-model", "n-heads"):
         parser.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, default=-1, help=argparse.SUPPRESS)
@@ -517,41 +616,53 @@ def main(argv=None):
                     f"({peer['threads']} threads): ours x{row['vs_torch']:.2f}"
                 )
         if pair:
-            ours = _run_pair(
-                [
-                    sys.executable,
-                    str(ROOT / "bench" / "train_bench.py"),
-                    "--worker",
-                    *_shape_flags(shape),
-                    "--batch",
-                    str(batch),
-                    "--vocab",
-                    str(shape.vocab_size),
-                    "--repeats",
-                    str(args.repeats),
-                    "--dtype",
-                    args.dtype,
-                    "--remat",
-                    args.remat,
-                    "--attention",
-                    args.attention,
-                    "--scan-unroll",
-                    str(args.scan_unroll),
-                ]
+            ours_args = [
+                sys.executable,
+                str(ROOT / "bench" / "train_bench.py"),
+                "--worker",
+                *_shape_flags(shape),
+                "--batch",
+                str(batch),
+                "--vocab",
+                str(shape.vocab_size),
+                "--repeats",
+                str(args.repeats),
+                "--dtype",
+                args.dtype,
+                "--remat",
+                args.remat,
+                "--attention",
+                args.attention,
+                "--scan-unroll",
+                str(args.scan_unroll),
+            ]
+            peer_args = (
+                torch_args(args.torch_python, shape, batch, args.repeats, threads=1)
+                if "torch_tokens_per_s" in row
+                else None
             )
-            if all("error" not in r for r in ours):
-                row["pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in ours)
+            pairs = pair_rounds(ours_args, peer_args, args.pair_rounds)
+            for name, why in pairs["errors"].items():
+                print(f"        the {name} pair failed: {why}", flush=True)
+            if "ours" in pairs:
+                row["pair_tokens_per_s"] = pairs["ours"]
+                row["pair_rounds"] = pairs["ours_rounds"]
                 extra.append(f"two at once, a core each: {row['pair_tokens_per_s']:,.0f}")
-            if "torch_tokens_per_s" in row:
-                peers = _run_pair(
-                    torch_args(args.torch_python, shape, batch, args.repeats, threads=1)
+            if "torch" in pairs:
+                row["torch_pair_tokens_per_s"] = pairs["torch"]
+                row["torch_pair_rounds"] = pairs["torch_rounds"]
+                extra.append(f"PyTorch two at once {row['torch_pair_tokens_per_s']:,.0f}")
+            if "ratio" in pairs:
+                row["pair_vs_torch_pair"] = pairs["ratio"]
+                row["pair_vs_torch_pair_range"] = pairs["ratio_range"]
+                low, high = pairs["ratio_range"]
+                extra.append(
+                    f"pairs x{pairs['ratio']:.2f} (x{low:.2f}-{high:.2f} over "
+                    f"{len(pairs['ours_rounds'])} alternated rounds)"
                 )
-                if all("error" not in r for r in peers):
-                    row["torch_pair_tokens_per_s"] = sum(r["tokens_per_s"] for r in peers)
-                    extra.append(f"PyTorch two at once {row['torch_pair_tokens_per_s']:,.0f}")
-                if "pair_tokens_per_s" in row:
-                    row["pair_vs_torch"] = row["pair_tokens_per_s"] / row["torch_tokens_per_s"]
-                    extra.append(f"our pair / PyTorch's step x{row['pair_vs_torch']:.2f}")
+            if "pair_tokens_per_s" in row and "torch_tokens_per_s" in row:
+                row["pair_vs_torch"] = row["pair_tokens_per_s"] / row["torch_tokens_per_s"]
+                extra.append(f"our pair / PyTorch's step x{row['pair_vs_torch']:.2f}")
         if args.e2e_steps:
             row["e2e_tokens_per_s"] = end_to_end(
                 args.study or args.e2e_study, shape, batch, args.e2e_steps

@@ -97,6 +97,8 @@ def test_train_bench_reads_a_study_and_runs_the_trainer_end_to_end(
             "--e2e-study",
             str(study),
             "--pair",
+            "--pair-rounds",
+            "2",
             "--torch-python",
             "/nonexistent/python",
             "--out",
@@ -106,5 +108,65 @@ def test_train_bench_reads_a_study_and_runs_the_trainer_end_to_end(
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["d_model"], row["n_layer"], row["batch"], row["n_ctx"]) == (16, 1, 4, 16)
     assert row["e2e_tokens_per_s"] > 0 and row["e2e_vs_step"] > 0
-    assert len(os.sched_getaffinity(0)) < 2 or row["pair_tokens_per_s"] > 0
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert row["pair_tokens_per_s"] > 0 and len(row["pair_rounds"]) == 2
     assert "no PyTorch peer" in capsys.readouterr().out
+
+
+FAKE_PEER = """#!/bin/sh
+# Stands in for a Python with PyTorch: answers as bench/torch_peer.py does.
+case " $* " in
+*" --serve "*)
+    echo '{"ready": true}'
+    while read -r line; do echo '{"step_s": 0.01, "tokens_per_s": 1000.0, "threads": 1}'; done ;;
+*) echo '{"step_s": 0.005, "tokens_per_s": 2000.0, "threads": 2, "torch": "fake"}' ;;
+esac
+"""
+
+
+@pytest.mark.slow  # two pinned workers of ours, compiled once, timed in three rounds
+def test_the_pairs_take_turns_and_each_round_gives_its_own_ratio(tmp_path):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the pairs need two cores")
+    peer = tmp_path / "python"
+    peer.write_text(FAKE_PEER)
+    peer.chmod(0o755)
+    out = tmp_path / "bench.json"
+    _load_bench().main(
+        [
+            "--d-models",
+            "16",
+            "--aspect",
+            "16",
+            "--head-dim",
+            "16",
+            "--n-ctx",
+            "16",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--peak-size",
+            "256",
+            "--e2e-steps",
+            "0",
+            "--pair",
+            "--pair-rounds",
+            "3",
+            "--torch-python",
+            str(peer),
+            "--out",
+            str(out),
+        ]
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["torch_tokens_per_s"] == 2000.0
+    ours = row["pair_rounds"]
+    assert len(ours) == 3 and all(t > 0 for t in ours)
+    assert row["pair_tokens_per_s"] == sorted(ours)[1]  # the median round
+    assert row["torch_pair_rounds"] == [2000.0] * 3  # two copies at 1,000 tokens/s each
+    assert row["torch_pair_tokens_per_s"] == 2000.0
+    # Each round's ratio is ours over the PyTorch round beside it.
+    assert math.isclose(row["pair_vs_torch_pair"], sorted(ours)[1] / 2000.0)
+    assert row["pair_vs_torch_pair_range"] == [min(ours) / 2000.0, max(ours) / 2000.0]
+    assert math.isclose(row["pair_vs_torch"], row["pair_tokens_per_s"] / 2000.0)
