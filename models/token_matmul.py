@@ -5,10 +5,12 @@ x^T dy contracted over both token axes. Inside the training step XLA:CPU's
 layout assignment then transposes dy in memory and takes the product with
 both operands transposed, a form its fast matmul path (YNNPACK) does not
 cover, so the MLP's two weight gradients were the slowest products of a
-small model's step. Here the backward flattens the tokens and writes
-dW = x^T dy as one [T, D]^T [T, F] product, which XLA:CPU runs on its fast
-path without the extra transpose. The value and both gradients are those
-of `x @ w` (to float32 rounding).
+small model's step. For the attention's projections, written as einsums
+over head axes, it instead wrote the incoming gradient out a second time,
+transposed, from the fusion that computes it. Here the backward flattens the
+tokens and writes dW = x^T dy as one [T, D]^T [T, F] product, without the
+extra transpose. The value and both gradients are those of `x @ w` (to
+float32 rounding).
 """
 
 from __future__ import annotations

@@ -130,9 +130,13 @@ class ModelConfig:
     def single_cpu(self) -> bool:
         """Whether the model runs on one CPU device, where the CPU's own kernels apply.
 
-        Those are the chunked attention and `token_matmul` for the MLP's
-        products; with the batch split over several devices, the chunk loop
-        would cut across them and XLA's own forms shard as they are.
+        Those are the chunked attention and `token_matmul` for the four
+        projections of a block (QKV, attention output, the MLP's two), whose
+        weight gradients XLA:CPU otherwise takes in forms off its fast matmul
+        path, or after writing a gradient out transposed (models/token_matmul.py).
+        With the batch split over several devices, the chunk loop would cut
+        across them, and XLA's own forms (the einsums over named head axes)
+        shard as they are.
         """
         return jax.default_backend() == "cpu" and jax.device_count() == 1
 
@@ -218,7 +222,11 @@ class Block(nn.Module):
             self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"), (d, 3, n, h), pdt
         )
         b_qkv = _param(self, "qkv_bias", zeros, ("qkv", "heads", "head_dim"), (3, n, h), pdt)
-        qkv_BxLx3xHxK = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt))
+        if self.config.single_cpu:  # as one [D, 3HK] product: see `single_cpu`
+            qkv_BxLx3xHxK = token_matmul(y_BxLxD, w_qkv.astype(cdt).reshape(d, 3 * n * h))
+            qkv_BxLx3xHxK = qkv_BxLx3xHxK.reshape(*y_BxLxD.shape[:2], 3, n, h)
+        else:
+            qkv_BxLx3xHxK = jnp.einsum("bld,dknh->blknh", y_BxLxD, w_qkv.astype(cdt))
         qkv_BxLx3xHxK = qkv_BxLx3xHxK + b_qkv.astype(cdt)[None, None]
         q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -233,7 +241,11 @@ class Block(nn.Module):
             self, "attn_out_kernel", out_init, ("heads", "head_dim", "embed"), (n, h, d), pdt
         )
         b_out = _param(self, "attn_out_bias", zeros, ("embed",), (d,), pdt)
-        attn_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxHxK, w_out.astype(cdt))
+        if self.config.single_cpu:
+            attn_BxLxHK = attn_BxLxHxK.reshape(*attn_BxLxHxK.shape[:2], n * h)
+            attn_BxLxD = token_matmul(attn_BxLxHK, w_out.astype(cdt).reshape(n * h, d))
+        else:
+            attn_BxLxD = jnp.einsum("blnh,nhd->bld", attn_BxLxHxK, w_out.astype(cdt))
         x_BxLxD = x_BxLxD + attn_BxLxD + b_out.astype(cdt)[None, None]
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 

@@ -32,7 +32,7 @@ def test_value_and_both_gradients_are_those_of_matmul(dtype, tol):
         np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), rtol=tol, atol=tol)
 
 
-def test_the_mlp_takes_it_on_one_cpu_device_and_trains_the_same_model(monkeypatch):
+def test_every_projection_takes_it_on_one_cpu_device_and_trains_the_same_model(monkeypatch):
     shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
     tokens = jax.random.randint(jax.random.key(1), (2, shape.n_ctx), 0, 64)
     calls = []
@@ -47,7 +47,10 @@ def test_the_mlp_takes_it_on_one_cpu_device_and_trains_the_same_model(monkeypatc
 
     monkeypatch.setattr(ModelConfig, "single_cpu", property(lambda self: True))
     with_it = grads()
-    assert set(calls) == {(2, 16, 32), (2, 16, 128)}  # the MLP's two products, d and 4d in
+    # Each trace of a block: QKV and the MLP's first product take d in, the
+    # attention output d (heads x head_dim), the MLP's second 4d.
+    assert set(calls) == {(2, 16, 32), (2, 16, 128)}
+    assert calls.count((2, 16, 32)) == 3 * calls.count((2, 16, 128))
     monkeypatch.setattr(ModelConfig, "single_cpu", property(lambda self: False))
     calls.clear()
     without = grads()
