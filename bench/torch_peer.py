@@ -116,22 +116,6 @@ def step_timer(
     return median_step_seconds
 
 
-def measure(
-    n_layer: int,
-    d_model: int,
-    n_heads: int,
-    n_ctx: int,
-    batch: int,
-    vocab: int = 256,
-    repeats: int = 5,
-    threads: int = 0,
-) -> dict:
-    import torch
-
-    timer = step_timer(n_layer, d_model, n_heads, n_ctx, batch, vocab, threads)
-    return _result(timer(repeats), batch, n_ctx) | {"torch": torch.__version__}
-
-
 def _result(step_s: float, batch: int, n_ctx: int) -> dict:
     import torch
 
@@ -139,19 +123,17 @@ def _result(step_s: float, batch: int, n_ctx: int) -> dict:
         "step_s": step_s,
         "tokens_per_s": batch * n_ctx / step_s,
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
-def serve(args) -> None:
-    """--serve: build once, print {"ready": true}, then time one round per line read.
+def serve(timer, args) -> None:
+    """--serve: print {"ready": true}, then time one round per line read.
 
     train_bench.py runs two of these (and two of its own workers) side by
     side and asks them for rounds in turn, so ours and PyTorch's pairs are
     measured alternately without recompiling or rebuilding.
     """
-    timer = step_timer(
-        args.n_layer, args.d_model, args.n_heads, args.n_ctx, args.batch, args.vocab, args.threads
-    )
     print(json.dumps({"ready": True}), flush=True)
     for _ in sys.stdin:
         print(json.dumps(_result(timer(args.repeats), args.batch, args.n_ctx)), flush=True)
@@ -171,22 +153,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
-    if args.serve:
-        return serve(args)
-    print(
-        json.dumps(
-            measure(
-                args.n_layer,
-                args.d_model,
-                args.n_heads,
-                args.n_ctx,
-                args.batch,
-                args.vocab,
-                args.repeats,
-                args.threads,
-            )
-        )
+    timer = step_timer(
+        args.n_layer, args.d_model, args.n_heads, args.n_ctx, args.batch, args.vocab, args.threads
     )
+    if args.serve:
+        return serve(timer, args)
+    print(json.dumps(_result(timer(args.repeats), args.batch, args.n_ctx)))
 
 
 if __name__ == "__main__":

@@ -18,27 +18,20 @@ def _load_bench():
     return module
 
 
+def _tiny_ladder(d_models: str, aspect: int, peak_size: int) -> list[str]:
+    """Flags for a ladder of tiny shapes: context 16, 4 sequences, one timed block, no
+    end-to-end run."""
+    flags = {"d-models": d_models, "aspect": aspect, "head-dim": 16, "n-ctx": 16, "batch": 4}
+    flags |= {"repeats": 1, "peak-size": peak_size, "e2e-steps": 0}
+    return [arg for name, value in flags.items() for arg in (f"--{name}", str(value))]
+
+
 @pytest.mark.slow  # compiles four step variants per row
 def test_train_bench_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     _load_bench().main(
         [
-            "--d-models",
-            "32,64",
-            "--aspect",
-            "32",
-            "--head-dim",
-            "16",
-            "--n-ctx",
-            "16",
-            "--batch",
-            "4",
-            "--repeats",
-            "1",
-            "--peak-size",
-            "512",
-            "--e2e-steps",
-            "0",
+            *_tiny_ladder("32,64", aspect=32, peak_size=512),
             "--torch-python",
             "",
             "--out",
@@ -134,22 +127,7 @@ def test_the_pairs_take_turns_and_each_round_gives_its_own_ratio(tmp_path):
     out = tmp_path / "bench.json"
     _load_bench().main(
         [
-            "--d-models",
-            "16",
-            "--aspect",
-            "16",
-            "--head-dim",
-            "16",
-            "--n-ctx",
-            "16",
-            "--batch",
-            "4",
-            "--repeats",
-            "1",
-            "--peak-size",
-            "256",
-            "--e2e-steps",
-            "0",
+            *_tiny_ladder("16", aspect=16, peak_size=256),
             "--pair",
             "--pair-rounds",
             "3",
