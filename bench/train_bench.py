@@ -352,14 +352,15 @@ def pair_rounds(ours_args: list[str], peer_args: list[str] | None, rounds: int) 
     of ours, then round r of theirs, so a slowdown of a shared machine falls
     on neighbouring rounds of both and each round's ratio holds. Returns the
     median of the rounds' tokens/s for each pair, the median and the range of
-    the per-round ratios, every round's figures, and an `error` if one
+    the per-round ratios, every round's figures, and in `errors` why a
     side's workers failed.
     """
-    pairs = {"ours": _Pair(ours_args)}
-    if peer_args is not None:
-        pairs["torch"] = _Pair(peer_args)
-    per_round = {name: [] for name in pairs}
+    sides = {"ours": ours_args} | ({"torch": peer_args} if peer_args is not None else {})
+    pairs = {}
+    per_round = {name: [] for name in sides}
     try:
+        for name, args in sides.items():
+            pairs[name] = _Pair(args)
         for _ in range(rounds):
             for name, pair in pairs.items():
                 replies = pair.round()
