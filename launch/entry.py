@@ -85,12 +85,19 @@ def run() -> None:
 
 
 def run_guarded(main) -> None:
-    """Run `main()` with KeyboardInterrupt outside imports, then exit with its code."""
+    """Run `main()` with KeyboardInterrupt outside imports, then exit with its code.
+
+    The raising handler goes in and comes out again inside the try: an interrupt pending
+    as either happens is raised right there, and outside the try it would end the process
+    with a traceback (exit -2) instead of 130.
+    """
     sys.unraisablehook = _unraisable
-    _on_interrupt(_interrupt)
     try:
+        _on_interrupt(_interrupt)
         code = main()
+        _on_interrupt(_exit_interrupted)
     except KeyboardInterrupt:  # before main's own handler is in place (parsing the arguments)
+        _on_interrupt(_exit_interrupted)
         print("interrupted", file=sys.stderr, flush=True)
         code = INTERRUPTED
     finish(code)

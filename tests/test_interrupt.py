@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from launch import entry
 from scaling.store import RunRecord, Store
 
@@ -89,6 +91,45 @@ def test_ctrl_c_while_a_backends_trainer_starts_exits_130(tmp_path):
         code, out, err = _interrupted(argv, after_s)
         assert code in (0, 130), (after_s, code, err[-2000:])
         assert "Traceback" not in err, (after_s, err[-2000:])
+
+
+# A child whose signal.signal sends SIGINT to itself as run_guarded swaps a handler: "in"
+# just after the raising handler goes in, "out" just before it comes out again (main has
+# returned). os.kill to its own process runs the handler before returning, so the interrupt
+# lands at the exact moment a slow machine can only hit by chance.
+_SWAP_CHILD = """
+import os, signal, sys
+from launch import entry
+real, sent = signal.signal, []
+def send_once():
+    if not sent:
+        sent.append(True)
+        print("sent", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+def swap(signum, handler):
+    if WHEN == "out" and handler is entry._exit_interrupted:
+        send_once()
+    previous = real(signum, handler)
+    if WHEN == "in" and handler is entry._interrupt:
+        send_once()
+    return previous
+signal.signal = swap
+entry.run_guarded(lambda: 0)
+"""
+
+
+@pytest.mark.parametrize("when", ["in", "out"])
+def test_an_interrupt_as_the_handler_goes_in_or_out_exits_130(when):
+    child = subprocess.run(
+        [sys.executable, "-c", f"WHEN = {when!r}\n" + _SWAP_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.stderr.startswith("sent\n"), child.stderr
+    assert child.returncode == 130, (child.returncode, child.stderr)
+    assert "Traceback" not in child.stderr, child.stderr
+    assert child.stderr.strip().splitlines()[-1] == "interrupted"
 
 
 def test_an_interrupt_inside_an_import_is_recognised():
