@@ -10,14 +10,15 @@ within a chunk it goes over blocks of QUERY_BLOCK queries, each against the
 keys it may see, so the score blocks above the causal diagonal are never
 computed (a quarter of the work at context 128); and its custom VJP (i)
 saves only the output and the log-sum-exp of each row, recomputing the
-probabilities, as flash attention does, and (ii) goes over the query blocks
-once in the backward: each block's probabilities P and score gradient dS are
-computed once and give its dQ = dS K and its share of dK = dS^T Q and
-dV = P^T dO for the keys it sees. Those two products contract over the
-query axis, the major one of P and dS, a transposed form XLA:CPU leaves to
-Eigen; recomputing P^T and dP^T directly in the keys' orientation instead
-costs two more products over the head dimension, and at head size 16 those
-are the slowest kind (README, Performance: the local sweep's shapes).
+probabilities, as flash attention does, and (ii) goes over the key blocks
+once in the backward, in the keys' orientation: each block's P^T and dS^T
+([keys, queries], against the queries that see it) are computed once and
+give the block's whole dK = dS^T Q and dV = P^T dO and its share of dQ^T =
+K^T dS^T. With K^T copied once (the size of K), all five products are in the
+plain forms XLA:CPU runs on its fast path. In the queries' orientation, dK
+and dV contract over the major axis of P and dS, a transposed form XLA:CPU
+leaves to Eigen, and each key block's share has to be padded and added
+(README, Performance: the local sweep's shapes).
 
 Tensor names carry their shape: R rows (sequences) of a chunk, C chunks, H
 heads, L query positions, M key positions, K head_dim. The einsum subscripts
@@ -36,9 +37,10 @@ from jax.ad_checkpoint import checkpoint_name
 # Bytes of one chunk's [R, H, L, L] float32 scores: about a core's L2 cache.
 CHUNK_SCORE_BYTES = 2 << 20
 _MASKED = -1e30  # a causal mask value that exp() sends to exactly 0
-# Queries per block of the causal loop: a block of queries [a, b) meets keys
-# [0, b) only, so the score blocks above the diagonal are never computed.
-# Smaller blocks skip more of them, but as more, smaller products.
+# Positions per block of the causal loops: the forward's block of queries
+# [a, b) meets keys [0, b) only, and the backward's block of keys [c, d)
+# queries [c, L) only, so the score blocks above the diagonal are never
+# computed. Smaller blocks skip more of them, but as more, smaller products.
 QUERY_BLOCK = 64
 # The forward results the backward reads, as checkpoint names.
 ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
@@ -75,6 +77,12 @@ def _causal(rows: int, cols: int, offset: int = 0):
     return jnp.arange(cols)[None, :] <= offset + jnp.arange(rows)[:, None]
 
 
+def _causal_keys(rows: int, cols: int):
+    """[rows, cols] mask in the keys' orientation, both from one offset: key i is seen by
+    query j >= i. (Built directly: a transposed `_causal` slows the fusions that read it.)"""
+    return jnp.arange(rows)[:, None] <= jnp.arange(cols)[None, :]
+
+
 def _scores(a_RxHxLxK, b_RxHxMxK):
     """a b^T / sqrt(K) in float32: [R, H, L, M]."""
     scale = a_RxHxLxK.shape[-1] ** -0.5
@@ -107,39 +115,45 @@ def _forward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK):
 
 
 def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dout_RxHxLxK):
-    blocks = _blocks(q_RxHxLxK.shape[2])
+    length = q_RxHxLxK.shape[2]
     scale = q_RxHxLxK.shape[-1] ** -0.5
     dtype = q_RxHxLxK.dtype
     # d softmax: dS = P * (dP - rowsum(dO * O)).
     delta_RxHxL = jnp.sum(dout_RxHxLxK.astype(jnp.float32) * out_RxHxLxK, -1)
-    # One pass over the query blocks [a, b), each against keys [0, b): P and dS once, then
-    # dQ = dS K, and each key block's share of dK = dS^T Q and dV = P^T dO.
-    dqs, dks, dvs = [], [[] for _ in blocks], [[] for _ in blocks]
-    for i, (a, b) in enumerate(blocks):
-        p_RxHxLxM = jnp.where(
-            _causal(b - a, b, a),
-            jnp.exp(
-                _scores(q_RxHxLxK[:, :, a:b], k_RxHxLxK[:, :, :b]) - lse_RxHxL[:, :, a:b, None]
-            ),
+    # K^T once (a copy the size of K), so that dQ^T = K^T dS^T is a plain product.
+    kt_RxHxKxM = jnp.swapaxes(k_RxHxLxK, 2, 3)
+    # One pass over the key blocks [c, d), each against the queries [c, L) that see it, in
+    # the keys' orientation: P^T and dS^T once, then the block's whole dK = dS^T Q and
+    # dV = P^T dO, and its share of dQ^T.
+    dks, dvs, dqts = [], [], []
+    for c, d in _blocks(length):
+        pt_RxHxMxL = jnp.where(
+            _causal_keys(d - c, length - c),
+            jnp.exp(_scores(k_RxHxLxK[:, :, c:d], q_RxHxLxK[:, :, c:]) - lse_RxHxL[:, :, None, c:]),
             0.0,
         )
-        dp_RxHxLxM = jnp.einsum(
-            "rnlh,rnmh->rnlm",
-            dout_RxHxLxK[:, :, a:b],
-            v_RxHxLxK[:, :, :b],
+        dpt_RxHxMxL = jnp.einsum(
+            "rnmh,rnlh->rnml",
+            v_RxHxLxK[:, :, c:d],
+            dout_RxHxLxK[:, :, c:],
             preferred_element_type=jnp.float32,
         )
-        ds_RxHxLxM = (p_RxHxLxM * (dp_RxHxLxM - delta_RxHxL[:, :, a:b, None]) * scale).astype(dtype)
-        dqs.append(jnp.einsum("rnlm,rnmh->rnlh", ds_RxHxLxM, k_RxHxLxK[:, :, :b]))
-        dk_RxHxMxK = jnp.einsum("rnlm,rnlh->rnmh", ds_RxHxLxM, q_RxHxLxK[:, :, a:b])
-        dv_RxHxMxK = jnp.einsum("rnlm,rnlh->rnmh", p_RxHxLxM.astype(dtype), dout_RxHxLxK[:, :, a:b])
-        for j, (c, d) in enumerate(blocks[: i + 1]):  # the key blocks in [0, b)
-            dks[j].append(dk_RxHxMxK[:, :, c:d])
-            dvs[j].append(dv_RxHxMxK[:, :, c:d])
+        dst_RxHxMxL = (pt_RxHxMxL * (dpt_RxHxMxL - delta_RxHxL[:, :, None, c:]) * scale).astype(
+            dtype
+        )
+        dks.append(jnp.einsum("rnml,rnlh->rnmh", dst_RxHxMxL, q_RxHxLxK[:, :, c:]))
+        dvs.append(jnp.einsum("rnml,rnlh->rnmh", pt_RxHxMxL.astype(dtype), dout_RxHxLxK[:, :, c:]))
+        dqts.append((c, jnp.einsum("rnhm,rnml->rnhl", kt_RxHxKxM[:, :, :, c:d], dst_RxHxMxL)))
+    # Key block [c, d) adds to the gradients of queries [c, L).
+    dqt_RxHxKxL = dqts[0][1]
+    for c, part_RxHxKxL in dqts[1:]:
+        dqt_RxHxKxL = jnp.concatenate(
+            [dqt_RxHxKxL[..., :c], dqt_RxHxKxL[..., c:] + part_RxHxKxL], -1
+        )
     return (
-        jnp.concatenate(dqs, 2),
-        jnp.concatenate([sum(parts[1:], parts[0]) for parts in dks], 2),
-        jnp.concatenate([sum(parts[1:], parts[0]) for parts in dvs], 2),
+        jnp.swapaxes(dqt_RxHxKxL, 2, 3),
+        jnp.concatenate(dks, 2),
+        jnp.concatenate(dvs, 2),
     )
 
 
