@@ -76,7 +76,7 @@ def test_chunk_rows_fit_the_budget_and_divide_the_batch():
 def test_a_rematerialised_block_keeps_the_kernels_forward_results():
     """Under the rolled loop's policy the backward pass must not run the
     kernel's forward again: its exps are those of the unrematerialised
-    model (one per query block forward, two per block backward), where
+    model (one per block forward, one per block backward), where
     recomputing everything adds the forward's again."""
     shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
     tokens = jnp.zeros((4, shape.n_ctx), jnp.int32)
