@@ -124,8 +124,8 @@ def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dou
     kt_RxHxKxM = jnp.swapaxes(k_RxHxLxK, 2, 3)
     # One pass over the key blocks [c, d), each against the queries [c, L) that see it, in
     # the keys' orientation: P^T and dS^T once, then the block's whole dK = dS^T Q and
-    # dV = P^T dO, and its share of dQ^T.
-    dks, dvs, dqts = [], [], []
+    # dV = P^T dO, and its share of dQ^T, added into those queries' columns.
+    dks, dvs = [], []
     for c, d in _blocks(length):
         pt_RxHxMxL = jnp.where(
             _causal_keys(d - c, length - c),
@@ -143,13 +143,13 @@ def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dou
         )
         dks.append(jnp.einsum("rnml,rnlh->rnmh", dst_RxHxMxL, q_RxHxLxK[:, :, c:]))
         dvs.append(jnp.einsum("rnml,rnlh->rnmh", pt_RxHxMxL.astype(dtype), dout_RxHxLxK[:, :, c:]))
-        dqts.append((c, jnp.einsum("rnhm,rnml->rnhl", kt_RxHxKxM[:, :, :, c:d], dst_RxHxMxL)))
-    # Key block [c, d) adds to the gradients of queries [c, L).
-    dqt_RxHxKxL = dqts[0][1]
-    for c, part_RxHxKxL in dqts[1:]:
-        dqt_RxHxKxL = jnp.concatenate(
-            [dqt_RxHxKxL[..., :c], dqt_RxHxKxL[..., c:] + part_RxHxKxL], -1
-        )
+        part_RxHxKxL = jnp.einsum("rnhm,rnml->rnhl", kt_RxHxKxM[:, :, :, c:d], dst_RxHxMxL)
+        if c == 0:  # the first block meets every query
+            dqt_RxHxKxL = part_RxHxKxL
+        else:
+            dqt_RxHxKxL = jnp.concatenate(
+                [dqt_RxHxKxL[..., :c], dqt_RxHxKxL[..., c:] + part_RxHxKxL], -1
+            )
     return (
         jnp.swapaxes(dqt_RxHxKxL, 2, 3),
         jnp.concatenate(dks, 2),
