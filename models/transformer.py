@@ -183,10 +183,18 @@ def _param(module, name, init, names, shape, dtype):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 whatever the compute dtype, for stability."""
+    """LayerNorm computed in float32 whatever the compute dtype, for stability.
+
+    With `means_as_products` (on one CPU device: see `ModelConfig.single_cpu`)
+    the row means are products with a column of 1/d: XLA:CPU runs those, and
+    their backward (outer products), faster than its reductions over the last
+    axis and their broadcasts (README, Performance). The same function to
+    float32 rounding.
+    """
 
     param_dtype: jnp.dtype = jnp.float32
     eps: float = 1e-5
+    means_as_products: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -194,10 +202,16 @@ class LayerNorm(nn.Module):
         scale = _param(self, "scale", nn.initializers.ones, ("norm",), (d,), self.param_dtype)
         bias = _param(self, "bias", nn.initializers.zeros, ("norm",), (d,), self.param_dtype)
         x = x_BxLxD.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        centred = x - self._row_mean(x)
+        y = centred * jax.lax.rsqrt(self._row_mean(jnp.square(centred)) + self.eps)
         return (y * scale[None, None] + bias[None, None]).astype(x_BxLxD.dtype)
+
+    def _row_mean(self, a_BxLxD):
+        """[B, L, 1]: the mean over the last axis."""
+        if self.means_as_products:
+            d = a_BxLxD.shape[-1]
+            return a_BxLxD @ jnp.full((d, 1), 1 / d, jnp.float32)
+        return a_BxLxD.mean(-1, keepdims=True)
 
 
 class Block(nn.Module):
@@ -217,7 +231,7 @@ class Block(nn.Module):
         zeros = nn.initializers.zeros
 
         # Attention.
-        y_BxLxD = LayerNorm(pdt, name="ln_attn")(x_BxLxD)
+        y_BxLxD = LayerNorm(pdt, means_as_products=self.config.single_cpu, name="ln_attn")(x_BxLxD)
         w_qkv = _param(
             self, "qkv_kernel", w_init, ("embed", "qkv", "heads", "head_dim"), (d, 3, n, h), pdt
         )
@@ -250,7 +264,7 @@ class Block(nn.Module):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
         # MLP.
-        y_BxLxD = LayerNorm(pdt, name="ln_mlp")(x_BxLxD)
+        y_BxLxD = LayerNorm(pdt, means_as_products=self.config.single_cpu, name="ln_mlp")(x_BxLxD)
         w_in = _param(self, "mlp_in_kernel", w_init, ("embed", "mlp"), (d, f), pdt)
         b_in = _param(self, "mlp_in_bias", zeros, ("mlp",), (f,), pdt)
         w_mlp_out = _param(self, "mlp_out_kernel", out_init, ("mlp", "embed"), (f, d), pdt)
@@ -308,7 +322,7 @@ class Transformer(nn.Module):
             unroll=self.config.unroll,
         )
         x_BxLxD, _ = stack(self.config, name="blocks")(x_BxLxD, None)
-        x_BxLxD = LayerNorm(pdt, name="ln_final")(x_BxLxD)
+        x_BxLxD = LayerNorm(pdt, means_as_products=self.config.single_cpu, name="ln_final")(x_BxLxD)
         # Tied output head; logits in float32 so the loss is accurate under bf16.
         logits_BxLxV = jnp.einsum(
             "bld,vd->blv", x_BxLxD.astype(jnp.float32), embed_VxD.astype(jnp.float32)

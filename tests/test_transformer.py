@@ -6,7 +6,7 @@ import pytest
 
 from models import sharding
 from models.sizes import ModelShape
-from models.transformer import REMAT_POLICIES, ModelConfig, Transformer
+from models.transformer import REMAT_POLICIES, LayerNorm, ModelConfig, Transformer
 
 SHAPE = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=256)
 
@@ -156,3 +156,37 @@ def test_unrolled_layer_loop_computes_the_same_model():
     )
     with pytest.raises(ValueError, match="scan_unroll"):
         ModelConfig(shape, scan_unroll=-1)
+
+
+def test_layernorm_means_as_products_is_the_same_function():
+    kx, kc = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (3, 5, 24)) * 2.0 + 0.5  # a mean away from zero
+    cotangent = jax.random.normal(kc, (3, 5, 24))
+    norms = [LayerNorm(means_as_products=p) for p in (False, True)]
+    params = nn.unbox(norms[0].init(jax.random.key(1), x))
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape), params)
+
+    def value_and_grads(norm):
+        def loss(params, x):
+            return jnp.sum(norm.apply(params, x) * cotangent)
+
+        return loss(params, x), jax.grad(loss, argnums=(0, 1))(params, x)
+
+    reduced, products = (value_and_grads(norm) for norm in norms)
+    for a, b in zip(jax.tree.leaves(reduced), jax.tree.leaves(products), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_layernorm_takes_the_products_on_one_cpu_device_only(monkeypatch):
+    seen = []
+    row_mean = LayerNorm._row_mean
+    monkeypatch.setattr(
+        LayerNorm,
+        "_row_mean",
+        lambda self, a: seen.append(self.means_as_products) or row_mean(self, a),
+    )
+    for single_cpu in (True, False):
+        monkeypatch.setattr(ModelConfig, "single_cpu", property(lambda self, s=single_cpu: s))
+        seen.clear()
+        _init(ModelConfig(SHAPE, attention_impl="xla"))
+        assert seen and set(seen) == {single_cpu}  # every LayerNorm, both means
