@@ -20,6 +20,7 @@ losses, in the last digits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -182,14 +183,18 @@ def _param(module, name, init, names, shape, dtype):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
 
 
+# The most bytes of activations LayerNorm normalises with `normalize_by_products`:
+# about a core's L2 cache. Beyond it the products' extra passes over the
+# activations cost more than the reductions save (README, Performance).
+NORM_PRODUCTS_MAX_BYTES = 2 << 20
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in float32 whatever the compute dtype, for stability.
 
     With `means_as_products` (on one CPU device: see `ModelConfig.single_cpu`)
-    the row means are products with a column of 1/d: XLA:CPU runs those, and
-    their backward (outer products), faster than its reductions over the last
-    axis and their broadcasts (README, Performance). The same function to
-    float32 rounding.
+    it normalises activations of up to NORM_PRODUCTS_MAX_BYTES with
+    `normalize_by_products`, the same function to float32 rounding.
     """
 
     param_dtype: jnp.dtype = jnp.float32
@@ -202,16 +207,50 @@ class LayerNorm(nn.Module):
         scale = _param(self, "scale", nn.initializers.ones, ("norm",), (d,), self.param_dtype)
         bias = _param(self, "bias", nn.initializers.zeros, ("norm",), (d,), self.param_dtype)
         x = x_BxLxD.astype(jnp.float32)
-        centred = x - self._row_mean(x)
-        y = centred * jax.lax.rsqrt(self._row_mean(jnp.square(centred)) + self.eps)
+        if self.means_as_products and x.size * x.dtype.itemsize <= NORM_PRODUCTS_MAX_BYTES:
+            y = normalize_by_products(x, self.eps)
+        else:
+            mean = x.mean(-1, keepdims=True)
+            var = jnp.square(x - mean).mean(-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale[None, None] + bias[None, None]).astype(x_BxLxD.dtype)
 
-    def _row_mean(self, a_BxLxD):
-        """[B, L, 1]: the mean over the last axis."""
-        if self.means_as_products:
-            d = a_BxLxD.shape[-1]
-            return a_BxLxD @ jnp.full((d, 1), 1 / d, jnp.float32)
-        return a_BxLxD.mean(-1, keepdims=True)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalize_by_products(x_BxLxD, eps: float):
+    """(x - mean) / sqrt(var + eps) over the last axis, each mean a product with a column of 1/d.
+
+    XLA:CPU runs these matrix-vector products, and the written-out backward's
+    two, faster than its reductions over the last axis while a step's
+    activations stay in cache; differentiated automatically, their backward
+    would be outer products, slower than the reductions (README, Performance).
+    """
+    return _normalize_forward(x_BxLxD, eps)[0]
+
+
+def _row_mean(a_BxLxD):
+    d = a_BxLxD.shape[-1]
+    return a_BxLxD @ jnp.full((d, 1), 1 / d, a_BxLxD.dtype)
+
+
+def _normalize_forward(x_BxLxD, eps):
+    centred_BxLxD = x_BxLxD - _row_mean(x_BxLxD)
+    rstd_BxLx1 = jax.lax.rsqrt(_row_mean(jnp.square(centred_BxLxD)) + eps)
+    y_BxLxD = centred_BxLxD * rstd_BxLx1
+    return y_BxLxD, (y_BxLxD, rstd_BxLx1)
+
+
+def _normalize_backward(eps, saved, dy_BxLxD):
+    del eps
+    y_BxLxD, rstd_BxLx1 = saved
+    # d/dx of (x - mean) * rstd, with rstd's own dependence on x: the two row means
+    # below are the projections out of dy along 1 and along y.
+    dy_mean_BxLx1 = _row_mean(dy_BxLxD)
+    dy_y_mean_BxLx1 = _row_mean(dy_BxLxD * y_BxLxD)
+    return (rstd_BxLx1 * (dy_BxLxD - dy_mean_BxLx1 - y_BxLxD * dy_y_mean_BxLx1),)
+
+
+normalize_by_products.defvjp(_normalize_forward, _normalize_backward)
 
 
 class Block(nn.Module):

@@ -178,15 +178,26 @@ def test_layernorm_means_as_products_is_the_same_function():
 
 
 def test_layernorm_takes_the_products_on_one_cpu_device_only(monkeypatch):
-    seen = []
-    row_mean = LayerNorm._row_mean
+    import models.transformer as transformer
+
+    calls = []
+    normalize = transformer.normalize_by_products
     monkeypatch.setattr(
-        LayerNorm,
-        "_row_mean",
-        lambda self, a: seen.append(self.means_as_products) or row_mean(self, a),
+        transformer,
+        "normalize_by_products",
+        lambda x, eps: calls.append(x.shape) or normalize(x, eps),
     )
     for single_cpu in (True, False):
         monkeypatch.setattr(ModelConfig, "single_cpu", property(lambda self, s=single_cpu: s))
-        seen.clear()
+        calls.clear()
         _init(ModelConfig(SHAPE, attention_impl="xla"))
-        assert seen and set(seen) == {single_cpu}  # every LayerNorm, both means
+        # Traced once per LayerNorm of the scanned block, and the final one.
+        assert len(calls) >= 3 if single_cpu else not calls
+
+    # Activations past about an L2 cache are normalised by reductions.
+    norm = LayerNorm(means_as_products=True)
+    rows = transformer.NORM_PRODUCTS_MAX_BYTES // (4 * 64)
+    for n, takes_products in ((rows, True), (rows + 1, False)):
+        calls.clear()
+        norm.init(jax.random.key(0), jnp.ones((1, n, 64)))
+        assert bool(calls) == takes_products
