@@ -131,10 +131,11 @@ class ModelConfig:
     def single_cpu(self) -> bool:
         """Whether the model runs on one CPU device, where the CPU's own kernels apply.
 
-        Those are the chunked attention and `token_matmul` for the four
+        Those are the chunked attention, `token_matmul` for the four
         projections of a block (QKV, attention output, the MLP's two), whose
         weight gradients XLA:CPU otherwise takes in forms off its fast matmul
-        path, or after writing a gradient out transposed (models/token_matmul.py).
+        path, or after writing a gradient out transposed (models/token_matmul.py),
+        and LayerNorm's `normalize_by_products`.
         With the batch split over several devices, the chunk loop would cut
         across them, and XLA's own forms (the einsums over named head axes)
         shard as they are.
