@@ -256,12 +256,16 @@ def test_two_processes_train_one_run(tmp_path):
     store, workdir = tmp_path / "store.sqlite", tmp_path / "runs"
     outputs = _two_processes(_run_args(tmp_path, store, workdir, paths))
     # Only process 0 reports. (Gloo prints its connections on stdout, from
-    # several threads, so its lines can come in pieces.)
+    # several threads, so its lines can come in pieces: a lone "1" is the end
+    # of "... connected peer ranks is : 1".)
     own_lines = [
         [
             line
             for line in out.splitlines()
-            if line.strip() and "[Gloo]" not in line and "peer ranks" not in line
+            if line.strip()
+            and "[Gloo]" not in line
+            and "peer ranks" not in line
+            and not line.strip().isdigit()
         ]
         for out, _ in outputs
     ]
