@@ -108,9 +108,14 @@ def init_state(model_cfg: ModelConfig, tx, mesh, rules, seed: int):
     return state, shardings
 
 
+def _on_cpu(options: dict) -> dict | None:
+    """`options` on a CPU; elsewhere None, the backend's defaults (they are XLA:CPU's)."""
+    return options if jax.default_backend() == "cpu" else None
+
+
 def init_compiler_options() -> dict | None:
     """`INIT_COMPILER_OPTIONS` on a CPU; elsewhere the backend's defaults."""
-    return INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    return _on_cpu(INIT_COMPILER_OPTIONS)
 
 
 # XLA:CPU vectorises the loops it emits itself (the elementwise fusions: GELU,
@@ -123,7 +128,7 @@ STEP_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": "512"}
 
 def step_compiler_options() -> dict | None:
     """`STEP_COMPILER_OPTIONS` on a CPU; elsewhere the backend's defaults."""
-    return STEP_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    return _on_cpu(STEP_COMPILER_OPTIONS)
 
 
 def per_token_loss(params, apply_fn, tokens_BxL1):
