@@ -12,7 +12,6 @@ faster together than one after another on both.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import time
 
 from launch.backends import Launch, Member, Step
 from launch.backends.commands import trainer_args
+from launch.host_devices import has_accelerator, usable_cores
 from scaling.errors import Preempted
 
 # The exit code of `scaling run` when another process trains the same run
@@ -56,23 +56,6 @@ def preempted(state_output: str, returncode: int) -> bool:
     return False
 
 
-# JAX plugins that give it an accelerator; with one installed, members share it one at a time.
-_ACCELERATOR_PLUGINS = (
-    "jax_cuda12_plugin",
-    "jax_cuda13_plugin",
-    "jax_rocm60_plugin",
-    "jax_rocm7_plugin",
-    "libtpu",
-)
-
-
-def usable_cores() -> list[int]:
-    """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
-
 # Below this much training (FLOPs, all members together: seconds of a CPU core), the few
 # seconds each process takes to start and compile outweigh what a second core gives.
 PARALLEL_MIN_FLOPS = 1e12
@@ -85,7 +68,7 @@ def auto_parallel(n_members: int, total_flops: float) -> int:
     """launch.parallel=0: one process per core on a CPU-only JAX for a sweep worth it, else 1."""
     if total_flops < PARALLEL_MIN_FLOPS or n_members < 2:
         return 1
-    if any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS):
+    if has_accelerator():  # members would share the one accelerator, one at a time
         return 1
     return max(1, min(n_members, len(usable_cores())))
 
