@@ -38,6 +38,7 @@ import sys
 
 from launch.backends.local import pin_from_environment
 from launch.entry import INTERRUPTED
+from launch.host_devices import one_device_per_core
 from launch.host_memory import keep_freed_memory
 from scaling.errors import Preempted, UserError
 from scaling.store import BUSY_TIMEOUT_S, DEFAULT_STORE, check_sweep_name
@@ -446,11 +447,14 @@ def _open_store(path: str, must_exist: bool = True, readonly: bool = False):
 
 
 def _run(args, overrides):
-    _join_processes(args)
     from launch import config as config_lib
-    from launch import train
 
     config = config_lib.study_config(args.config, overrides)
+    if config.mesh.cpu_per_core and not _joins_processes(args):
+        one_device_per_core()
+    _join_processes(args)
+    from launch import train
+
     run_id = train.train_and_evaluate(config)
     if _is_process_zero():
         print(f"finished run {run_id}; results in {config.store}")
@@ -460,7 +464,8 @@ def _sweep(args, overrides):
     overrides = {**overrides, **_launch_overrides(args)}
     from launch import config as config_lib
 
-    launch = config_lib.study_config(args.config, overrides).launch
+    base = config_lib.study_config(args.config, overrides)
+    launch = base.launch
     if args.dry_run or launch.backend != "local":
         return _launch(args, overrides, launch.backend)
     from launch.backends import local
@@ -495,6 +500,8 @@ def _sweep(args, overrides):
             )
         )
         return Preempted.exit_code if preempted else 1 if failed else 0
+    if base.mesh.cpu_per_core and not _joins_processes(args):
+        one_device_per_core()  # the members train one after another, in this process
     _join_processes(args)
     from launch import plan, sweep
 

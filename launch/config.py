@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # parameter (ZeRO-3) sharding
     c.mesh.tensor = 1  # tensor (model) parallelism
     c.mesh.rules = ""  # JSON overrides of models/sharding.RULES, e.g. '{"embed": null}'
+    # A CPU run in one process as one device per core, data parallel
+    # (launch/host_devices.py); off: one device that splits each op over the cores.
+    c.mesh.cpu_per_core = False
 
     c.launch = launch_defaults()  # where runs go: local, Cloud TPU (gcloud), GKE (xpk)
     return c

@@ -11,10 +11,12 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import PartitionSpec as P
 
 from models import sharding
 from models.transformer import ModelConfig, Transformer
@@ -157,7 +159,40 @@ def update_noise_ema(ema: dict, g2, trace, decay: float = NOISE_EMA_DECAY) -> di
     }
 
 
-def two_microbatch_grads(loss_fn, params, batch_Bx):
+def on_each_device(fn, spread, reduce=jax.lax.pmean):
+    """`fn(params, tokens) -> tree` as the steps call it; with `spread`, per device.
+
+    `spread` is None (the step is one program over the mesh, XLA's to
+    partition) or `(mesh, batch_spec)`, as for a CPU data-parallel mesh
+    (`sharding.cpu_data_parallel`): then each device runs `fn` on its own rows
+    with the parameters whole, one core's program like a single device's
+    (and with its kernels, `ModelConfig.per_device`), and `reduce` combines
+    the devices' results. Every device holds the same number of rows, so the
+    mean of their mean losses and gradients is the whole batch's.
+    """
+    if spread is None:
+        return fn
+    mesh, batch_spec = spread
+
+    def local(params, tokens):
+        # A device's own program: no mesh to place its activations on, so the
+        # model's sharding constraints (by logical axis rules) are off inside.
+        with nn.logical_axis_rules(()):
+            flat, unflatten = jax.flatten_util.ravel_pytree(fn(params, tokens))
+        # One collective for the whole tree: XLA:CPU runs a collective on a worker
+        # thread that waits there for every device, so separate ones could occupy
+        # all of the threads at once (launch/host_devices.py sizes the pool).
+        return unflatten(reduce(flat, mesh.axis_names))
+
+    # The CPU kernels' custom backward passes return gradients that vary over the
+    # devices for parameters that do not; the reduction above makes them equal, so
+    # the check for that is off.
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), batch_spec), out_specs=P(), check_vma=False
+    )
+
+
+def two_microbatch_grads(loss_fn, params, batch_Bx, spread=None):
     """Loss and gradient of the full batch, from two halves, and the squared norms.
 
     Rows 0, 2, 4, ... form one half and 1, 3, 5, ... the other: each device
@@ -165,8 +200,12 @@ def two_microbatch_grads(loss_fn, params, batch_Bx):
     The full-batch gradient is the mean of the halves' (equal-sized means).
     Returns (loss, grads, |G_small|^2 (mean over the halves), |G_big|^2).
     """
-    halves_Hx2 = batch_Bx.reshape(batch_Bx.shape[0] // 2, 2, *batch_Bx.shape[1:])
-    losses_2, grads_2 = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(params, halves_Hx2)
+
+    def halves(params, batch_Bx):
+        halves_Hx2 = batch_Bx.reshape(batch_Bx.shape[0] // 2, 2, *batch_Bx.shape[1:])
+        return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(params, halves_Hx2)
+
+    losses_2, grads_2 = on_each_device(halves, spread)(params, batch_Bx)
     grads = jax.tree.map(lambda g: g.mean(axis=0), grads_2)
     squares_2 = sum(
         jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
@@ -175,22 +214,24 @@ def two_microbatch_grads(loss_fn, params, batch_Bx):
     return losses_2.mean(), grads, squares_2.mean(), optax.tree.norm(grads, squared=True)
 
 
-def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True):
+def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True, spread=None):
     """One optimizer step on a batch of B sequences of L+1 tokens.
 
     With `noise_scale` (static), the step also measures the gradient noise
     scale B_simple = tr(Sigma) / |G|^2, in tokens, from the batch's two halves.
+    `spread` (static): how the gradients are taken over the devices (`on_each_device`).
     """
 
     def loss_fn(params, tokens):
         return per_token_loss(params, state.apply_fn, tokens).mean()
 
     if not noise_scale:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens_BxL1)
+        loss_and_grads = on_each_device(jax.value_and_grad(loss_fn), spread)
+        loss, grads = loss_and_grads(state.params, tokens_BxL1)
         state = state.apply_gradients(grads=grads)
         return state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    loss, grads, g2_small, g2_big = two_microbatch_grads(loss_fn, state.params, tokens_BxL1)
+    loss, grads, g2_small, g2_big = two_microbatch_grads(loss_fn, state.params, tokens_BxL1, spread)
     batch, length = tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1
     # Batch sizes in tokens, so the noise scale is in tokens too.
     g2, trace = noise_estimates(g2_small, g2_big, batch // 2 * length, batch * length)
@@ -203,14 +244,18 @@ def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True):
     }
 
 
-def eval_step(params, tokens_BxL1, apply_fn):
+def eval_step(params, tokens_BxL1, apply_fn, spread=None):
     """Per-token losses and their squares, summed over the batch: [2, L] float32.
 
     Divided by the sequence count they are each position's mean loss and mean
     square, from which its standard error follows (`per_token_mean_and_stderr`).
     """
-    losses_BxL = per_token_loss(params, apply_fn, tokens_BxL1)
-    return jnp.stack([losses_BxL.sum(axis=0), jnp.square(losses_BxL).sum(axis=0)])
+
+    def sums(params, tokens_BxL1):
+        losses_BxL = per_token_loss(params, apply_fn, tokens_BxL1)
+        return jnp.stack([losses_BxL.sum(axis=0), jnp.square(losses_BxL).sum(axis=0)])
+
+    return on_each_device(sums, spread, reduce=jax.lax.psum)(params, tokens_BxL1)
 
 
 def per_token_mean_and_stderr(sums_2xL, n_sequences: int):
@@ -223,10 +268,26 @@ def per_token_mean_and_stderr(sums_2xL, n_sequences: int):
     return mean_L, np.sqrt(variance_L / (n_sequences - 1))
 
 
-def compile_train_step(state_shardings, mesh, rules, noise_scale: bool = True):
-    """jit the train step with its shardings; the train state is donated (updated in place)."""
+def spread_for(mesh, rules, per_device: bool):
+    """`on_each_device`'s `spread`: with `per_device` over several devices, the mesh and
+    the batch's spec; None (nothing to spread) on one device."""
+    if not per_device or mesh.size == 1:
+        return None
+    return mesh, sharding.batch_sharding(mesh, rules).spec
+
+
+def compile_train_step(
+    state_shardings, mesh, rules, noise_scale: bool = True, per_device: bool = False
+):
+    """jit the train step with its shardings; the train state is donated (updated in place).
+
+    `per_device`: each device takes the gradient of its own rows (`on_each_device`),
+    for a model built to run that way (`ModelConfig.per_device`).
+    """
     return jax.jit(
-        functools.partial(train_step, noise_scale=noise_scale),
+        functools.partial(
+            train_step, noise_scale=noise_scale, spread=spread_for(mesh, rules, per_device)
+        ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -234,13 +295,15 @@ def compile_train_step(state_shardings, mesh, rules, noise_scale: bool = True):
     )
 
 
-def compile_steps(state_shardings, mesh, rules, apply_fn, noise_scale: bool = True):
+def compile_steps(
+    state_shardings, mesh, rules, apply_fn, noise_scale: bool = True, per_device: bool = False
+):
     """jit the train step (`compile_train_step`) and the per-token eval step."""
     batch = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
-    jitted_train = compile_train_step(state_shardings, mesh, rules, noise_scale)
+    jitted_train = compile_train_step(state_shardings, mesh, rules, noise_scale, per_device)
     jitted_eval = jax.jit(
-        functools.partial(eval_step, apply_fn=apply_fn),
+        functools.partial(eval_step, apply_fn=apply_fn, spread=spread_for(mesh, rules, per_device)),
         in_shardings=(state_shardings.params, batch),
         out_shardings=replicated,
         compiler_options=step_compiler_options(),

@@ -217,12 +217,20 @@ def _build(
     shape = model_cfg.shape
     # The mesh first: a layout that cannot work fails before any data is prepared.
     try:
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        mesh = sharding.run_mesh(
+            config.mesh.data,
+            config.mesh.fsdp,
+            config.mesh.tensor,
+            config.train.batch_size,
+            even_rows=config.train.noise_scale,
+        )
         rules = sharding.rules_with_overrides(json.loads(config.mesh.rules or "{}"))
     except json.JSONDecodeError as e:
         raise UserError(f"config.mesh.rules={config.mesh.rules!r} is not JSON ({e})") from None
     except ValueError as e:
         raise UserError(str(e)) from None
+    if sharding.cpu_data_parallel(mesh):
+        model_cfg = dataclasses.replace(model_cfg, per_device=True)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     distributed.check_batch_layout(batch_sharding, (config.train.batch_size, shape.n_ctx + 1))
     rows_per_device = batch_sharding.shard_shape((config.train.batch_size, shape.n_ctx + 1))[0]
@@ -238,12 +246,12 @@ def _build(
     tx = steps.make_optimizer(config.train)
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
     train_step, eval_step = steps.compile_steps(
-        state_shardings, mesh, rules, state.apply_fn, noise_scale=False
+        state_shardings, mesh, rules, state.apply_fn, False, model_cfg.per_device
     )
     # Every noise_scale_every-th step also measures the gradient noise scale
     # (same update, a little dearer); the others leave its moving averages as they are.
     noise_step = (
-        steps.compile_train_step(state_shardings, mesh, rules, noise_scale=True)
+        steps.compile_train_step(state_shardings, mesh, rules, True, model_cfg.per_device)
         if config.train.noise_scale
         else None
     )

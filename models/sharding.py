@@ -80,6 +80,54 @@ def make_mesh(
     )
 
 
+def cpu_data_parallel(mesh: Mesh) -> bool:
+    """Whether each device of `mesh` runs the model on its own rows (`launch/steps.py`).
+
+    So it does on a mesh of this process's CPU devices that splits only the
+    batch (`launch/host_devices.py` makes one device per core): each device
+    runs one core's program, with the one-CPU-device kernels
+    (`ModelConfig.per_device`), and only the gradients cross between them.
+    XLA:CPU partitions those kernels' loops poorly, and a device's own
+    program needs no partitioning. A mesh of one such device is the plain
+    case. Elsewhere the step is one program that XLA partitions over the mesh.
+    """
+    return (
+        mesh.devices.flat[0].platform == "cpu"
+        and jax.process_count() == 1
+        and mesh.shape["fsdp"] == 1
+        and mesh.shape["tensor"] == 1
+    )
+
+
+def data_parallel_devices(batch_size: int, even_rows: bool) -> list[jax.Device]:
+    """The most of this process's devices that a batch splits over in equal shares.
+
+    `even_rows`: each share must be even too (the noise scale splits every
+    device's rows in two). One device always qualifies, so a batch that
+    splits no other way trains as before, on one.
+    """
+    devices = jax.local_devices()
+    for n in range(len(devices), 1, -1):
+        rows, rest = divmod(batch_size, n)
+        if not rest and not (even_rows and rows % 2):
+            return devices[:n]
+    return devices[:1]
+
+
+def run_mesh(data: int, fsdp: int, tensor: int, batch_size: int, even_rows: bool) -> Mesh:
+    """The mesh a run trains on: `make_mesh` of the sizes given.
+
+    Under the default sizes (-1, 1, 1) in a single-process CPU run, over as
+    many of its devices as the batch splits into (`data_parallel_devices`):
+    one per core where it can (`launch/host_devices.py`).
+    """
+    devices = None
+    if (data, fsdp, tensor) == (-1, 1, 1) and jax.process_count() == 1:
+        if jax.local_devices()[0].platform == "cpu":
+            devices = data_parallel_devices(batch_size, even_rows)
+    return make_mesh(data, fsdp, tensor, devices)
+
+
 def rules_with_overrides(overrides: dict[str, object] | None = None):
     """RULES with some logical axes remapped, e.g. {"embed": None, "mlp": "fsdp"}.
 

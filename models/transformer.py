@@ -72,6 +72,9 @@ class ModelConfig:
     remat: str = "auto"
     attention_impl: str = "auto"
     scan_unroll: int = 0  # layers per loop iteration; 0 = by depth and width (see `unroll`)
+    # Applied by each device to its own rows (launch/steps.on_each_device), as
+    # on a CPU data-parallel mesh: a CPU device's program, however many devices.
+    per_device: bool = False
 
     def __post_init__(self):
         for name, allowed in (
@@ -129,18 +132,20 @@ class ModelConfig:
 
     @property
     def single_cpu(self) -> bool:
-        """Whether the model runs on one CPU device, where the CPU's own kernels apply.
+        """Whether the model runs as one CPU device's program, where the CPU's own kernels apply.
 
-        Those are the chunked attention, `token_matmul` for the four
-        projections of a block (QKV, attention output, the MLP's two), whose
-        weight gradients XLA:CPU otherwise takes in forms off its fast matmul
-        path, or after writing a gradient out transposed (models/token_matmul.py),
-        and LayerNorm's `normalize_by_products`.
-        With the batch split over several devices, the chunk loop would cut
-        across them, and XLA's own forms (the einsums over named head axes)
-        shard as they are.
+        So it does on a CPU with one device, and with several where each
+        applies the model to its own rows (`per_device`: the data-parallel
+        mesh of `models/sharding.cpu_data_parallel`). The kernels are the
+        chunked attention, `token_matmul` for the four projections of a
+        block (QKV, attention output, the MLP's two), whose weight gradients
+        XLA:CPU otherwise takes in forms off its fast matmul path, or after
+        writing a gradient out transposed (models/token_matmul.py), and
+        LayerNorm's `normalize_by_products`. In one program partitioned over
+        several devices, the chunk loop would cut across them, and XLA's own
+        forms (the einsums over named head axes) shard as they are.
         """
-        return jax.default_backend() == "cpu" and jax.device_count() == 1
+        return jax.default_backend() == "cpu" and (self.per_device or jax.device_count() == 1)
 
     @property
     def remat_policy(self) -> str:
