@@ -44,6 +44,7 @@ whatever its CPU; absolute figures differ between machines of one type.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -59,12 +60,12 @@ sys.path.insert(0, str(ROOT))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from launch import steps  # noqa: E402
 from launch.config import base_config, load_study, study_sweep  # noqa: E402
+from launch.host_devices import one_device_per_core  # noqa: E402
 from launch.host_memory import keep_freed_memory  # noqa: E402
 from launch.peak import matmul_peak_flops  # noqa: E402
 from models import sharding  # noqa: E402
@@ -101,9 +102,14 @@ def _peak(dtype: str, size: int) -> float:
     return matmul_peak_flops.__wrapped__(dtype, size)  # measured afresh, not the cached value
 
 
-def plain_eval_step(params, tokens_BxL1, apply_fn):
-    """The mean loss of the batch only: what an eval that logs no per-token vector costs."""
-    return steps.per_token_loss(params, apply_fn, tokens_BxL1).mean()
+def plain_eval_step(params, tokens_BxL1, apply_fn, spread=None):
+    """The mean loss of the batch only: what an eval that logs no per-token vector costs
+    (spread over the devices as the per-token eval is: `steps.on_each_device`)."""
+
+    def mean_loss(params, tokens_BxL1):
+        return steps.per_token_loss(params, apply_fn, tokens_BxL1).mean()
+
+    return steps.on_each_device(mean_loss, spread)(params, tokens_BxL1)
 
 
 def _steady_step_times(steps_to_time, state, batches, repeats: int):
@@ -131,6 +137,27 @@ def _steady_step_times(steps_to_time, state, batches, repeats: int):
     return [statistics.median(times) for times in block_times], state
 
 
+def _trainer_model_and_mesh(model_cfg: ModelConfig, batch: int):
+    """The model and mesh as `scaling run` builds them in this process (launch/train.py):
+    on a CPU, data parallel over the devices the batch splits into, one per core."""
+    mesh = sharding.run_mesh(-1, 1, 1, batch, even_rows=True)
+    if sharding.cpu_data_parallel(mesh):
+        model_cfg = dataclasses.replace(model_cfg, per_device=True)
+    return model_cfg, mesh
+
+
+def _batches(shape: ModelShape, batch: int, mesh, rules) -> list:
+    """Four fixed batches of random tokens, placed as the trainer places its batches."""
+    rng = np.random.default_rng(0)
+    return [
+        jax.device_put(
+            rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)).astype(np.int32),
+            sharding.batch_sharding(mesh, rules),
+        )
+        for _ in range(4)
+    ]
+
+
 def bench_size(
     shape: ModelShape,
     dtype: str,
@@ -141,21 +168,29 @@ def bench_size(
     attention: str,
     peak: float,
 ) -> dict:
-    model_cfg = ModelConfig(
-        shape, compute_dtype=dtype, remat=remat, scan_unroll=scan_unroll, attention_impl=attention
+    model_cfg, mesh = _trainer_model_and_mesh(
+        ModelConfig(
+            shape,
+            compute_dtype=dtype,
+            remat=remat,
+            scan_unroll=scan_unroll,
+            attention_impl=attention,
+        ),
+        batch,
     )
-    mesh = sharding.make_mesh(1, 1, 1)
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
+    per_device = model_cfg.per_device
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings = steps.init_state(model_cfg, tx, mesh, rules, seed=0)
-        train_step, eval_step = steps.compile_steps(shardings, mesh, rules, state.apply_fn)
-        plain_eval = jax.jit(functools.partial(plain_eval_step, apply_fn=state.apply_fn))
-        rng = np.random.default_rng(0)
-        batches = [
-            jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)), jnp.int32)
-            for _ in range(4)
-        ]
+        train_step, eval_step = steps.compile_steps(
+            shardings, mesh, rules, state.apply_fn, True, per_device
+        )
+        spread = steps.spread_for(mesh, rules, per_device)
+        plain_eval = jax.jit(
+            functools.partial(plain_eval_step, apply_fn=state.apply_fn, spread=spread)
+        )
+        batches = _batches(shape, batch, mesh, rules)
 
         # The step that measures the gradient noise scale, the same step
         # without it (train.noise_scale=false), and the two as the loop runs
@@ -163,7 +198,7 @@ def bench_size(
         start = time.perf_counter()
         compiled = train_step.lower(state, batches[0]).compile()
         plain = (
-            steps.compile_train_step(shardings, mesh, rules, noise_scale=False)
+            steps.compile_train_step(shardings, mesh, rules, False, per_device)
             .lower(state, batches[0])
             .compile()
         )
@@ -226,19 +261,14 @@ def study_shapes(study: str) -> tuple[list[ModelShape], int]:
 def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict):
     """The train steps compiled once; returns repeats -> median seconds a step as the loop
     runs it (measuring the noise scale every k-th step). Each call goes on training."""
-    model_cfg = ModelConfig(shape, **model_kw)
-    mesh = sharding.make_mesh(1, 1, 1)
+    model_cfg, mesh = _trainer_model_and_mesh(ModelConfig(shape, **model_kw), batch)
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings = steps.init_state(model_cfg, tx, mesh, rules, seed=0)
-        noise = steps.compile_train_step(shardings, mesh, rules, noise_scale=True)
-        plain = steps.compile_train_step(shardings, mesh, rules, noise_scale=False)
-    rng = np.random.default_rng(0)
-    batches = [
-        jnp.asarray(rng.integers(1, shape.vocab_size, (batch, shape.n_ctx + 1)), jnp.int32)
-        for _ in range(4)
-    ]
+        noise = steps.compile_train_step(shardings, mesh, rules, True, model_cfg.per_device)
+        plain = steps.compile_train_step(shardings, mesh, rules, False, model_cfg.per_device)
+    batches = _batches(shape, batch, mesh, rules)
     every = base_config().train.noise_scale_every
     trained = [state]
 
@@ -529,6 +559,11 @@ def main(argv=None):
         default="experiments/local_cpu.py",
         help="the study file the end-to-end run starts from",
     )
+    parser.add_argument(
+        "--cpu-per-core",
+        action="store_true",
+        help="one CPU device per core, data parallel, as with --config.mesh.cpu_per_core=true",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -538,6 +573,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})  # before JAX starts its threads
+    if args.cpu_per_core:
+        one_device_per_core()  # as `scaling run` with mesh.cpu_per_core (one when pinned)
     if args.worker:
         return _worker(args)
 
