@@ -280,7 +280,7 @@ def test_two_processes_train_one_run(tmp_path):
     checkpoints = workdir / run_id / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4"]
     config = json.loads((workdir / run_id / "config.json").read_text())
-    assert config["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2, "rules": ""}
+    assert config["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2, "rules": "", "cpu_per_core": False}
 
     # The same run by one process over 4 devices: the same losses (float32
     # reductions in another order: a few ulps).
