@@ -51,7 +51,8 @@ def one_device_per_core(environ=os.environ) -> int:
 
     Left alone: a single core, an accelerator's JAX, XLA_FLAGS that already
     set the count (the user's, or a test's, choice wins), or a backend
-    already started. Not for a process that joins others
+    already started. Otherwise XLA:CPU's worker pool (`NPROC`) gets at least
+    two threads per device. Not for a process that joins others
     (`launch/distributed.py` keeps one device per CPU process).
     """
     import jax  # noqa: PLC0415 - `scaling status` and friends never load JAX
@@ -64,8 +65,10 @@ def one_device_per_core(environ=os.environ) -> int:
     except RuntimeError:  # a backend is up: its device count stands
         return 1
     # A device's collective waits on one of XLA:CPU's worker threads until every
-    # device has reached it; with only as many workers as cores, the devices' waits
-    # can leave none free to run the work they wait for (seen as a 40 s rendezvous
-    # timeout that ends the process). Twice as many threads keep some free.
-    environ.setdefault(THREADS_ENV, str(2 * cores))
+    # device has reached it, and a device's execution can hold a second worker while
+    # it does. With fewer than two workers per device, runs ended in a 40 s
+    # rendezvous timeout that aborts the process (2 of 4 runs with one worker per
+    # core, 6 of 8 with one more than the devices); with two per device, none of 15
+    # (README, Performance). So at least that many, whatever NPROC said before.
+    environ[THREADS_ENV] = str(max(2 * cores, int(environ.get(THREADS_ENV) or 0)))
     return cores

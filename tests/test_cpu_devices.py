@@ -43,7 +43,7 @@ def test_a_fresh_process_gets_one_device_per_core_and_spare_threads():
             import jax
             print(json.dumps([n, jax.device_count(), os.environ.get("NPROC")]))
             """,
-            env={"XLA_FLAGS": ""},
+            env={"XLA_FLAGS": "", "NPROC": "3"},  # too few for two devices: raised
         )
     )
     n, devices, threads = out
