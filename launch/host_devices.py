@@ -5,8 +5,9 @@ over the cores. The operations of a small model are too small to split well.
 As several devices, one per core, the same process trains data parallel
 (`models/sharding.cpu_data_parallel`): each device runs the whole step on its
 own rows, one core's program, and only the gradients are averaged between
-them. Off by default: measured against one device it has not yet been shown
-faster in the trainer (README, Performance).
+them. Off by default: faster at d_model 96, not at 64 and below, and its
+collectives' thread needs are known only from counted runs (README,
+Performance).
 
 JAX fixes the device count when it starts its CPU backend, so
 `one_device_per_core` runs before any JAX computation: first thing in
