@@ -44,7 +44,6 @@ whatever its CPU; absolute figures differ between machines of one type.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -141,9 +140,7 @@ def _trainer_model_and_mesh(model_cfg: ModelConfig, batch: int):
     """The model and mesh as `scaling run` builds them in this process (launch/train.py):
     on a CPU, data parallel over the devices the batch splits into, one per core."""
     mesh = sharding.run_mesh(-1, 1, 1, batch, even_rows=True)
-    if sharding.cpu_data_parallel(mesh):
-        model_cfg = dataclasses.replace(model_cfg, per_device=True)
-    return model_cfg, mesh
+    return steps.model_for_mesh(model_cfg, mesh), mesh
 
 
 def _batches(shape: ModelShape, batch: int, mesh, rules) -> list:

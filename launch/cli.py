@@ -378,6 +378,12 @@ def _launch_overrides(args) -> dict[str, str]:
     return chosen
 
 
+def _split_cpu_devices(args, config):
+    # Before anything starts a JAX backend; a process that joins others keeps one device.
+    if config.mesh.cpu_per_core and not _joins_processes(args):
+        one_device_per_core()
+
+
 def _join_processes(args):
     # Before anything starts a JAX backend.
     from launch import distributed
@@ -450,8 +456,7 @@ def _run(args, overrides):
     from launch import config as config_lib
 
     config = config_lib.study_config(args.config, overrides)
-    if config.mesh.cpu_per_core and not _joins_processes(args):
-        one_device_per_core()
+    _split_cpu_devices(args, config)
     _join_processes(args)
     from launch import train
 
@@ -500,8 +505,7 @@ def _sweep(args, overrides):
             )
         )
         return Preempted.exit_code if preempted else 1 if failed else 0
-    if base.mesh.cpu_per_core and not _joins_processes(args):
-        one_device_per_core()  # the members train one after another, in this process
+    _split_cpu_devices(args, base)  # the members train one after another, in this process
     _join_processes(args)
     from launch import plan, sweep
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -266,6 +267,14 @@ def per_token_mean_and_stderr(sums_2xL, n_sequences: int):
     if n_sequences < 2:
         return mean_L, np.full_like(mean_L, np.nan)
     return mean_L, np.sqrt(variance_L / (n_sequences - 1))
+
+
+def model_for_mesh(model_cfg: ModelConfig, mesh) -> ModelConfig:
+    """`model_cfg` as the steps run it on `mesh`: per device on a CPU data-parallel one
+    (`sharding.cpu_data_parallel`), as it is elsewhere."""
+    if sharding.cpu_data_parallel(mesh):
+        return dataclasses.replace(model_cfg, per_device=True)
+    return model_cfg
 
 
 def spread_for(mesh, rules, per_device: bool):

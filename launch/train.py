@@ -229,8 +229,7 @@ def _build(
         raise UserError(f"config.mesh.rules={config.mesh.rules!r} is not JSON ({e})") from None
     except ValueError as e:
         raise UserError(str(e)) from None
-    if sharding.cpu_data_parallel(mesh):
-        model_cfg = dataclasses.replace(model_cfg, per_device=True)
+    model_cfg = steps.model_for_mesh(model_cfg, mesh)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     distributed.check_batch_layout(batch_sharding, (config.train.batch_size, shape.n_ctx + 1))
     rows_per_device = batch_sharding.shard_shape((config.train.batch_size, shape.n_ctx + 1))[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_train import _study
 
 from launch import host_devices
 from models import sharding
@@ -137,13 +138,7 @@ def test_scaling_run_trains_over_the_cores_to_one_devices_losses(tiny_config, tm
     from launch.cli import main
     from scaling.store import Store
 
-    study = tmp_path / "study.py"
-    study.write_text(
-        "import ml_collections\n"
-        f"BASE = {tiny_config.to_dict()!r}\n"
-        "def get_config(arg=None):\n"
-        "    return ml_collections.ConfigDict(BASE)\n"
-    )
+    study = _study(tmp_path, tiny_config)  # its get_sweep goes unread by `scaling run`
     losses = {}
     for where in ("subprocess", "here"):
         flags = {
@@ -151,7 +146,7 @@ def test_scaling_run_trains_over_the_cores_to_one_devices_losses(tiny_config, tm
             "workdir": tmp_path / f"{where}_runs",
             "mesh.cpu_per_core": "true",
         }
-        argv = ["run", str(study)] + [f"--config.{k}={v}" for k, v in flags.items()]
+        argv = ["run", study] + [f"--config.{k}={v}" for k, v in flags.items()]
         if where == "subprocess":
             result = subprocess.run(
                 [sys.executable, "-m", "launch.cli", *argv],
