@@ -12,12 +12,13 @@ from models.token_matmul import token_matmul
 from models.transformer import ModelConfig, Transformer
 
 
+@pytest.mark.parametrize("d, f", [(8, 12), (12, 8)])  # both orientations of the weight gradient
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_value_and_both_gradients_are_those_of_matmul(dtype, tol):
+def test_value_and_both_gradients_are_those_of_matmul(dtype, tol, d, f):
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (3, 5, 8)).astype(dtype)
-    w = jax.random.normal(kw, (8, 12)).astype(dtype)
-    cotangent = jax.random.normal(kc, (3, 5, 12))
+    x = jax.random.normal(kx, (3, 5, d)).astype(dtype)
+    w = jax.random.normal(kw, (d, f)).astype(dtype)
+    cotangent = jax.random.normal(kc, (3, 5, f))
 
     def loss(fn):
         return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32) * cotangent)
@@ -30,6 +31,18 @@ def test_value_and_both_gradients_are_those_of_matmul(dtype, tol):
     for g, r in zip(got, want, strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape
         np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32), rtol=tol, atol=tol)
+
+
+def test_a_weight_gradient_wider_than_its_input_keeps_the_short_side_as_rows():
+    # x^T dy into [48, 12] is taken as dy^T x, [12, 48], then transposed: the
+    # orientation Eigen runs fast (models/token_matmul.py). Without the barrier
+    # XLA folds the transpose back and the product's output is [48, 12] again.
+    x = jnp.ones((2, 64, 48))
+    w = jnp.ones((48, 12))
+    hlo = jax.jit(jax.grad(lambda w: token_matmul(x, w).sum())).lower(w).compile().as_text()
+    products = [line for line in hlo.splitlines() if " dot(" in line]
+    shapes = {line.split("=")[1].split()[0].split("{")[0] for line in products}
+    assert shapes == {"f32[12,48]"}, products
 
 
 def test_every_projection_takes_it_on_one_cpu_device_and_trains_the_same_model(monkeypatch):
