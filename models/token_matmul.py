@@ -13,11 +13,13 @@ extra transpose. The value and both gradients are those of `x @ w` (to
 float32 rounding).
 
 That product still contracts over the major axis of both operands, a form
-XLA:CPU leaves to Eigen, and Eigen runs it far slower with the output's long
-side as rows: at 2048 tokens, x^T dy into [384, 96] took 2.0 ms and the
-same numbers as (dy^T x)^T, [96, 384] then transposed, 1.2; into [64, 16]
-4.6 times as long (README, Performance). So where D > F the backward takes
-dy^T x and transposes it, bit for bit the same sums.
+XLA:CPU leaves to Eigen, and Eigen runs it several times slower with the
+output's long side as rows (README, Performance, (12)). So each weight
+gradient is taken with its short side as rows and transposed where needed:
+the MLP's second product ([4d, d]; bit for bit the sums XLA took before) and
+the tied output head (`token_matmul_nt`, whose [V, D] gradient is taken as
+[D, V] where the vocabulary is the wider; XLA took that one as a plain
+product of a transposed copy, so the sums agree to float32 rounding).
 """
 
 from __future__ import annotations
@@ -35,17 +37,45 @@ def _forward(x_BxLxD, w_DxF):
     return x_BxLxD @ w_DxF, (x_BxLxD, w_DxF)
 
 
+def short_rows_product(a_TxP, b_TxQ):
+    """a^T b, [P, Q], contracted over the tokens, in the orientation Eigen runs fast.
+
+    Where P > Q this takes (b^T a)^T; the barrier keeps the transpose out of
+    the product, since XLA would fold transpose(b^T a) back into a^T b.
+    """
+    if a_TxP.shape[1] > b_TxQ.shape[1]:
+        return jax.lax.optimization_barrier(b_TxQ.T @ a_TxP).T
+    return a_TxP.T @ b_TxQ
+
+
+def _tokens(a_BxLxD):
+    return a_BxLxD.reshape(-1, a_BxLxD.shape[-1])
+
+
 def _backward(saved, dy_BxLxF):
     x_BxLxD, w_DxF = saved
-    x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1])
-    dy_TxF = dy_BxLxF.reshape(-1, dy_BxLxF.shape[-1])
-    if x_TxD.shape[1] > dy_TxF.shape[1]:
-        # The barrier keeps the transpose out of the product: XLA would fold
-        # transpose(dy^T x) back into x^T dy, the slow orientation.
-        dw_DxF = jax.lax.optimization_barrier(dy_TxF.T @ x_TxD).T
-    else:
-        dw_DxF = x_TxD.T @ dy_TxF
+    dw_DxF = short_rows_product(_tokens(x_BxLxD), _tokens(dy_BxLxF))
     return dy_BxLxF @ w_DxF.T, dw_DxF.astype(w_DxF.dtype)
 
 
 token_matmul.defvjp(_forward, _backward)
+
+
+@jax.custom_vjp
+def token_matmul_nt(x_BxLxD, w_FxD):
+    """x @ w^T: [B, L, D] x [F, D] -> [B, L, F], as the tied output head takes its logits
+    from the token embedding; its weight gradient dy^T x is [F, D], taken as above."""
+    return x_BxLxD @ w_FxD.T
+
+
+def _forward_nt(x_BxLxD, w_FxD):
+    return x_BxLxD @ w_FxD.T, (x_BxLxD, w_FxD)
+
+
+def _backward_nt(saved, dy_BxLxF):
+    x_BxLxD, w_FxD = saved
+    dw_FxD = short_rows_product(_tokens(dy_BxLxF), _tokens(x_BxLxD))
+    return dy_BxLxF @ w_FxD, dw_FxD.astype(w_FxD.dtype)
+
+
+token_matmul_nt.defvjp(_forward_nt, _backward_nt)

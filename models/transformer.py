@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from models.attention import ATTENTION_RESIDUALS, chunked_attention
 from models.sizes import ModelShape
-from models.token_matmul import token_matmul
+from models.token_matmul import token_matmul, token_matmul_nt
 
 # What the chunked attention kernel's backward reads besides q, k and v. The
 # policies that keep matmul outputs keep these too: recomputing them would run
@@ -140,8 +140,9 @@ class ModelConfig:
         chunked attention, `token_matmul` for the four projections of a
         block (QKV, attention output, the MLP's two), whose weight gradients
         XLA:CPU otherwise takes in forms off its fast matmul path, or after
-        writing a gradient out transposed (models/token_matmul.py), and
-        LayerNorm's `normalize_by_products`. In one program partitioned over
+        writing a gradient out transposed (models/token_matmul.py), its
+        `token_matmul_nt` for the tied head, and LayerNorm's
+        `normalize_by_products`. In one program partitioned over
         several devices, the chunk loop would cut across them, and XLA's own
         forms (the einsums over named head axes) shard as they are.
         """
@@ -369,7 +370,12 @@ class Transformer(nn.Module):
         x_BxLxD, _ = stack(self.config, name="blocks")(x_BxLxD, None)
         x_BxLxD = LayerNorm(pdt, means_as_products=self.config.single_cpu, name="ln_final")(x_BxLxD)
         # Tied output head; logits in float32 so the loss is accurate under bf16.
-        logits_BxLxV = jnp.einsum(
-            "bld,vd->blv", x_BxLxD.astype(jnp.float32), embed_VxD.astype(jnp.float32)
-        )
+        x_BxLxD, embed_VxD = x_BxLxD.astype(jnp.float32), embed_VxD.astype(jnp.float32)
+        if self.config.single_cpu and s.d_model < s.vocab_size:
+            # The embedding's gradient [V, D] taken as [D, V]; with V <= D there is
+            # nothing to turn, and XLA's own plan (dy^T copied, then a plain
+            # product) measured a little faster (README, Performance, (13)).
+            logits_BxLxV = token_matmul_nt(x_BxLxD, embed_VxD)
+        else:
+            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD)
         return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
