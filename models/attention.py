@@ -42,8 +42,10 @@ _MASKED = -1e30  # a causal mask value that exp() sends to exactly 0
 # queries [c, L) only, so the score blocks above the diagonal are never
 # computed. Smaller blocks skip more of them, but as more, smaller products.
 QUERY_BLOCK = 64
-# The forward results the backward reads, as checkpoint names.
-ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
+# What the backward reads, as checkpoint names: the heads-major q, k and v the
+# kernel takes, and its output and log-sum-exp.
+ATTENTION_INPUTS = ("attention_q", "attention_k", "attention_v")
+ATTENTION_RESIDUALS = (*ATTENTION_INPUTS, "attention_out", "attention_lse")
 
 
 def chunk_rows(batch: int, n_heads: int, length: int) -> int:
@@ -66,10 +68,13 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
     b, length, n, _ = q_BxLxHxK.shape
     rows = chunk_rows(b, n, length)
     heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, H, L, K]
-    out_BxHxLxK = _attention(
-        heads_major(q_BxLxHxK), heads_major(k_BxLxHxK), heads_major(v_BxLxHxK), rows
+    # Named, so that a rematerialised block keeps the heads-major copies the backward
+    # reads, not the projection they came from and three transposes to redo.
+    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (
+        checkpoint_name(heads_major(x), name)
+        for x, name in zip((q_BxLxHxK, k_BxLxHxK, v_BxLxHxK), ATTENTION_INPUTS, strict=True)
     )
-    return heads_major(out_BxHxLxK)
+    return heads_major(_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows))
 
 
 def _causal(rows: int, cols: int, offset: int = 0):
@@ -176,8 +181,8 @@ def _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
         tuple(_chunks(x, rows) for x in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)),
     )
     # Named, so that a rematerialised block keeps them (transformer.REMAT_POLICIES).
-    out_BxHxLxK = checkpoint_name(_unchunk(out), ATTENTION_RESIDUALS[0])
-    lse_BxHxL = checkpoint_name(_unchunk(lse), ATTENTION_RESIDUALS[1])
+    out_BxHxLxK = checkpoint_name(_unchunk(out), "attention_out")
+    lse_BxHxL = checkpoint_name(_unchunk(lse), "attention_lse")
     return out_BxHxLxK, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxHxLxK, lse_BxHxL)
 
 

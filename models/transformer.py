@@ -31,9 +31,11 @@ from models.attention import ATTENTION_RESIDUALS, chunked_attention
 from models.sizes import ModelShape
 from models.token_matmul import token_matmul, token_matmul_nt
 
-# What the chunked attention kernel's backward reads besides q, k and v. The
-# policies that keep matmul outputs keep these too: recomputing them would run
-# the kernel's whole forward pass again in the backward pass.
+# What the chunked attention kernel's backward reads. The policies that keep
+# matmul outputs keep these too: recomputing the output and log-sum-exp would
+# run the kernel's whole forward pass again in the backward pass, and the
+# heads-major q, k and v, the same bytes as the QKV projection's output they
+# replace among the kept activations, would be transposed again.
 _KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS)
 REMAT_POLICIES = {
     # "auto": "dots" while the layer loop stays rolled, else "none" (see `remat_policy`).

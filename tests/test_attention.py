@@ -92,3 +92,28 @@ def test_a_rematerialised_block_keeps_the_kernels_forward_results():
     kept = exps("none")
     assert exps("dots_no_batch") == kept < exps("full")
     assert exps("dots") == kept
+
+
+def test_a_rematerialised_block_keeps_the_heads_major_q_k_and_v():
+    """Under the rolled loop's policy the backward pass reads the kernel's
+    heads-major q, k and v as kept, not transposed again from the kept QKV
+    projection: as many of those transposes as the unrematerialised model
+    has, and the projection's [B, L, 3HK] output no longer among the kept
+    activations."""
+    shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
+    tokens = jnp.zeros((4, shape.n_ctx), jnp.int32)
+
+    def lowered(remat: str) -> str:
+        model = Transformer(
+            ModelConfig(shape, remat=remat, scan_unroll=1, attention_impl="chunked")
+        )
+        params = model.init(jax.random.key(0), tokens)
+        return jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum())).lower(params).as_text()
+
+    # [B, L, H, K] -> [B, H, L, K]: q, k and v into the kernel (and the gradient of its output).
+    heads_major = "dims = [0, 2, 1, 3] : (tensor<4x16x2x16xf32>"
+    kept, rematerialised = lowered("none"), lowered("dots_no_batch")
+    assert rematerialised.count(heads_major) == kept.count(heads_major) == 4
+    # The layer loop's stacked activations: [n_layer, B, L, 3 * d_model] is the projection's.
+    assert "tensor<2x4x16x96xf32>" not in rematerialised
+    assert "tensor<2x4x2x16x16xf32>" in rematerialised  # [n_layer, B, H, L, K]
