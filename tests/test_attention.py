@@ -73,21 +73,24 @@ def test_chunk_rows_fit_the_budget_and_divide_the_batch():
         assert rows == 1 or rows * 4 * n_heads * length * length <= budget
 
 
+def _lowered_gradient(remat: str) -> str:
+    """The StableHLO of a rolled two-layer model's gradient with the chunked kernel
+    (batch 4, context 16, 2 heads of 16), under the remat policy `remat`."""
+    shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
+    tokens = jnp.zeros((4, shape.n_ctx), jnp.int32)
+    model = Transformer(ModelConfig(shape, remat=remat, scan_unroll=1, attention_impl="chunked"))
+    params = model.init(jax.random.key(0), tokens)
+    return jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum())).lower(params).as_text()
+
+
 def test_a_rematerialised_block_keeps_the_kernels_forward_results():
     """Under the rolled loop's policy the backward pass must not run the
     kernel's forward again: its exps are those of the unrematerialised
     model (one per block forward, one per block backward), where
     recomputing everything adds the forward's again."""
-    shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
-    tokens = jnp.zeros((4, shape.n_ctx), jnp.int32)
 
     def exps(remat: str) -> int:
-        model = Transformer(
-            ModelConfig(shape, remat=remat, scan_unroll=1, attention_impl="chunked")
-        )
-        params = model.init(jax.random.key(0), tokens)
-        grad = jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum()))
-        return grad.lower(params).as_text().count("stablehlo.exponential")
+        return _lowered_gradient(remat).count("stablehlo.exponential")
 
     kept = exps("none")
     assert exps("dots_no_batch") == kept < exps("full")
@@ -100,19 +103,9 @@ def test_a_rematerialised_block_keeps_the_heads_major_q_k_and_v():
     projection: as many of those transposes as the unrematerialised model
     has, and the projection's [B, L, 3HK] output no longer among the kept
     activations."""
-    shape = ModelShape(n_layer=2, d_model=32, n_heads=2, n_ctx=16, vocab_size=64)
-    tokens = jnp.zeros((4, shape.n_ctx), jnp.int32)
-
-    def lowered(remat: str) -> str:
-        model = Transformer(
-            ModelConfig(shape, remat=remat, scan_unroll=1, attention_impl="chunked")
-        )
-        params = model.init(jax.random.key(0), tokens)
-        return jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum())).lower(params).as_text()
-
     # [B, L, H, K] -> [B, H, L, K]: q, k and v into the kernel (and the gradient of its output).
     heads_major = "dims = [0, 2, 1, 3] : (tensor<4x16x2x16xf32>"
-    kept, rematerialised = lowered("none"), lowered("dots_no_batch")
+    kept, rematerialised = _lowered_gradient("none"), _lowered_gradient("dots_no_batch")
     assert rematerialised.count(heads_major) == kept.count(heads_major) == 4
     # The layer loop's stacked activations: [n_layer, B, L, 3 * d_model] is the projection's.
     assert "tensor<2x4x16x96xf32>" not in rematerialised
