@@ -160,8 +160,9 @@ class ModelConfig:
         recomputing the cheap elementwise rest costs less than that traffic
         and holds less memory. With the chunked attention kernel, which
         recomputes its own scores, only the projections' outputs (products
-        without batch dimensions) and the kernel's output and log-sum-exp
-        are kept. Unrolled, nothing is stacked.
+        without batch dimensions; the QKV projection's gives way to the
+        kernel's heads-major q, k and v) and the kernel's output and
+        log-sum-exp are kept. Unrolled, nothing is stacked.
         """
         if self.remat != "auto":
             return self.remat
