@@ -45,7 +45,8 @@ QUERY_BLOCK = 64
 # What the backward reads, as checkpoint names: the heads-major q, k and v the
 # kernel takes, and its output and log-sum-exp.
 ATTENTION_INPUTS = ("attention_q", "attention_k", "attention_v")
-ATTENTION_RESIDUALS = (*ATTENTION_INPUTS, "attention_out", "attention_lse")
+ATTENTION_OUTPUTS = ("attention_out", "attention_lse")
+ATTENTION_RESIDUALS = (*ATTENTION_INPUTS, *ATTENTION_OUTPUTS)
 
 
 def chunk_rows(batch: int, n_heads: int, length: int) -> int:
@@ -181,8 +182,9 @@ def _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
         tuple(_chunks(x, rows) for x in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)),
     )
     # Named, so that a rematerialised block keeps them (transformer.REMAT_POLICIES).
-    out_BxHxLxK = checkpoint_name(_unchunk(out), "attention_out")
-    lse_BxHxL = checkpoint_name(_unchunk(lse), "attention_lse")
+    out_name, lse_name = ATTENTION_OUTPUTS
+    out_BxHxLxK = checkpoint_name(_unchunk(out), out_name)
+    lse_BxHxL = checkpoint_name(_unchunk(lse), lse_name)
     return out_BxHxLxK, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxHxLxK, lse_BxHxL)
 
 
