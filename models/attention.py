@@ -133,10 +133,15 @@ def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dou
     # dV = P^T dO, and its share of dQ^T, added into those queries' columns.
     dks, dvs = [], []
     for c, d in _blocks(length):
-        pt_RxHxMxL = jnp.where(
-            _causal_keys(d - c, length - c),
-            jnp.exp(_scores(k_RxHxLxK[:, :, c:d], q_RxHxLxK[:, :, c:]) - lse_RxHxL[:, :, None, c:]),
-            0.0,
+        # Masked before exp, as in the forward (exp sends _MASKED to exactly 0): P^T is then
+        # written in one pass that both its readers take, not exp's output and then the select.
+        pt_RxHxMxL = jnp.exp(
+            jnp.where(
+                _causal_keys(d - c, length - c),
+                _scores(k_RxHxLxK[:, :, c:d], q_RxHxLxK[:, :, c:]),
+                _MASKED,
+            )
+            - lse_RxHxL[:, :, None, c:]
         )
         dpt_RxHxMxL = jnp.einsum(
             "rnmh,rnlh->rnml",
