@@ -43,7 +43,8 @@ _MASKED = -1e30  # a causal mask value that exp() sends to exactly 0
 # computed. Smaller blocks skip more of them, but as more, smaller products.
 QUERY_BLOCK = 64
 # What the backward reads, as checkpoint names: the heads-major q, k and v the
-# kernel takes, and its output and log-sum-exp.
+# kernel takes, and its output (token-major, as the output projection reads it)
+# and log-sum-exp.
 ATTENTION_INPUTS = ("attention_q", "attention_k", "attention_v")
 ATTENTION_OUTPUTS = ("attention_out", "attention_lse")
 ATTENTION_RESIDUALS = (*ATTENTION_INPUTS, *ATTENTION_OUTPUTS)
@@ -75,7 +76,7 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
         checkpoint_name(heads_major(x), name)
         for x, name in zip((q_BxLxHxK, k_BxLxHxK, v_BxLxHxK), ATTENTION_INPUTS, strict=True)
     )
-    return heads_major(_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows))
+    return _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows)
 
 
 def _causal(rows: int, cols: int, offset: int = 0):
@@ -120,12 +121,10 @@ def _forward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK):
     return jnp.concatenate(outs, 2), jnp.concatenate(lses, 2)
 
 
-def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, out_RxHxLxK, lse_RxHxL, dout_RxHxLxK):
+def _backward_chunk(q_RxHxLxK, k_RxHxLxK, v_RxHxLxK, lse_RxHxL, delta_RxHxL, dout_RxHxLxK):
     length = q_RxHxLxK.shape[2]
     scale = q_RxHxLxK.shape[-1] ** -0.5
     dtype = q_RxHxLxK.dtype
-    # d softmax: dS = P * (dP - rowsum(dO * O)).
-    delta_RxHxL = jnp.sum(dout_RxHxLxK.astype(jnp.float32) * out_RxHxLxK, -1)
     # K^T once (a copy the size of K), so that dQ^T = K^T dS^T is a plain product.
     kt_RxHxKxM = jnp.swapaxes(k_RxHxLxK, 2, 3)
     # One pass over the key blocks [c, d), each against the queries [c, L) that see it, in
@@ -178,6 +177,7 @@ def _unchunk(x_CxRx):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
+    """Heads-major q, k and v in; the output out token-major, [B, L, H, K], as read next."""
     return _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows)[0]
 
 
@@ -186,16 +186,26 @@ def _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
         lambda qkv: _forward_chunk(*qkv),
         tuple(_chunks(x, rows) for x in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)),
     )
-    # Named, so that a rematerialised block keeps them (transformer.REMAT_POLICIES).
+    # Named, so that a rematerialised block keeps them (transformer.REMAT_POLICIES). The
+    # output is kept token-major: the backward reads it only through delta below, and the
+    # output projection's weight gradient takes it in that layout, not transposed again.
     out_name, lse_name = ATTENTION_OUTPUTS
-    out_BxHxLxK = checkpoint_name(_unchunk(out), out_name)
+    out_BxLxHxK = checkpoint_name(jnp.swapaxes(_unchunk(out), 1, 2), out_name)
     lse_BxHxL = checkpoint_name(_unchunk(lse), lse_name)
-    return out_BxHxLxK, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxHxLxK, lse_BxHxL)
+    return out_BxLxHxK, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxLxHxK, lse_BxHxL)
 
 
-def _attention_backward(rows: int, saved, dout_BxHxLxK):
+def _attention_backward(rows: int, saved, dout_BxLxHxK):
+    q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxLxHxK, lse_BxHxL = saved
+    # d softmax: dS = P * (dP - delta), delta = rowsum(dO * O), taken where O is kept.
+    delta_BxHxL = jnp.swapaxes(jnp.sum(dout_BxLxHxK.astype(jnp.float32) * out_BxLxHxK, -1), 1, 2)
+    dout_BxHxLxK = jnp.swapaxes(dout_BxLxHxK, 1, 2)
     grads = jax.lax.map(
-        lambda args: _backward_chunk(*args), tuple(_chunks(x, rows) for x in (*saved, dout_BxHxLxK))
+        lambda args: _backward_chunk(*args),
+        tuple(
+            _chunks(x, rows)
+            for x in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, lse_BxHxL, delta_BxHxL, dout_BxHxLxK)
+        ),
     )
     return tuple(_unchunk(g) for g in grads)
 

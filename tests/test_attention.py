@@ -97,16 +97,20 @@ def test_a_rematerialised_block_keeps_the_kernels_forward_results():
     assert exps("dots") == kept
 
 
-def test_a_rematerialised_block_keeps_the_heads_major_q_k_and_v():
+def test_a_rematerialised_block_keeps_the_kernels_inputs_and_output_in_the_layouts_read():
     """Under the rolled loop's policy the backward pass reads the kernel's
     heads-major q, k and v as kept, not transposed again from the kept QKV
-    projection: as many of those transposes as the unrematerialised model
-    has, and the projection's [B, L, 3HK] output no longer among the kept
-    activations."""
+    projection, and its output as kept token-major, not transposed again
+    for the output projection's weight gradient: as many of either
+    transpose as the unrematerialised model has, and the projection's
+    [B, L, 3HK] output no longer among the kept activations."""
     # [B, L, H, K] -> [B, H, L, K]: q, k and v into the kernel (and the gradient of its output).
     heads_major = "dims = [0, 2, 1, 3] : (tensor<4x16x2x16xf32>"
+    # [B, H, L, K] -> [B, L, H, K]: the output out of it (and the gradients of q, k and v).
+    token_major = "dims = [0, 2, 1, 3] : (tensor<4x2x16x16xf32>"
     kept, rematerialised = _lowered_gradient("none"), _lowered_gradient("dots_no_batch")
     assert rematerialised.count(heads_major) == kept.count(heads_major) == 4
+    assert rematerialised.count(token_major) == kept.count(token_major) == 4
     # The layer loop's stacked activations: [n_layer, B, L, 3 * d_model] is the projection's.
     assert "tensor<2x4x16x96xf32>" not in rematerialised
     assert "tensor<2x4x2x16x16xf32>" in rematerialised  # [n_layer, B, H, L, K]
