@@ -58,6 +58,11 @@ def chunk_rows(batch: int, n_heads: int, length: int) -> int:
     return rows
 
 
+def _swap_positions_and_heads(x_BxLxHx):
+    """[B, L, H, ...] <-> [B, H, L, ...]: token-major to heads-major and back."""
+    return jnp.swapaxes(x_BxLxHx, 1, 2)
+
+
 def reference_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
     """softmax(q k^T / sqrt(H), causal) v, as XLA computes it: the function the kernel matches."""
     return jax.nn.dot_product_attention(
@@ -69,11 +74,10 @@ def chunked_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK):
     """Causal attention, `chunk_rows` sequences at a time; [B, L, H, K] in and out."""
     b, length, n, _ = q_BxLxHxK.shape
     rows = chunk_rows(b, n, length)
-    heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, H, L, K]
     # Named, so that a rematerialised block keeps the heads-major copies the backward
     # reads, not the projection they came from and three transposes to redo.
     q_BxHxLxK, k_BxHxLxK, v_BxHxLxK = (
-        checkpoint_name(heads_major(x), name)
+        checkpoint_name(_swap_positions_and_heads(x), name)
         for x, name in zip((q_BxLxHxK, k_BxLxHxK, v_BxLxHxK), ATTENTION_INPUTS, strict=True)
     )
     return _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows)
@@ -177,7 +181,7 @@ def _unchunk(x_CxRx):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
-    """Heads-major q, k and v in; the output out token-major, [B, L, H, K], as read next."""
+    """Heads-major q, k and v in; the output token-major ([B, L, H, K]), as read next."""
     return _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows)[0]
 
 
@@ -190,7 +194,7 @@ def _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
     # output is kept token-major: the backward reads it only through delta below, and the
     # output projection's weight gradient takes it in that layout, not transposed again.
     out_name, lse_name = ATTENTION_OUTPUTS
-    out_BxLxHxK = checkpoint_name(jnp.swapaxes(_unchunk(out), 1, 2), out_name)
+    out_BxLxHxK = checkpoint_name(_swap_positions_and_heads(_unchunk(out)), out_name)
     lse_BxHxL = checkpoint_name(_unchunk(lse), lse_name)
     return out_BxLxHxK, (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxLxHxK, lse_BxHxL)
 
@@ -198,8 +202,9 @@ def _attention_forward(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, rows: int):
 def _attention_backward(rows: int, saved, dout_BxLxHxK):
     q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, out_BxLxHxK, lse_BxHxL = saved
     # d softmax: dS = P * (dP - delta), delta = rowsum(dO * O), taken where O is kept.
-    delta_BxHxL = jnp.swapaxes(jnp.sum(dout_BxLxHxK.astype(jnp.float32) * out_BxLxHxK, -1), 1, 2)
-    dout_BxHxLxK = jnp.swapaxes(dout_BxLxHxK, 1, 2)
+    delta_BxLxH = jnp.sum(dout_BxLxHxK.astype(jnp.float32) * out_BxLxHxK, -1)
+    delta_BxHxL = _swap_positions_and_heads(delta_BxLxH)
+    dout_BxHxLxK = _swap_positions_and_heads(dout_BxLxHxK)
     grads = jax.lax.map(
         lambda args: _backward_chunk(*args),
         tuple(
