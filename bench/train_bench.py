@@ -27,7 +27,8 @@ In one process it measures
       PyTorch steps pinned likewise, in --pair-rounds alternated rounds
       (`pair_tokens_per_s` and `torch_pair_tokens_per_s`, together, the
       median round; `pair_vs_torch_pair`, the median of the rounds' ratios,
-      and its range; `pair_vs_torch`, our pair against PyTorch's one process);
+      and its range; `pair_vs_torch`, our pair against PyTorch's one process;
+      `pair_microbatches`, the microbatches a worker on one core takes its batch in);
   (h) the trainer end to end (`scaling run`, --e2e-steps steps on the real
       corpus, its logged tokens/s over the last eval window) beside the bare
       step, so the loop's own cost shows (`e2e_tokens_per_s`, `e2e_vs_step`).
@@ -143,6 +144,12 @@ def _trainer_model_and_mesh(model_cfg: ModelConfig, batch: int):
     return steps.model_for_mesh(model_cfg, mesh), mesh
 
 
+def _microbatches(model_cfg: ModelConfig, mesh, batch: int, requested: int) -> int:
+    """train.microbatches as `scaling run` resolves it in this process (0: by shape)."""
+    rows = batch // mesh.size
+    return requested or steps.auto_microbatches(model_cfg, rows, noise_scale=True)
+
+
 def _batches(shape: ModelShape, batch: int, mesh, rules) -> list:
     """Four fixed batches of random tokens, placed as the trainer places its batches."""
     rng = np.random.default_rng(0)
@@ -164,6 +171,7 @@ def bench_size(
     scan_unroll: int,
     attention: str,
     peak: float,
+    microbatches: int = 0,
 ) -> dict:
     model_cfg, mesh = _trainer_model_and_mesh(
         ModelConfig(
@@ -178,10 +186,11 @@ def bench_size(
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
     per_device = model_cfg.per_device
+    microbatches = _microbatches(model_cfg, mesh, batch, microbatches)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings = steps.init_state(model_cfg, tx, mesh, rules, seed=0)
         train_step, eval_step = steps.compile_steps(
-            shardings, mesh, rules, state.apply_fn, True, per_device
+            shardings, mesh, rules, state.apply_fn, True, per_device, microbatches
         )
         spread = steps.spread_for(mesh, rules, per_device)
         plain_eval = jax.jit(
@@ -195,7 +204,7 @@ def bench_size(
         start = time.perf_counter()
         compiled = train_step.lower(state, batches[0]).compile()
         plain = (
-            steps.compile_train_step(shardings, mesh, rules, False, per_device)
+            steps.compile_train_step(shardings, mesh, rules, False, per_device, microbatches)
             .lower(state, batches[0])
             .compile()
         )
@@ -227,6 +236,7 @@ def bench_size(
         "params_total": shape.n_params,
         "remat": model_cfg.remat_policy,
         "attention": model_cfg.attention_kernel,
+        "microbatches": microbatches,
         "step_s": step_s,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token / peak,
@@ -255,16 +265,18 @@ def study_shapes(study: str) -> tuple[list[ModelShape], int]:
     return shapes, members[0].train.batch_size
 
 
-def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict):
+def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict, microbatches: int = 0):
     """The train steps compiled once; returns repeats -> median seconds a step as the loop
     runs it (measuring the noise scale every k-th step). Each call goes on training."""
     model_cfg, mesh = _trainer_model_and_mesh(ModelConfig(shape, **model_kw), batch)
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
+    microbatches = _microbatches(model_cfg, mesh, batch, microbatches)
+    per_device = model_cfg.per_device
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, shardings = steps.init_state(model_cfg, tx, mesh, rules, seed=0)
-        noise = steps.compile_train_step(shardings, mesh, rules, True, model_cfg.per_device)
-        plain = steps.compile_train_step(shardings, mesh, rules, False, model_cfg.per_device)
+        noise = steps.compile_train_step(shardings, mesh, rules, True, per_device, microbatches)
+        plain = steps.compile_train_step(shardings, mesh, rules, False, per_device, microbatches)
     batches = _batches(shape, batch, mesh, rules)
     every = base_config().train.noise_scale_every
     trained = [state]
@@ -279,6 +291,7 @@ def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict):
             )
         return step_s
 
+    median_step_seconds.microbatches = microbatches  # what the worker reports
     return median_step_seconds
 
 
@@ -339,7 +352,8 @@ class _Pair:
             for cpu, log in zip((0, 1), self.logs, strict=True)
         ]
         self.error = None
-        self._replies()  # {"ready": true} from each: both compiled before any round
+        # {"ready": true, ...} from each: both compiled before any round.
+        self.ready = self._replies()
 
     def _replies(self) -> list[dict]:
         replies = []
@@ -397,6 +411,8 @@ def pair_rounds(ours_args: list[str], peer_args: list[str] | None, rounds: int) 
         for pair in pairs.values():
             pair.close()
     result = {"errors": {name: pair.error for name, pair in pairs.items() if pair.error}}
+    if "ours" in pairs and pairs["ours"].ready:
+        result["ours_microbatches"] = pairs["ours"].ready[0].get("microbatches")
     for name, tokens in per_round.items():
         if tokens and name not in result["errors"]:
             result[name] = statistics.median(tokens)
@@ -477,8 +493,8 @@ def _worker(args) -> None:
         n_ctx=args.n_ctx,
         vocab_size=args.vocab,
     )
-    timer = loop_step_timer(shape, args.batch, _model_kw(args))
-    print(json.dumps({"ready": True}), flush=True)
+    timer = loop_step_timer(shape, args.batch, _model_kw(args), args.microbatches)
+    print(json.dumps({"ready": True, "microbatches": timer.microbatches}), flush=True)
     for _ in sys.stdin:
         step_s = timer(args.repeats)
         print(json.dumps({"step_s": step_s, "tokens_per_s": args.batch * args.n_ctx / step_s}))
@@ -521,6 +537,12 @@ def main(argv=None):
         type=int,
         default=0,
         help="model.scan_unroll: 0 picks by depth and width, 1 keeps the loop",
+    )
+    parser.add_argument(
+        "--microbatches",
+        type=int,
+        default=0,
+        help="train.microbatches: 0 picks by shape and cores, 1 takes the batch whole",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -610,7 +632,7 @@ def main(argv=None):
     print(
         f"{'d_model':>7} {'layers':>6} {'N':>11} {'step ms':>8} {'tokens/s':>10} "
         f"{'MFU':>6} {'compile s':>9} {'noise cost':>10} {'per meas.':>10} {'eval/plain':>10} "
-        f"{'eval/train':>10} {'remat':>13} {'attention':>9}",
+        f"{'eval/train':>10} {'remat':>13} {'attention':>9} {'micro':>5}",
         flush=True,
     )
     rows = []
@@ -625,6 +647,7 @@ def main(argv=None):
             args.scan_unroll,
             args.attention,
             peak,
+            args.microbatches,
         )
         row["batch"], row["n_ctx"] = batch, shape.n_ctx
         print(
@@ -633,7 +656,7 @@ def main(argv=None):
             f"{row['compile_s']:>9.2f} {row['noise_scale_cost']:>+10.1%} "
             f"{row['noise_step_cost']:>+10.1%} "
             f"{row['eval_overhead']:>10.2f} {row['eval_vs_train']:>10.2f} "
-            f"{row['remat']:>13} {row['attention']:>9}",
+            f"{row['remat']:>13} {row['attention']:>9} {row['microbatches']:>5}",
             flush=True,
         )
         extra = []
@@ -670,6 +693,8 @@ def main(argv=None):
                 args.attention,
                 "--scan-unroll",
                 str(args.scan_unroll),
+                "--microbatches",
+                str(args.microbatches),
             ]
             peer_args = (
                 torch_args(args.torch_python, shape, batch, args.repeats, threads=1)
@@ -695,6 +720,9 @@ def main(argv=None):
                     f"pairs x{pairs['ratio']:.2f} (x{low:.2f}-{high:.2f} over "
                     f"{len(pairs['ours_rounds'])} alternated rounds)"
                 )
+            if pairs.get("ours_microbatches"):
+                row["pair_microbatches"] = pairs["ours_microbatches"]
+                extra.append(f"microbatches {row['pair_microbatches']} on a core")
             if "pair_tokens_per_s" in row and "torch_tokens_per_s" in row:
                 row["pair_vs_torch"] = row["pair_tokens_per_s"] / row["torch_tokens_per_s"]
                 extra.append(f"our pair / PyTorch's step x{row['pair_vs_torch']:.2f}")

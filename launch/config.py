@@ -32,10 +32,10 @@ from scaling.store import DEFAULT_STORE, check_sweep_name
 # left out of the run id, so moving a store, turning off progress bars,
 # unrolling the layer loop or recomputing activations (model.remat) does not
 # make a finished run look new. (train.noise_scale only measures: its two
-# half-batch gradients average to the same update; train.nan_check_every
-# only changes how soon a diverging run stops; train.preemption_signal only
-# when it stops to be resumed; data.read_threads only how many of the same reads are in
-# flight.)
+# half-batch gradients average to the same update, as train.microbatches'
+# parts do; train.nan_check_every only changes how soon a diverging run
+# stops; train.preemption_signal only when it stops to be resumed;
+# data.read_threads only how many of the same reads are in flight.)
 NON_IDENTITY_KEYS = (
     "store",
     "workdir",
@@ -49,6 +49,7 @@ NON_IDENTITY_KEYS = (
     "train.noise_scale",
     "train.noise_scale_every",
     "train.preemption_signal",
+    "train.microbatches",
     "model.scan_unroll",
     "model.remat",
 )
@@ -99,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     # on every noise_scale_every-th step (the others skip the split: it costs ~5% a step).
     c.train.noise_scale = True
     c.train.noise_scale_every = 4
+    # Take each device's rows in this many microbatches, one after another, and
+    # average their gradients: the same update in less memory. 0 = by shape: on
+    # one CPU core (a parallel sweep's member) as many as keep a narrow model's
+    # activations in the core's caches (launch/steps.auto_microbatches), else 1.
+    c.train.microbatches = 0
     # SIGTERM is always a preemption notice (save at the next step, exit 143, resume
     # later; launch/preemption.py); this names one more, e.g. "SIGUSR1" for Slurm's
     # --signal=B:USR1@120.
@@ -315,6 +321,11 @@ def validate(config):
         if config[group][leaf] <= 0:
             raise UserError(f"config.{key}={config[group][leaf]} must be positive")
     signal_of(config.train.preemption_signal)
+    if config.train.microbatches < 0:
+        raise UserError(
+            f"config.train.microbatches={config.train.microbatches} must be 0 "
+            "(chosen by shape) or more"
+        )
     if config.eval.final_batches < 0:
         raise UserError(
             f"config.eval.final_batches={config.eval.final_batches} must be 0 "

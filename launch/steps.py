@@ -19,6 +19,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
+from launch.host_devices import usable_cores
 from models import sharding
 from models.transformer import ModelConfig, Transformer
 
@@ -193,18 +194,94 @@ def on_each_device(fn, spread, reduce=jax.lax.pmean):
     )
 
 
-def two_microbatch_grads(loss_fn, params, batch_Bx, spread=None):
+# On one CPU core, a narrow model's step takes a device's rows in microbatches
+# whose residual stream ([tokens, d_model], float32) is at most this many
+# bytes: a layer's dozen-odd activations of about that size then stay in the
+# core's caches from one pass over them to the next, where a whole batch's
+# go out to memory and back (README, Performance, (17))...
+MICROBATCH_MAX_BYTES = 192 << 10
+# ...and of at least this many tokens: shorter, the products run slower than
+# the caches save (d_model 256 in microbatches of 128 tokens: 0.87 of the whole).
+MICROBATCH_MIN_TOKENS = 256
+
+
+def auto_microbatches(model_cfg: ModelConfig, rows: int, noise_scale: bool, cores=None) -> int:
+    """train.microbatches=0: how many microbatches the step takes a device's `rows` in.
+
+    More than one only for one CPU device's program (`ModelConfig.single_cpu`)
+    in a process on one core, as a parallel sweep pins each member: with two
+    cores, XLA splits each op over both, and microbatches' smaller ops
+    measured slower there. Then the fewest microbatches (even ones, with
+    `noise_scale`: see `two_microbatch_grads`) within MICROBATCH_MAX_BYTES,
+    if they keep MICROBATCH_MIN_TOKENS; else one.
+    """
+    cores = len(usable_cores()) if cores is None else cores
+    if not model_cfg.single_cpu or model_cfg.per_device or cores != 1:
+        return 1
+    n_ctx, d_model = model_cfg.shape.n_ctx, model_cfg.shape.d_model
+    for n in range(1, rows + 1):
+        if rows % n or (noise_scale and n % 2 and n > 1):
+            continue
+        tokens = rows // n * n_ctx
+        if tokens * d_model * 4 <= MICROBATCH_MAX_BYTES:
+            return n if tokens >= MICROBATCH_MIN_TOKENS else 1
+    return 1
+
+
+def check_microbatches(n: int, rows: int, noise_scale: bool) -> None:
+    """Raise ValueError unless a device's `rows` split into `n` microbatches the steps can take."""
+    if n < 1 or rows % n:
+        raise ValueError(
+            f"train.microbatches={n} must divide the {rows} rows each device takes a step "
+            "(train.batch_size over the data-parallel devices); use a divisor, or 0 to choose"
+        )
+    if noise_scale and n > 1 and n % 2:
+        raise ValueError(
+            f"train.microbatches={n} must be even with train.noise_scale (each half-batch "
+            "takes half of them); use an even number, or 0 to choose"
+        )
+
+
+def microbatched(grad_fn, n: int):
+    """`grad_fn(params, tokens) -> (loss, grads)` over `n` microbatches of the rows, in turn.
+
+    Microbatch i takes rows i, i + n, i + 2n, ...; the mean of the
+    equal-sized microbatches' mean losses and gradients is the rows' own.
+    A loop, so that only one microbatch's activations are live at a time
+    (`auto_microbatches` says when that is faster, and it always takes less memory).
+    """
+    if n == 1:
+        return grad_fn
+
+    def accumulated(params, tokens_BxL1):
+        micro_NxMxL1 = tokens_BxL1.reshape(-1, n, tokens_BxL1.shape[-1]).swapaxes(0, 1)
+
+        def add(sums, micro_MxL1):
+            return jax.tree.map(jnp.add, sums, grad_fn(params, micro_MxL1)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zeros, micro_NxMxL1)
+        return loss / n, jax.tree.map(lambda g: g / n, grads)
+
+    return accumulated
+
+
+def two_microbatch_grads(loss_fn, params, batch_Bx, spread=None, microbatches=1):
     """Loss and gradient of the full batch, from two halves, and the squared norms.
 
     Rows 0, 2, 4, ... form one half and 1, 3, 5, ... the other: each device
     splits its own (even number of) rows, so no row moves between devices.
     The full-batch gradient is the mean of the halves' (equal-sized means).
+    With `microbatches` (even) each half is taken in half of them, one half after the other.
     Returns (loss, grads, |G_small|^2 (mean over the halves), |G_big|^2).
     """
 
     def halves(params, batch_Bx):
         halves_Hx2 = batch_Bx.reshape(batch_Bx.shape[0] // 2, 2, *batch_Bx.shape[1:])
-        return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(params, halves_Hx2)
+        if microbatches == 1:
+            return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 1))(params, halves_Hx2)
+        half_grads = microbatched(jax.value_and_grad(loss_fn), microbatches // 2)
+        return jax.lax.map(lambda half: half_grads(params, half), halves_Hx2.swapaxes(0, 1))
 
     losses_2, grads_2 = on_each_device(halves, spread)(params, batch_Bx)
     grads = jax.tree.map(lambda g: g.mean(axis=0), grads_2)
@@ -215,24 +292,31 @@ def two_microbatch_grads(loss_fn, params, batch_Bx, spread=None):
     return losses_2.mean(), grads, squares_2.mean(), optax.tree.norm(grads, squared=True)
 
 
-def train_step(state: TrainState, tokens_BxL1, noise_scale: bool = True, spread=None):
+def train_step(
+    state: TrainState, tokens_BxL1, noise_scale: bool = True, spread=None, microbatches: int = 1
+):
     """One optimizer step on a batch of B sequences of L+1 tokens.
 
     With `noise_scale` (static), the step also measures the gradient noise
     scale B_simple = tr(Sigma) / |G|^2, in tokens, from the batch's two halves.
     `spread` (static): how the gradients are taken over the devices (`on_each_device`).
+    `microbatches` (static): how many parts each device's rows are taken in (`microbatched`).
     """
 
     def loss_fn(params, tokens):
         return per_token_loss(params, state.apply_fn, tokens).mean()
 
     if not noise_scale:
-        loss_and_grads = on_each_device(jax.value_and_grad(loss_fn), spread)
+        loss_and_grads = on_each_device(
+            microbatched(jax.value_and_grad(loss_fn), microbatches), spread
+        )
         loss, grads = loss_and_grads(state.params, tokens_BxL1)
         state = state.apply_gradients(grads=grads)
         return state, {"train_loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    loss, grads, g2_small, g2_big = two_microbatch_grads(loss_fn, state.params, tokens_BxL1, spread)
+    loss, grads, g2_small, g2_big = two_microbatch_grads(
+        loss_fn, state.params, tokens_BxL1, spread, microbatches
+    )
     batch, length = tokens_BxL1.shape[0], tokens_BxL1.shape[1] - 1
     # Batch sizes in tokens, so the noise scale is in tokens too.
     g2, trace = noise_estimates(g2_small, g2_big, batch // 2 * length, batch * length)
@@ -286,16 +370,25 @@ def spread_for(mesh, rules, per_device: bool):
 
 
 def compile_train_step(
-    state_shardings, mesh, rules, noise_scale: bool = True, per_device: bool = False
+    state_shardings,
+    mesh,
+    rules,
+    noise_scale: bool = True,
+    per_device: bool = False,
+    microbatches: int = 1,
 ):
     """jit the train step with its shardings; the train state is donated (updated in place).
 
     `per_device`: each device takes the gradient of its own rows (`on_each_device`),
-    for a model built to run that way (`ModelConfig.per_device`).
+    for a model built to run that way (`ModelConfig.per_device`). `microbatches`:
+    how many parts each device's rows are taken in (`microbatched`).
     """
     return jax.jit(
         functools.partial(
-            train_step, noise_scale=noise_scale, spread=spread_for(mesh, rules, per_device)
+            train_step,
+            noise_scale=noise_scale,
+            spread=spread_for(mesh, rules, per_device),
+            microbatches=microbatches,
         ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -305,12 +398,20 @@ def compile_train_step(
 
 
 def compile_steps(
-    state_shardings, mesh, rules, apply_fn, noise_scale: bool = True, per_device: bool = False
+    state_shardings,
+    mesh,
+    rules,
+    apply_fn,
+    noise_scale: bool = True,
+    per_device: bool = False,
+    microbatches: int = 1,
 ):
     """jit the train step (`compile_train_step`) and the per-token eval step."""
     batch = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
-    jitted_train = compile_train_step(state_shardings, mesh, rules, noise_scale, per_device)
+    jitted_train = compile_train_step(
+        state_shardings, mesh, rules, noise_scale, per_device, microbatches
+    )
     jitted_eval = jax.jit(
         functools.partial(eval_step, apply_fn=apply_fn, spread=spread_for(mesh, rules, per_device)),
         in_shardings=(state_shardings.params, batch),

@@ -239,18 +239,27 @@ def _build(
             f"train.batch_size={config.train.batch_size} puts {rows_per_device} on "
             "each; use an even number per device or --config.train.noise_scale=false"
         )
+    microbatches = config.train.microbatches or steps.auto_microbatches(
+        model_cfg, rows_per_device, config.train.noise_scale
+    )
+    try:
+        steps.check_microbatches(microbatches, rows_per_device, config.train.noise_scale)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     eval_every_n, eval_last_n = config_lib.eval_batch_counts(config)
     eval_set = data.eval_batches(corpus.val, eval_last_n, config.train.batch_size, shape.n_ctx)
 
     tx = steps.make_optimizer(config.train)
     state, state_shardings = steps.init_state(model_cfg, tx, mesh, rules, config.seed)
     train_step, eval_step = steps.compile_steps(
-        state_shardings, mesh, rules, state.apply_fn, False, model_cfg.per_device
+        state_shardings, mesh, rules, state.apply_fn, False, model_cfg.per_device, microbatches
     )
     # Every noise_scale_every-th step also measures the gradient noise scale
     # (same update, a little dearer); the others leave its moving averages as they are.
     noise_step = (
-        steps.compile_train_step(state_shardings, mesh, rules, True, model_cfg.per_device)
+        steps.compile_train_step(
+            state_shardings, mesh, rules, True, model_cfg.per_device, microbatches
+        )
         if config.train.noise_scale
         else None
     )

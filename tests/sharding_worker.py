@@ -11,7 +11,8 @@ For each mesh it trains the same ten steps on the same synthetic batches
 that the single-device reference trains (mesh (1, 1, 1) on devices[:1]) and
 records the losses, the largest parameter difference from the reference
 and, leaf by leaf, whether each parameter and optimizer moment is split
-exactly as RULES says. Then it writes a checkpoint of the (2, 2, 2) state
+exactly as RULES says; and the (2, 2, 2) mesh's steps taken in two
+microbatches. Then it writes a checkpoint of the (2, 2, 2) state
 and restores it under a 4-device mesh. KNOB names a setting of the memory
 and speed knobs (dtypes, rematerialisation, attention kernel) in KNOBS,
 trained on one device. The assertions live in the test.
@@ -71,11 +72,13 @@ def batches() -> np.ndarray:
     return tokens.astype(np.int32)
 
 
-def train(mesh, tokens, model=MODEL):
+def train(mesh, tokens, model=MODEL, microbatches=1):
     rules = sharding.RULES
     tx = steps.make_optimizer(train_config())
     state, shardings = steps.init_state(model, tx, mesh, rules, seed=0)
-    train_step, _ = steps.compile_steps(shardings, mesh, rules, state.apply_fn)
+    train_step, _ = steps.compile_steps(
+        shardings, mesh, rules, state.apply_fn, microbatches=microbatches
+    )
     batch_sharding = sharding.batch_sharding(mesh, rules)
 
     def put(b):
@@ -177,6 +180,10 @@ def meshes(out_path: str, ckpt_dir: str, *knob_labels: str):
         result["seconds"][label] = time.perf_counter() - start
         if (d, f, t) == (2, 2, 2):
             kept = state
+
+    # The same steps in microbatches, on a mesh that splits the rows and the parameters.
+    _, _, losses, norms = train(sharding.make_mesh(2, 2, 2), tokens, microbatches=2)
+    result["microbatches"] = {"losses": losses, "grad_norms": norms}
 
     # Save under the 8-device mesh, restore under data=2, fsdp=2 on 4 devices.
     saver = checkpoints.Checkpointer(ckpt_dir, max_to_keep=1)

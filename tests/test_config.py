@@ -70,6 +70,7 @@ def test_bad_overrides_name_the_key(overrides, message):
         ({"train.steps": "0"}, "train.steps=0 must be positive"),
         ({"train.warmup_steps": "500"}, "warmup_steps=500"),
         ({"model.vocab_size": "100"}, "too small for the byte tokenizer"),
+        ({"train.microbatches": "-1"}, "train.microbatches=-1 must be 0"),
     ],
 )
 def test_invalid_configs_are_refused(overrides, message):
@@ -82,6 +83,7 @@ def test_invalid_configs_are_refused(overrides, message):
 def test_run_id_follows_what_is_trained_not_where_it_is_written():
     a, b = config_lib.base_config(), config_lib.base_config()
     b.store, b.workdir, b.progress, b.mesh.data = "/elsewhere.sqlite", "/w", False, 1
+    b.train.microbatches = 4  # the same update, taken in parts
     assert config_lib.run_id(a) == config_lib.run_id(b)
     b.train.learning_rate = 1e-3
     assert config_lib.run_id(a) != config_lib.run_id(b)

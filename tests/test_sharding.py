@@ -127,6 +127,12 @@ def test_mesh_trains_like_one_device(worker, mesh):
     assert all(math.isfinite(x) for x in run["losses"])
 
 
+def test_microbatches_on_a_mesh_train_like_one_device(worker):
+    ref, run = worker["reference"], worker["microbatches"]
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=0, atol=LOSS_ATOL)
+    np.testing.assert_allclose(run["grad_norms"], ref["grad_norms"], rtol=1e-4)
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_parameters_are_split_as_the_rules_say(worker, mesh):
     run = worker["meshes"][mesh]
