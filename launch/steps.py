@@ -216,7 +216,7 @@ def auto_microbatches(model_cfg: ModelConfig, rows: int, noise_scale: bool, core
     if they keep MICROBATCH_MIN_TOKENS; else one.
     """
     cores = len(usable_cores()) if cores is None else cores
-    if not model_cfg.single_cpu or model_cfg.per_device or cores != 1:
+    if not model_cfg.single_cpu or cores != 1:
         return 1
     n_ctx, d_model = model_cfg.shape.n_ctx, model_cfg.shape.d_model
     for n in range(1, rows + 1):

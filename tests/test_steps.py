@@ -138,6 +138,15 @@ def test_microbatches_by_shape_on_one_core_and_never_on_two():
     assert steps.auto_microbatches(_model(96, 4, n_ctx=1024), 16, True, cores=1) == 1
 
 
+def test_the_trainers_model_takes_microbatches_in_a_process_pinned_to_one_core(monkeypatch):
+    mesh = sharding.run_mesh(-1, 1, 1, 16, even_rows=True)
+    model = steps.model_for_mesh(_model(96, 4), mesh)  # as launch/train.py builds it
+    monkeypatch.setattr(steps, "usable_cores", lambda: [1])
+    assert steps.auto_microbatches(model, 16, noise_scale=True) == 4
+    monkeypatch.setattr(steps, "usable_cores", lambda: [0, 1])
+    assert steps.auto_microbatches(model, 16, noise_scale=True) == 1
+
+
 @pytest.mark.parametrize(
     ("microbatches", "message"),
     [(3, "must divide the 8 rows"), (16, "must divide the 8 rows"), (1, None), (8, None)],
