@@ -7,7 +7,9 @@ In one process it measures
       trainer's own jitted train step (launch/steps.py, the same function a
       sweep runs) after compile: step time, tokens/s, and MFU = achieved
       model FLOP/s / measured peak, with model FLOPs per token
-      6 N + 6 n_layer n_ctx d_model (Kaplan's count, what the store logs);
+      6 N + 6 n_layer n_ctx d_model (Kaplan's count, what the store logs),
+      and `microbatches`, the parts it takes a batch in (--microbatches;
+      0 chooses as `scaling run` would in this process);
   (c) the compile time of each size's train steps (with and without the
       noise scale: a run compiles both), with the persistent compilation
       cache off so the figure is a real compile;

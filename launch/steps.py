@@ -246,9 +246,10 @@ def microbatched(grad_fn, n: int):
     """`grad_fn(params, tokens) -> (loss, grads)` over `n` microbatches of the rows, in turn.
 
     Microbatch i takes rows i, i + n, i + 2n, ...; the mean of the
-    equal-sized microbatches' mean losses and gradients is the rows' own.
-    A loop, so that only one microbatch's activations are live at a time
-    (`auto_microbatches` says when that is faster, and it always takes less memory).
+    equal-sized microbatches' mean losses and gradients is the rows' own,
+    summed in float32 whatever the parameters' dtype. A loop, so that only
+    one microbatch's activations are live at a time (`auto_microbatches`
+    says when that is faster, and it always takes less memory).
     """
     if n == 1:
         return grad_fn
@@ -257,11 +258,14 @@ def microbatched(grad_fn, n: int):
         micro_NxMxL1 = tokens_BxL1.reshape(-1, n, tokens_BxL1.shape[-1]).swapaxes(0, 1)
 
         def add(sums, micro_MxL1):
-            return jax.tree.map(jnp.add, sums, grad_fn(params, micro_MxL1)), None
+            parts = grad_fn(params, micro_MxL1)
+            return jax.tree.map(lambda s, x: s + x.astype(jnp.float32), sums, parts), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        zeros = jax.tree.map(
+            lambda p: jnp.zeros_like(p, jnp.float32), (jnp.zeros((), jnp.float32), params)
+        )
         (loss, grads), _ = jax.lax.scan(add, zeros, micro_NxMxL1)
-        return loss / n, jax.tree.map(lambda g: g / n, grads)
+        return loss / n, jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grads, params)
 
     return accumulated
 

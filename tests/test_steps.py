@@ -104,8 +104,17 @@ def test_each_microbatch_takes_every_nth_row_and_the_mean_is_the_batchs():
     np.testing.assert_allclose([float(loss), float(grad)], [2 * 5.5, 5.5])
     # Rows i, i + 3, i + 6, i + 9 form microbatch i, so its largest row is 9 + i
     # (in blocks of 4 rows, the largest would be 3, 7 and 11).
-    _, largest = steps.microbatched(lambda p, r: (p, r[:, 0].max()), 3)(1.0, rows)
+    _, largest = steps.microbatched(lambda p, r: (p, r[:, 0].max()), 3)(jax.numpy.float32(1), rows)
     np.testing.assert_allclose(float(largest), (9 + 10 + 11) / 3)
+
+    # Sums in float32, returned in the parameters' dtype. Gradients 1, 2^-8 and 2^-8 in
+    # bfloat16 (8 bits): summed in bfloat16, 1 + 2^-8 rounds back to 1 twice (a mean of
+    # 171/512); in float32 the sum is 1 + 2^-7, a mean of 172/512.
+    def bf16_grad(p, r):
+        return r.sum(), jax.numpy.where(r[0, 0] == 0, 1.0, 2.0**-8).astype(p.dtype)
+
+    _, mean = steps.microbatched(bf16_grad, 3)(jax.numpy.ones((), jax.numpy.bfloat16), rows)
+    assert mean.dtype == jax.numpy.bfloat16 and float(mean) == 172 / 512
 
 
 def _model(d_model, n_layer, n_ctx=128):
