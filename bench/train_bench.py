@@ -148,8 +148,7 @@ def _trainer_model_and_mesh(model_cfg: ModelConfig, batch: int):
 
 def _microbatches(model_cfg: ModelConfig, mesh, batch: int, requested: int) -> int:
     """train.microbatches as `scaling run` resolves it in this process (0: by shape)."""
-    rows = batch // mesh.size
-    return requested or steps.auto_microbatches(model_cfg, rows, noise_scale=True)
+    return steps.microbatches_for(requested, model_cfg, batch // mesh.size, noise_scale=True)
 
 
 def _batches(shape: ModelShape, batch: int, mesh, rules) -> list:

@@ -220,7 +220,7 @@ def auto_microbatches(model_cfg: ModelConfig, rows: int, noise_scale: bool, core
         return 1
     n_ctx, d_model = model_cfg.shape.n_ctx, model_cfg.shape.d_model
     for n in range(1, rows + 1):
-        if rows % n or (noise_scale and n % 2 and n > 1):
+        if _microbatch_problem(n, rows, noise_scale):
             continue
         tokens = rows // n * n_ctx
         if tokens * d_model * 4 <= MICROBATCH_MAX_BYTES:
@@ -228,18 +228,31 @@ def auto_microbatches(model_cfg: ModelConfig, rows: int, noise_scale: bool, core
     return 1
 
 
-def check_microbatches(n: int, rows: int, noise_scale: bool) -> None:
-    """Raise ValueError unless a device's `rows` split into `n` microbatches the steps can take."""
+def _microbatch_problem(n: int, rows: int, noise_scale: bool) -> str | None:
+    """Why the steps cannot take a device's `rows` in `n` microbatches; None if they can."""
     if n < 1 or rows % n:
-        raise ValueError(
+        return (
             f"train.microbatches={n} must divide the {rows} rows each device takes a step "
             "(train.batch_size over the data-parallel devices); use a divisor, or 0 to choose"
         )
     if noise_scale and n > 1 and n % 2:
-        raise ValueError(
+        return (
             f"train.microbatches={n} must be even with train.noise_scale (each half-batch "
             "takes half of them); use an even number, or 0 to choose"
         )
+    return None
+
+
+def microbatches_for(requested: int, model_cfg: ModelConfig, rows: int, noise_scale: bool) -> int:
+    """train.microbatches as the steps take it: `requested`, or 0 by `auto_microbatches`.
+
+    Raises ValueError, naming the fix, for a count the rows do not split into.
+    """
+    n = requested or auto_microbatches(model_cfg, rows, noise_scale)
+    problem = _microbatch_problem(n, rows, noise_scale)
+    if problem:
+        raise ValueError(problem)
+    return n
 
 
 def microbatched(grad_fn, n: int):

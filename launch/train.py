@@ -239,11 +239,10 @@ def _build(
             f"train.batch_size={config.train.batch_size} puts {rows_per_device} on "
             "each; use an even number per device or --config.train.noise_scale=false"
         )
-    microbatches = config.train.microbatches or steps.auto_microbatches(
-        model_cfg, rows_per_device, config.train.noise_scale
-    )
     try:
-        steps.check_microbatches(microbatches, rows_per_device, config.train.noise_scale)
+        microbatches = steps.microbatches_for(
+            config.train.microbatches, model_cfg, rows_per_device, config.train.noise_scale
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     eval_every_n, eval_last_n = config_lib.eval_batch_counts(config)

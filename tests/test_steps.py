@@ -134,11 +134,8 @@ def test_microbatches_by_shape_on_one_core_and_never_on_two():
         assert 16 // n * 128 * d * 4 <= steps.MICROBATCH_MAX_BYTES
     # Wider, microbatches of 2 rows (256 tokens) down to d_model 192; at 256 they would
     # be 1 row, shorter than MICROBATCH_MIN_TOKENS, so the batch stays whole.
-    assert [steps.auto_microbatches(_model(d, 2), 32, True, cores=1) for d in (128, 192, 256)] == [
-        16,
-        16,
-        1,
-    ]
+    wide = [steps.auto_microbatches(_model(d, 2), 32, True, cores=1) for d in (128, 192, 256)]
+    assert wide == [16, 16, 1]
     # Two cores share each op; an odd count would split the noise scale's halves.
     assert steps.auto_microbatches(_model(96, 4), 16, True, cores=2) == 1
     assert steps.auto_microbatches(_model(96, 4), 12, False, cores=1) == 3
@@ -161,11 +158,12 @@ def test_the_trainers_model_takes_microbatches_in_a_process_pinned_to_one_core(m
     [(3, "must divide the 8 rows"), (16, "must divide the 8 rows"), (1, None), (8, None)],
 )
 def test_microbatches_that_do_not_split_the_rows_are_refused(microbatches, message):
+    model = _model(32, 2)
     if message is None:
-        steps.check_microbatches(microbatches, 8, noise_scale=True)
+        assert steps.microbatches_for(microbatches, model, 8, noise_scale=True) == microbatches
         return
     with pytest.raises(ValueError, match=message):
-        steps.check_microbatches(microbatches, 8, noise_scale=False)
+        steps.microbatches_for(microbatches, model, 8, noise_scale=False)
 
 
 def test_an_odd_count_with_the_noise_scale_is_one_line_before_training(tiny_config):
