@@ -267,8 +267,9 @@ def study_shapes(study: str) -> tuple[list[ModelShape], int]:
 
 
 def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict, microbatches: int = 0):
-    """The train steps compiled once; returns repeats -> median seconds a step as the loop
-    runs it (measuring the noise scale every k-th step). Each call goes on training."""
+    """The train steps compiled once: (timer, microbatches), where timer(repeats) is the
+    median seconds a step as the loop runs it (measuring the noise scale every k-th step) and
+    goes on training at each call, and microbatches is the count the steps take."""
     model_cfg, mesh = _trainer_model_and_mesh(ModelConfig(shape, **model_kw), batch)
     rules = sharding.rules_with_overrides({})
     tx = steps.make_optimizer(_optimizer_config(1000))
@@ -292,13 +293,13 @@ def loop_step_timer(shape: ModelShape, batch: int, model_kw: dict, microbatches:
             )
         return step_s
 
-    median_step_seconds.microbatches = microbatches  # what the worker reports
-    return median_step_seconds
+    return median_step_seconds, microbatches
 
 
 def loop_step_seconds(shape: ModelShape, batch: int, repeats: int, model_kw: dict) -> float:
     """Median seconds a step as the loop runs it (measuring the noise scale every k-th step)."""
-    return loop_step_timer(shape, batch, model_kw)(repeats)
+    timer, _ = loop_step_timer(shape, batch, model_kw)
+    return timer(repeats)
 
 
 def _shape_flags(shape: ModelShape) -> list[str]:
@@ -494,8 +495,8 @@ def _worker(args) -> None:
         n_ctx=args.n_ctx,
         vocab_size=args.vocab,
     )
-    timer = loop_step_timer(shape, args.batch, _model_kw(args), args.microbatches)
-    print(json.dumps({"ready": True, "microbatches": timer.microbatches}), flush=True)
+    timer, microbatches = loop_step_timer(shape, args.batch, _model_kw(args), args.microbatches)
+    print(json.dumps({"ready": True, "microbatches": microbatches}), flush=True)
     for _ in sys.stdin:
         step_s = timer(args.repeats)
         print(json.dumps({"step_s": step_s, "tokens_per_s": args.batch * args.n_ctx / step_s}))
