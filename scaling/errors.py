@@ -9,9 +9,17 @@ its traceback.
 
 def first_line(error: BaseException, limit: int | None = 160) -> str:
     """The first line of ``error``'s message (at most ``limit`` characters), or its type's
-    name when the message is empty: how a library's long error is quoted in one line."""
+    name when the message is empty: how a library's long error is quoted in one line.
+
+    A longer line keeps its start and its end: libraries such as TensorStore nest their
+    errors as "what failed: inside which step: ... : the cause", so the end is the part
+    that says what to do about it.
+    """
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return line[:limit]
+    if limit is None or len(line) <= limit:
+        return line
+    head = limit * 2 // 5
+    return f"{line[:head]} ... {line[len(line) - (limit - head - 5) :]}"
 
 
 class UserError(Exception):

@@ -180,14 +180,19 @@ def test_a_run_of_more_than_a_day_here_says_so_and_a_short_one_measures_nothing(
 def test_a_checkpoint_that_cannot_be_saved_stops_the_run_in_one_line_and_it_stays_resumable(
     tiny_config, monkeypatch, capsys
 ):
-    def unreachable(self):
-        raise ValueError("UNAVAILABLE: Connection refused\n(a long storage error)")
+    def unreachable(self):  # nested as TensorStore nests its errors, the cause last
+        raise ValueError(
+            'Error opening "zarr" driver: '
+            + 'Error writing "params.w/.zarray" in OCDBT database at gs://b/run/: ' * 4
+            + "UNAVAILABLE: Connection refused\n(a long storage error)"
+        )
 
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", unreachable)
     study = _study_of(tiny_config)
     assert main(["run", study]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: saving a checkpoint to ") and "relaunch" in err[-1], err
-    assert "UNAVAILABLE: Connection refused" in err[-1]
+    assert 'Error opening "zarr" driver' in err[-1]
+    assert "UNAVAILABLE: Connection refused); the run resumes" in err[-1]
     with Store(tiny_config.store) as store:
         assert store.run(config_lib.run_id(tiny_config)).status == "pending"
