@@ -130,6 +130,7 @@ def test_steps_per_device_train_and_evaluate_as_one_device_does():
     np.testing.assert_allclose(two["noise_ema"], one["noise_ema"], rtol=1e-4)
 
 
+@pytest.mark.slow  # two `scaling run`s end to end; the step itself is checked just above
 @pytest.mark.skipif(CORES < 2, reason="one core: a run keeps its one device")
 def test_scaling_run_trains_over_the_cores_to_one_devices_losses(tiny_config, tmp_path):
     """With mesh.cpu_per_core, `scaling run` in a process of its own takes a device per
