@@ -29,6 +29,30 @@ gcsfs = pytest.importorskip("gcsfs", reason="pip install -e '.[test]'")
 BUCKET = "scaling-test"
 
 
+def _send_generations(download):
+    """GCS sends an object's generation with its bytes (x-goog-generation); the emulator
+    does not. TensorStore then takes generation 0 for an OCDBT manifest it read back, and
+    refuses its next conditional write of that manifest ("Malformed StorageGeneration"),
+    which failed a checkpoint save now and then, whenever the manifest was re-read."""
+
+    def with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status.value in (200, 206):
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj["metageneration"]
+
+    return with_generation
+
+
+_download = emulator.objects.download
+emulator.objects.download = _send_generations(_download)  # what objects.get calls for alt=media
+for _, methods in emulator.HANDLERS:
+    for method, handler in methods.items():
+        if handler is _download:
+            methods[method] = emulator.objects.download
+
+
 class Emulator:
     """The emulator on a fixed port over a fixed folder: stopped and started again, it
     serves the same objects at the same address, as GCS does after an outage."""
